@@ -1,0 +1,1 @@
+"""Attribution: concept decomposition, input attribution, steering, generation."""

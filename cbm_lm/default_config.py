@@ -1,0 +1,72 @@
+"""The full default config tree that every gin_configs/<scale>.py starts from.
+
+Each scale file calls ``base_config()`` and overrides what differs, so every
+field exists everywhere and ``--config.section.field=value`` works for all of
+them. Typed views live in cbm_lm/config.py.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Logical axis -> mesh axes (DESIGN.md section 5). Parameters shard their
+# embed axis over fsdp and their wide axes (heads, mlp, vocab, concepts) over
+# tensor; activations shard batch over (data, fsdp).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("known_concepts", "tensor"),
+    ("unknown_concepts", "tensor"),
+    ("rank", None),
+    ("keys", None),
+    ("activation_embed", None),
+    ("norm", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+        head_dim=ml_collections.FieldReference(None, field_type=int),
+        mlp_dim=512, norm_order="pre", norm_eps=1e-5, qk_norm=True,
+        qkv_clip=ml_collections.FieldReference(None, field_type=float),
+        rope_base=500000.0, use_rope=True, tie_embeddings=True, max_seq_len=256, attention="block_causal",
+        diffusion_block_size=16, objective="diffusion",
+        mask_token_id=ml_collections.FieldReference(None, field_type=int),
+        dtype="float32", param_dtype="float32", init_std=0.02, remat="none",
+    ))
+    c.model.concepts = ml_collections.ConfigDict(dict(
+        n_known=64, known_topk=8,
+        known_report_topk=ml_collections.FieldReference(None, field_type=int),
+        n_unknown=128, unknown_rank=16,
+        unknown_topk=ml_collections.FieldReference(16, field_type=int),
+        unknown_report_topk=ml_collections.FieldReference(None, field_type=int),
+        pad_multiple=16, block_size=4096, dense_threshold=8192,
+        epsilon_correction=True, logit_clip=15.0,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.rules = [list(r) for r in DEFAULT_RULES]
+
+    c.data = ml_collections.ConfigDict(dict(
+        dir="",                 # corpus written by tools/build_corpus.py
+        split="train",
+        eval_split="heldout",
+        batch_size=8,           # global batch, in sequences
+        seq_len=256,
+        shuffle_seed=0,
+        worker_count=0,
+        max_chunk_concepts=8,   # K: concept ids per chunk, -1 padded
+        mixture=ml_collections.ConfigDict(),  # source name -> weight; empty = natural
+    ))
+    return c

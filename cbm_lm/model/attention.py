@@ -1,0 +1,87 @@
+"""Grouped-query self-attention with causal / block-causal masks and packing.
+
+Masks (positions restart at 0 per packed document, segment ids separate them):
+  causal:          q sees kv  iff  seg_q == seg_kv  and  pos_kv <= pos_q
+  block_causal(b): q sees kv  iff  seg_q == seg_kv  and  pos_kv // b <= pos_q // b
+(bidirectional inside a b-token block, causal across blocks: Steerling's
+masked-diffusion attention). Unpacked inputs have one segment and
+positions 0..T-1, which reproduces Steerling's mask exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cbm_lm.model.layers import RMSNorm, apply_rope, normal, param, rope_angles
+from cbm_lm.parallel.sharding import constrain
+
+
+def attention_mask(positions: jax.Array, segment_ids: jax.Array, kind: str,
+                   block_size: int) -> jax.Array:
+    """Boolean mask [B,1,T,T] (q, kv) for ``kind`` in {causal, block_causal}."""
+    q_pos, kv_pos = positions[:, :, None], positions[:, None, :]
+    if kind == "causal":
+        visible = kv_pos <= q_pos
+    elif kind == "block_causal":
+        visible = (kv_pos // block_size) <= (q_pos // block_size)
+    else:
+        raise ValueError(f"unknown attention kind {kind!r}")
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (visible & same_doc)[:, None, :, :]
+
+
+class Attention(nnx.Module):
+    """x [B,T,D] -> [B,T,D]. H query heads share G = n_kv_heads key/value heads.
+
+    q = x W_q [B,T,H,hd], k,v = x W_k, x W_v [B,T,G,hd]; optional clip of q,k,v
+    to [-c, c]; optional RMSNorm over hd (QK-norm); RoPE in fp32;
+    softmax(q k^T / sqrt(hd) + mask) v in fp32; out = concat_heads W_o.
+    Query head h reads kv head h // (H/G).
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, use_rope: bool = True):
+        d, h, g, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        std, out_std = cfg.init_std, cfg.init_std * (2 * cfg.n_layers) ** -0.5
+        self.n_heads, self.n_kv_heads, self.head_dim = h, g, hd
+        self.kind, self.block_size = cfg.attention, cfg.diffusion_block_size
+        self.qkv_clip, self.rope_base, self.use_rope = cfg.qkv_clip, cfg.rope_base, use_rope
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.q_proj = param(rngs, normal(std), (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = param(rngs, normal(std), (d, g, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = param(rngs, normal(std), (d, g, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = param(rngs, normal(out_std), (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, axis_name="head_dim", rngs=rngs, param_dtype=pd)
+            self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, axis_name="head_dim", rngs=rngs, param_dtype=pd)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        dt = self.dtype
+        x = x.astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dgk->btgk", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dgk->btgk", x, self.v_proj[...].astype(dt))
+        if self.qkv_clip is not None:
+            q, k, v = (jnp.clip(a, -self.qkv_clip, self.qkv_clip) for a in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            sin, cos = rope_angles(positions, self.head_dim, self.rope_base)
+            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+
+        reps = self.n_heads // self.n_kv_heads
+        q = q.reshape(b, t, self.n_kv_heads, reps, self.head_dim)
+        scores = jnp.einsum("btgrk,bsgk->bgrts", q.astype(jnp.float32), k.astype(jnp.float32))
+        scores = scores * (self.head_dim ** -0.5)
+        mask = attention_mask(positions, segment_ids, self.kind, self.block_size)[:, :, None]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bgrts,bsgk->btgrk", probs, v.astype(jnp.float32)).astype(dt)
+        out = out.reshape(b, t, self.n_heads, self.head_dim)
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))

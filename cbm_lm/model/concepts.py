@@ -1,0 +1,206 @@
+"""ConceptHead: sparse sigmoid concept activations and their features.
+
+For hidden states h [B,T,D] and C concepts:
+
+  logits   z = clip(q K^T, -c, c)          [B,T,C]  (never materialized for large C)
+  weights  w = sigmoid(z)
+  active   S = top-k of z per token         (k = ``topk``; None = all C)
+  features f = sum_{i in S} w_i E_i         [B,T,D]
+
+Two parameterizations (Steerling's names):
+  dense (rank 0):   q = h,         K = predictor [C,D],             E = embedding [C,D]
+  factorized (r):   q = h down,    K = predictor_up [C,r],          E_i = embedding_coef_i basis
+                    down [D,r],    embedding_coef [C,r], basis [r,D]
+The factorized features are formed in rank space: f = (sum_i w_i coef_i) basis.
+
+Top-k selection runs in blocks of ``block_size`` concepts (a running top-k
+merged block by block), so memory is O(B*T*(k + block)), not O(B*T*C), once C
+exceeds ``dense_threshold``. The selected logits are then recomputed from the
+gathered rows so gradients reach the tables; the selection itself is not
+differentiated.
+
+Interventions override the weight of chosen concepts at chosen positions:
+``intervene_ids`` [B,T,K] (-1 = no-op slot) and ``intervene_vals`` [B,T,K].
+A top-k slot whose concept is overridden gets weight 0 and the overriding
+value is added as an extra active slot, so ``features`` always equals
+sum(weights * E[indices]) over the returned active set: the exact logit
+decomposition holds with and without interventions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cbm_lm.model.layers import normal, param
+
+
+class ConceptActivations(NamedTuple):
+    """What a ConceptHead produced for [B,T] tokens.
+
+    features:     [B,T,D]  sum(weights * E[indices]) over the active slots.
+    indices:      [B,T,S]  active concept ids (top-k, then intervened ids); 0 where weight is 0 padding.
+    weights:      [B,T,S]  the weights actually used (sigmoid, override value, or 0).
+    topk_indices: [B,T,k'] the predicted top-k' concept ids (before interventions), best first.
+    topk_logits:  [B,T,k'] their clipped logits.
+    """
+    features: jax.Array
+    indices: jax.Array
+    weights: jax.Array
+    topk_indices: jax.Array
+    topk_logits: jax.Array
+
+    @property
+    def topk_weights(self) -> jax.Array:
+        return jax.nn.sigmoid(self.topk_logits)
+
+
+def merge_topk(vals_a, idx_a, vals_b, idx_b, k: int):
+    """Top-k of the union of two candidate sets [N,ka], [N,kb] -> [N,k]."""
+    vals = jnp.concatenate([vals_a, vals_b], axis=-1)
+    idx = jnp.concatenate([idx_a, idx_b], axis=-1)
+    top_vals, pos = jax.lax.top_k(vals, k)
+    return top_vals, jnp.take_along_axis(idx, pos, axis=-1)
+
+
+def streaming_topk(q: jax.Array, keys: jax.Array, n_valid: int, k: int, block_size: int,
+                   clip: float):
+    """Top-k of clip(q keys[:n_valid]^T) per row without forming [N, n_valid].
+
+    q [N,Q] fp32, keys [C_pad,Q]. Scans blocks of ``block_size`` rows of keys;
+    the last block is shifted back to end at n_valid (dynamic_slice semantics),
+    and rows already covered by an earlier block are masked, so every concept
+    is ranked exactly once. Returns (values [N,k], indices [N,k] int32).
+    """
+    block = min(block_size, n_valid)
+    n_blocks = -(-n_valid // block)
+    n = q.shape[0]
+    neg_inf = jnp.full((n, k), -jnp.inf, jnp.float32)
+    init = (neg_inf, jnp.zeros((n, k), jnp.int32))
+
+    def body(j, carry):
+        top_vals, top_idx = carry
+        start = jnp.minimum(j * block, n_valid - block)
+        rows = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=0)
+        z = jnp.clip(q @ rows.astype(jnp.float32).T, -clip, clip)           # [N,block]
+        ids = start + jnp.arange(block, dtype=jnp.int32)
+        z = jnp.where(ids[None, :] >= j * block, z, -jnp.inf)            # seen in block j-1
+        blk_vals, blk_pos = jax.lax.top_k(z, min(k, block))
+        return merge_topk(top_vals, top_idx, blk_vals, ids[blk_pos], k)
+
+    return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+class ConceptHead(nnx.Module):
+    """h [B,T,D] -> ConceptActivations (see module docstring)."""
+
+    def __init__(self, *, n_concepts: int, n_padded: int, d_model: int, rank: int,
+                 topk: int | None, report_topk: int | None, block_size: int,
+                 dense_threshold: int, clip: float, axis_name: str, init_std: float,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.n_concepts, self.rank, self.topk = n_concepts, rank, topk
+        self.report_topk = report_topk if report_topk is not None else (topk or 64)
+        self.report_topk = min(self.report_topk, n_concepts)
+        self.block_size, self.dense_threshold, self.clip = block_size, dense_threshold, clip
+        init = normal(init_std)
+        c = axis_name
+        if rank:
+            self.predictor_down = param(rngs, init, (d_model, rank), ("embed", "rank"), param_dtype)
+            self.predictor_up = param(rngs, init, (n_padded, rank), (c, "rank"), param_dtype)
+            self.embedding_coef = param(rngs, init, (n_padded, rank), (c, "rank"), param_dtype)
+            self.embedding_basis = param(rngs, init, (rank, d_model), ("rank", "embed"), param_dtype)
+        else:
+            self.predictor = param(rngs, init, (n_padded, d_model), (c, "embed"), param_dtype)
+            self.embedding = param(rngs, init, (n_padded, d_model), (c, "embed"), param_dtype)
+
+    # -- the two parameterizations behind one interface ---------------------------------
+    def keys(self) -> jax.Array:
+        """[C_pad, Q]: the rows whose dot product with the query is the logit."""
+        return (self.predictor_up if self.rank else self.predictor)[...]
+
+    def values(self) -> jax.Array:
+        """[C_pad, V]: the rows mixed by the weights (rank space when factorized)."""
+        return (self.embedding_coef if self.rank else self.embedding)[...]
+
+    def query(self, h: jax.Array) -> jax.Array:
+        """h [...,D] -> q [...,Q] in fp32."""
+        if self.rank:
+            h = h @ self.predictor_down[...].astype(h.dtype)
+        return h.astype(jnp.float32)
+
+    def out_proj(self, v: jax.Array) -> jax.Array:
+        """Mixed values [...,V] -> features [...,D]."""
+        return v @ self.embedding_basis[...].astype(v.dtype) if self.rank else v
+
+    def concept_vectors(self, ids: jax.Array) -> jax.Array:
+        """E[ids]: the feature direction of each concept, [...,D]."""
+        return self.out_proj(jnp.take(self.values(), ids, axis=0).astype(jnp.float32))
+
+    def dense_logits(self, h: jax.Array) -> jax.Array:
+        """All logits [B,T,C]; refuses above dense_threshold (analysis only)."""
+        if self.n_concepts > self.dense_threshold:
+            raise ValueError(
+                f"dense logits over {self.n_concepts} concepts exceed dense_threshold="
+                f"{self.dense_threshold}; use the streaming top-k outputs instead")
+        keys = self.keys()[: self.n_concepts].astype(jnp.float32)
+        return jnp.clip(self.query(h) @ keys.T, -self.clip, self.clip)
+
+    def select_topk(self, q: jax.Array, k: int) -> jax.Array:
+        """Indices [N,k] of the k largest logits per row (no gradient)."""
+        q = jax.lax.stop_gradient(q)
+        keys = jax.lax.stop_gradient(self.keys())
+        if self.n_concepts <= self.dense_threshold:
+            z = jnp.clip(q @ keys[: self.n_concepts].astype(jnp.float32).T, -self.clip, self.clip)
+            return jax.lax.top_k(z, k)[1].astype(jnp.int32)
+        return streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip)[1]
+
+    def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:
+        """Clipped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""
+        rows = jnp.take(self.keys(), ids, axis=0).astype(jnp.float32)          # [N,S,Q]
+        return jnp.clip(jnp.einsum("nq,nsq->ns", q, rows), -self.clip, self.clip)
+
+    # -- forward ------------------------------------------------------------------------
+    def __call__(self, h: jax.Array, intervene_ids: jax.Array | None = None,
+                 intervene_vals: jax.Array | None = None) -> ConceptActivations:
+        b, t, d = h.shape
+        q = self.query(h.reshape(b * t, d))
+        if self.topk is None:
+            if self.n_concepts > self.dense_threshold:
+                raise ValueError(
+                    f"topk=None weights all {self.n_concepts} concepts densely; that is only "
+                    f"allowed up to dense_threshold={self.dense_threshold}")
+            ids = jnp.broadcast_to(jnp.arange(self.n_concepts, dtype=jnp.int32),
+                                   (b * t, self.n_concepts))
+        else:
+            ids = self.select_topk(q, self.topk)
+        logits = self.logits_for(q, ids)                                          # [N,k]
+        weights = jax.nn.sigmoid(logits)
+
+        if self.report_topk == ids.shape[-1] and self.topk is not None:
+            top_ids, top_logits = ids, logits
+        else:
+            _, pos = jax.lax.top_k(jax.lax.stop_gradient(logits), self.report_topk)
+            top_ids = jnp.take_along_axis(ids, pos, axis=-1)
+            top_logits = jnp.take_along_axis(logits, pos, axis=-1)
+
+        if intervene_ids is not None:
+            iv_ids = intervene_ids.reshape(b * t, -1).astype(jnp.int32)
+            iv_vals = intervene_vals.reshape(b * t, -1).astype(jnp.float32)
+            valid = iv_ids >= 0
+            overridden = jnp.any((ids[:, :, None] == iv_ids[:, None, :]) & valid[:, None, :], -1)
+            weights = jnp.where(overridden, 0.0, weights)
+            ids = jnp.concatenate([ids, jnp.where(valid, iv_ids, 0)], axis=-1)
+            weights = jnp.concatenate([weights, jnp.where(valid, iv_vals, 0.0)], axis=-1)
+
+        rows = jnp.take(self.values(), ids, axis=0).astype(jnp.float32)          # [N,S,V]
+        mixed = jnp.einsum("ns,nsv->nv", weights, rows)
+        features = self.out_proj(mixed).astype(h.dtype)
+
+        def shape(x):
+            return x.reshape(b, t, *x.shape[1:])
+
+        return ConceptActivations(shape(features), shape(ids), shape(weights),
+                                  shape(top_ids), shape(top_logits))

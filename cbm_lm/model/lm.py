@@ -1,0 +1,69 @@
+"""ConceptBottleneckLM: backbone -> concept rewrite -> LM head (tied by default).
+
+  h        = Backbone(tokens)                    [B,T,D]
+  rewrite  = ConceptRewrite(h)                   known + unknown + epsilon
+  logits   = composed W_emb^T                    [B,T,V]
+
+Since the LM head is linear in ``composed``, every logit splits exactly into
+per-concept contributions plus epsilon (cbm_lm/attribution/decomposition.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cbm_lm.config import ModelConfig
+from cbm_lm.model.backbone import Backbone
+from cbm_lm.model.concepts import ConceptActivations
+from cbm_lm.model.layers import normal, param
+from cbm_lm.model.rewrite import ConceptRewrite
+
+
+class LMOutput(NamedTuple):
+    logits: jax.Array                    # [B,T,V] fp32
+    hidden: jax.Array                    # [B,T,D] final-norm backbone output
+    known: ConceptActivations            # known head: active set, weights, top-k
+    unknown: ConceptActivations | None   # unknown head, None if disabled
+    known_features: jax.Array            # [B,T,D]
+    unknown_features: jax.Array          # [B,T,D]
+    epsilon: jax.Array                   # [B,T,D]
+    composed: jax.Array                  # [B,T,D]
+
+
+class ConceptBottleneckLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.backbone = Backbone(cfg, rngs=rngs)
+        self.rewrite = ConceptRewrite(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                                 ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
+
+    def unembedding(self) -> jax.Array:
+        """W [V,D]: logits = composed W^T."""
+        if self.config.tie_embeddings:
+            return self.backbone.embedding[...]
+        return self.lm_head[...]
+
+    def __call__(self, tokens: jax.Array | None = None, *, positions=None, segment_ids=None,
+                 input_embeds=None, intervene_known=None, intervene_unknown=None,
+                 drop_epsilon=False, injection=None, inject_layer=None,
+                 inject_alpha: float = 1.0) -> LMOutput:
+        """tokens [B,T] int32 (or input_embeds [B,T,D]) -> LMOutput.
+
+        positions / segment_ids [B,T] describe packed documents (default: one
+        document, positions 0..T-1). intervene_* = (ids [B,T,K], vals [B,T,K]).
+        """
+        h = self.backbone(tokens, positions=positions, segment_ids=segment_ids,
+                          input_embeds=input_embeds, injection=injection,
+                          inject_layer=inject_layer, inject_alpha=inject_alpha)
+        rw = self.rewrite(h, intervene_known=intervene_known,
+                          intervene_unknown=intervene_unknown, drop_epsilon=drop_epsilon)
+        w = self.unembedding().astype(rw.composed.dtype)
+        logits = jnp.einsum("btd,vd->btv", rw.composed, w).astype(jnp.float32)
+        return LMOutput(logits, h, rw.known, rw.unknown, rw.known_features,
+                        rw.unknown_features, rw.epsilon, rw.composed)

@@ -1,0 +1,1 @@
+"""Device meshes, logical-axis rules and sharding helpers (DESIGN.md section 5)."""

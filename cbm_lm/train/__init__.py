@@ -1,0 +1,1 @@
+"""Training: state, jitted step, checkpoints, metrics, the loop."""

@@ -1,0 +1,132 @@
+"""Checkpoint layout and params-only save / restore.
+
+A checkpoint directory (a training workdir, or the output of
+tools/import_steerling.py) holds:
+
+  CKPT_DIR/config.json                 the full config tree (ml_collections)
+  CKPT_DIR/checkpoints/<step>/params   orbax (tensorstore) arrays of the model params
+  CKPT_DIR/checkpoints/<step>/...      further items written by the trainer
+
+Restoring needs no training code: ``load_model`` builds the abstract model
+from the saved config, restores only the ``params`` item straight into the
+requested shardings, and merges it into a live module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from cbm_lm.config import ModelConfig
+from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.parallel.sharding import state_shardings
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+PARAMS_ITEM = "params"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete, or does not fit the model."""
+
+
+def write_config(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes config.json atomically (tmp file + rename)."""
+    path = epath.Path(ckpt_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    tmp.rename(path / CONFIG_FILE)
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> ml_collections.ConfigDict:
+    path = epath.Path(ckpt_dir) / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path}: no config.json; is {ckpt_dir} a cbm_lm checkpoint directory?")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def absolute(path: str | os.PathLike) -> epath.Path:
+    """Orbax wants absolute paths; object-store URLs (gs://...) already are."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def params_manager(ckpt_dir: str | os.PathLike, **options: Any) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        absolute(ckpt_dir) / CHECKPOINTS,
+        options=ocp.CheckpointManagerOptions(create=True, **options),
+        item_names=(PARAMS_ITEM,))
+
+
+def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
+                model: nnx.Module, step: int = 0) -> None:
+    """Writes the model's params as step ``step``, then config.json.
+
+    config.json is written last, so a directory whose save failed part-way is
+    not mistaken for a usable checkpoint (orbax itself commits a step
+    atomically by renaming its temporary folder).
+    """
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    with params_manager(ckpt_dir, enable_async_checkpointing=False) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params)}),
+                  force=True)
+        mngr.wait_until_finished()
+    write_config(ckpt_dir, config)
+
+
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract param State) without allocating any parameter."""
+    abstract = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
+               step: int | None = None, param_dtype=None):
+    """Restores (ConceptBottleneckLM, ConfigDict) from ``ckpt_dir``.
+
+    mesh/rules: restore straight into those shardings (default: first device).
+    step: which checkpoint (default: the latest). param_dtype: cast on restore.
+    """
+    config = read_config(ckpt_dir)
+    model_cfg = ModelConfig.from_config(config.model)
+    graphdef, abs_params, rest = abstract_model(model_cfg)
+    if mesh is None:
+        dev = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: dev, abs_params)
+    else:
+        from cbm_lm.config import logical_rules_from_config
+        rules = rules if rules is not None else logical_rules_from_config(config.rules)
+        shardings = state_shardings(abs_params, mesh, rules)
+
+    def target(var, sharding):
+        dtype = param_dtype or var.dtype
+        return jax.ShapeDtypeStruct(var.shape, dtype, sharding=sharding)
+
+    targets = jax.tree.map(lambda v, s: target(v, s), abs_params.to_pure_dict(),
+                           shardings.to_pure_dict() if hasattr(shardings, "to_pure_dict") else shardings)
+    with params_manager(ckpt_dir, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{epath.Path(ckpt_dir) / CHECKPOINTS}: no checkpoint steps found")
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                **{PARAMS_ITEM: ocp.args.StandardRestore(targets)}))[PARAMS_ITEM]
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(
+                f"{ckpt_dir}: step {step} does not restore into the model its config.json "
+                f"describes: {e}") from e
+    nnx.replace_by_pure_dict(abs_params, restored)
+    return nnx.merge(graphdef, abs_params, rest), config

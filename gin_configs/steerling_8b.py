@@ -1,0 +1,46 @@
+"""Steerling-8B: the exact dimensions of the released model.
+
+32 layers, d=4096, 32 heads / 4 KV heads, SwiGLU 16384, vocab 100,281
+(cl100k_base + pad/bos/endofchunk/mask at 100277-100280), post-norm, QK-norm,
+qkv clip 10, RoPE 5e5, block-causal diffusion with 64-token blocks, context
+4096, tied embeddings. Concepts: 33,732 known (top-32), 101,196 unknown
+factorized at rank 256 (top-128), tables padded to a multiple of 16.
+Params: 8,391,778,304 (tools/plan.py).
+
+Intended hardware: a TPU v5p pod slice of 256 chips as fsdp=64 x tensor=4.
+"""
+
+from cbm_lm.default_config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.vocab_size = 100281
+    c.model.d_model = 4096
+    c.model.n_layers = 32
+    c.model.n_heads = 32
+    c.model.n_kv_heads = 4
+    c.model.mlp_dim = 16384
+    c.model.max_seq_len = 4096
+    c.model.attention = "block_causal"
+    c.model.diffusion_block_size = 64
+    c.model.norm_order = "post"
+    c.model.qk_norm = True
+    c.model.qkv_clip = 10.0
+    c.model.rope_base = 500000.0
+    c.model.mask_token_id = 100280
+    c.model.dtype = "bfloat16"
+    c.model.remat = "block"
+    c.model.concepts.n_known = 33732
+    c.model.concepts.known_topk = 32
+    c.model.concepts.n_unknown = 101196
+    c.model.concepts.unknown_rank = 256
+    c.model.concepts.unknown_topk = 128
+    c.model.concepts.pad_multiple = 16
+    c.model.concepts.block_size = 4096
+    c.mesh.data = 1
+    c.mesh.fsdp = 64
+    c.mesh.tensor = 4
+    c.data.seq_len = 4096
+    c.data.batch_size = 1024
+    return c

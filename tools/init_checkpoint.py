@@ -1,0 +1,31 @@
+"""Writes a randomly initialized cbm_lm checkpoint for a config.
+
+  python tools/init_checkpoint.py --config gin_configs/tiny.py --out DIR [--config.seed=1]
+
+Useful for smoke tests, exports and the demo before a model is trained.
+"""
+
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from cbm_lm.config import ModelConfig
+from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.train.checkpoint import save_params
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "gin_configs/<scale>.py", lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "Checkpoint directory to write.", required=True)
+
+
+def main(argv):
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required")
+    config = _CONFIG.value
+    model = ConceptBottleneckLM(ModelConfig.from_config(config.model), rngs=nnx.Rngs(config.seed))
+    save_params(_OUT.value, config, model)
+    print(f"wrote random-init checkpoint (seed {config.seed}) to {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
