@@ -44,7 +44,7 @@ def write_config(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    tmp.rename(path / CONFIG_FILE)
+    tmp.replace(path / CONFIG_FILE)
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -71,7 +71,7 @@ def params_manager(ckpt_dir: str | os.PathLike, **options: Any) -> ocp.Checkpoin
 
 
 def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
-                model: nnx.Module, step: int = 0) -> None:
+                model: nnx.Module, step: int = 0, overwrite: bool = False) -> None:
     """Writes the model's params as step ``step``, then config.json.
 
     config.json is written last, so a directory whose save failed part-way is
@@ -80,6 +80,11 @@ def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
     """
     params = nnx.state(model, nnx.Param).to_pure_dict()
     with params_manager(ckpt_dir, enable_async_checkpointing=False) as mngr:
+        if step in mngr.all_steps():
+            if not overwrite:
+                raise CheckpointError(f"{absolute(ckpt_dir) / CHECKPOINTS}: step {step} exists; "
+                                      f"pass overwrite=True to replace it")
+            mngr.delete(step)
         mngr.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params)}),
                   force=True)
         mngr.wait_until_finished()

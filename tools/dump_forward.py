@@ -1,0 +1,149 @@
+"""Runs a cbm_lm checkpoint's forward pass in float32 and dumps what it produced.
+
+  python tools/dump_forward.py --checkpoint CKPT_DIR --input_ids IDS.npy --out OUT.npz [--step N]
+
+IDS.npy: integer token ids [B,T], each in [0, vocab_size). OUT.npz holds
+
+  logits               [B,T,V] float32
+  known_topk_indices   [B,T,k] int32    known top-k concept ids, best first
+  known_topk_weights   [B,T,k] float32  their sigmoid weights
+  unknown_topk_indices [B,T,k'] int32   unknown top-k ([B,T,0] without an unknown head)
+  unknown_topk_weights [B,T,k'] float32
+  epsilon              [B,T,D] float32  the residual correction (zeros when disabled)
+
+The forward runs in float32 whatever dtype the checkpoint was trained in, so
+the dump compares directly with a reference implementation (e.g. Steerling's
+PyTorch forward on the same ids).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from absl import app, flags, logging  # noqa: E402
+
+_CKPT = flags.DEFINE_string("checkpoint", None, "cbm_lm checkpoint directory (config.json + checkpoints/).")
+_IDS = flags.DEFINE_string("input_ids", None, ".npy file of int token ids [B,T].")
+_OUT = flags.DEFINE_string("out", None, ".npz file to write.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def _log(msg: str) -> None:
+    print(f"[dump_forward] {msg}", flush=True)
+
+
+def _fail(msg: str):
+    sys.exit(f"dump_forward: error: {msg}")
+
+
+def load_ids(path: str, vocab_size: int):
+    """Reads and checks the [B,T] ids; exits with a clear message when they do not fit."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        _fail(f"{path}: no such file")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        _fail(f"{path}: not a readable .npy array ({e})")
+    if not np.issubdtype(ids.dtype, np.integer):
+        _fail(f"{path}: ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim != 2:
+        _fail(f"{path}: ids must have shape [B,T], got {list(ids.shape)}"
+              + (" (a single sequence: save ids[None])" if ids.ndim == 1 else ""))
+    if ids.size == 0:
+        _fail(f"{path}: ids are empty (shape {list(ids.shape)})")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = np.argwhere((ids < 0) | (ids >= vocab_size))[0].tolist()
+        _fail(f"{path}: id {int(ids[tuple(bad)])} at [b,t]={bad} is outside the vocabulary "
+              f"[0, {vocab_size}) (ids span [{lo}, {hi}])")
+    return ids.astype(np.int32)
+
+
+def float32_model(model, config):
+    """The same params in a module whose compute dtype is float32."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cbm_lm.config import ModelConfig
+    from cbm_lm.model import ConceptBottleneckLM
+
+    cfg = ModelConfig.from_config(config.model)
+    if cfg.dtype == "float32" and cfg.param_dtype == "float32":
+        return model
+    cfg32 = cfg.replace(dtype="float32", param_dtype="float32")
+    fresh = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg32, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    nnx.update(fresh, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    return fresh
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+    if not (_CKPT.value and _IDS.value and _OUT.value):
+        raise app.UsageError("--checkpoint, --input_ids and --out are required")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from cbm_lm.config import ConfigError
+    from cbm_lm.train.checkpoint import CheckpointError, load_model, read_config
+
+    ckpt, out = _CKPT.value, _OUT.value
+    if not os.path.isdir(ckpt):
+        _fail(f"{ckpt}: no such checkpoint directory")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        _fail(f"{out}: directory {out_dir} does not exist")
+    t0 = time.time()
+    _log(f"loading {ckpt}")
+    try:
+        if "model" not in read_config(ckpt):
+            _fail(f"{ckpt}/config.json has no 'model' section: not a cbm_lm checkpoint (a Steerling "
+                  "checkpoint must first go through tools/import_steerling.py)")
+        model, config = load_model(ckpt, step=_STEP.value, param_dtype=jnp.float32)
+    except (CheckpointError, ConfigError) as e:
+        _fail(str(e))
+    model = float32_model(model, config)
+    cfg = model.config
+    ids = load_ids(_IDS.value, cfg.vocab_size)
+    b, t = ids.shape
+    _log(f"forward on ids [{b},{t}] (vocab {cfg.vocab_size}, d={cfg.d_model}) in float32")
+
+    @nnx.jit
+    def forward(m, tokens):
+        o = m(tokens)
+        res = dict(logits=o.logits, known_topk_indices=o.known.topk_indices,
+                   known_topk_weights=o.known.topk_weights, epsilon=o.epsilon)
+        if o.unknown is not None:
+            res.update(unknown_topk_indices=o.unknown.topk_indices,
+                       unknown_topk_weights=o.unknown.topk_weights)
+        return res
+
+    res = {k: np.asarray(jax.device_get(v)) for k, v in forward(model, jnp.asarray(ids)).items()}
+    if "unknown_topk_indices" not in res:
+        res["unknown_topk_indices"] = np.zeros((b, t, 0), np.int32)
+        res["unknown_topk_weights"] = np.zeros((b, t, 0), np.float32)
+    res = {k: v.astype(np.int32 if "indices" in k else np.float32) for k, v in res.items()}
+    tmp = f"{out}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **res)
+    os.replace(tmp, out)
+    for k in sorted(res):
+        _log(f"  {k:<22} {list(res[k].shape)} {res[k].dtype}")
+    _log(f"done in {time.time() - t0:.1f}s: {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
