@@ -1,0 +1,285 @@
+"""The Apache Beam corpus build: read -> validate -> label -> tokenize -> chunk ->
+shard -> 64-bit ids -> ArrayRecord, then a manifest. Runs on any Beam runner
+(DirectRunner by default); ``BuildConfig`` holds the corpus options, every
+other argument is a Beam pipeline option.
+
+Outputs go to a hidden sibling ``.<out>.tmp-<id>`` and are renamed to ``out``
+only after the whole build succeeded, with ``manifest.json`` written last, so a
+failed run never leaves shards that look complete. Determinism: documents are
+split (train/heldout) and sharded by a hash of their content, sorted by it
+inside a shard, and ids are positions in the sorted shard, so the same input
+gives byte-identical shards whatever the runner's ordering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import uuid
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from etils import epath
+
+from cbm_lm.data import chunking, inputs, labelers as labelers_lib, shards
+from cbm_lm.data import tokenizer as tokenizer_lib
+from cbm_lm.data.concepts import ConceptVocab
+from cbm_lm.data.corpus_finalize import finalize
+from cbm_lm.data.errors import DataError, unwrap
+
+BAD = "bad"
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    out: str
+    jsonl: list[str] = dataclasses.field(default_factory=list)   # files or globs
+    atlas: str | None = None                                     # concept-atlas directory
+    tokenizer: str | None = None                                 # tokenizer.json / ranks / dir
+    vocab_size: int = 0            # train a BPE of this size on the input when no tokenizer
+    concepts: str | None = None    # fixed concept vocabulary (names checked against it)
+    max_concepts: int = 0          # error if the vocabulary is larger (0 = no limit)
+    labelers: list[str] = dataclasses.field(default_factory=lambda: ["imported"])
+    max_chunk_tokens: int = 128
+    max_chunk_concepts: int = 8
+    num_shards: int = 8
+    heldout_shards: int = 1
+    heldout_fraction: float = 0.02
+    skip_bad_records: bool = False
+    overwrite: bool = False
+    tokenizer_sample_bytes: int = 64 << 20
+
+
+def expand(patterns: list[str]) -> list[str]:
+    """Sorted files matching each path or glob (local or gs://)."""
+    files = []
+    for pat in patterns:
+        p = epath.Path(pat)
+        if any(ch in pat for ch in "*?["):
+            anchor = epath.Path(pat.split("*")[0].rsplit("/", 1)[0] or ".")
+            matched = sorted(anchor.glob(pat[len(str(anchor)) + 1:]))
+            if not matched:
+                raise FileNotFoundError(f"{pat}: no files match")
+            files += [str(m) for m in matched]
+        elif p.is_dir():
+            files += sorted(str(m) for m in p.iterdir() if m.name.endswith((".jsonl", ".jsonl.gz")))
+        elif p.exists():
+            files.append(str(p))
+        else:
+            raise FileNotFoundError(f"{pat}: no such file")
+    return files
+
+
+class _ReadJsonl(beam.DoFn):
+    """One file -> LabelledDocs; bad lines raise or go to the BAD output."""
+
+    def __init__(self, skip_bad: bool):
+        self.skip_bad = skip_bad
+
+    def process(self, path):
+        default_source = inputs.default_source_for(path)
+        for line_no, raw in inputs.iter_jsonl_lines(path):
+            try:
+                yield inputs.parse_jsonl_line(raw, path, line_no, default_source)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                yield beam.pvalue.TaggedOutput(BAD, str(e))
+
+
+class _Label(beam.DoFn):
+    def __init__(self, specs):
+        self.specs = specs
+
+    def setup(self):
+        self.chain = labelers_lib.make_labelers(self.specs)
+
+    def process(self, doc):
+        yield labelers_lib.apply_labelers(doc, self.chain)
+
+
+class _Encode(beam.DoFn):
+    """Resolves concepts, tokenizes, chunks and keys each doc by (split, shard)."""
+
+    def __init__(self, tokenizer_path, cfg: BuildConfig, vocab_file):
+        self.tokenizer_path, self.cfg, self.vocab_file = tokenizer_path, cfg, vocab_file
+
+    def setup(self):
+        self.tok = tokenizer_lib.load(self.tokenizer_path)
+
+    def process(self, doc, concept_names, source_names):
+        cfg = self.cfg
+        if not hasattr(self, "_maps") or self._maps[0] is not concept_names:
+            self._maps = (concept_names, {n: i for i, n in enumerate(concept_names)},
+                          {n: i for i, n in enumerate(source_names)})
+        try:
+            doc_ids, spans, tok_labels = chunking.resolve_doc(doc, self._maps[1], len(concept_names),
+                                                              self.vocab_file)
+            out = chunking.tokenize_and_chunk(doc, doc_ids, spans, tok_labels, self.tok,
+                                              cfg.max_chunk_tokens, cfg.max_chunk_concepts)
+        except DataError as e:
+            if not cfg.skip_bad_records:
+                raise
+            yield beam.pvalue.TaggedOutput(BAD, str(e))
+            return
+        h = doc.hash()
+        split = doc.split
+        if split is None:
+            split = "heldout" if int.from_bytes(h[:8], "big") < cfg.heldout_fraction * 2**64 else "train"
+        n = cfg.heldout_shards if split == "heldout" else cfg.num_shards
+        shard = int.from_bytes(h[8:16], "big") % n
+        out.update(hash=h, source_id=self._maps[2][doc.source], doc_key=doc.key)
+        yield (split, shard), out
+
+
+def _concept_names_of(doc) -> list[str]:
+    names = [c for c in doc.concepts if isinstance(c, str)]
+    names += [c for _, _, cs in doc.spans for c in cs if isinstance(c, str)]
+    names += [c for _, _, c in doc.token_labels if isinstance(c, str)]
+    return names
+
+
+def _check_vocab_size(names, limit):
+    if limit and len(names) > limit:
+        raise ValueError(f"the input has {len(names)} distinct concepts but --max_concepts is "
+                         f"{limit} (the model's n_known); expected at most {limit}")
+    return names
+
+
+def _write_json(obj, path):
+    epath.Path(path).write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
+
+
+def _bad_report(messages, path):
+    messages = sorted(messages)
+    _write_json({"count": len(messages), "examples": messages[:100]}, path)
+
+
+def _sample_texts(files, budget):
+    total = 0
+    for f in files:
+        for _, raw in inputs.iter_jsonl_lines(f):
+            try:
+                text = json.loads(raw).get("text")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(text, str):
+                total += len(text)
+                yield text
+                if total >= budget:
+                    return
+
+
+def _prepare_tokenizer(cfg, files, tmp):
+    if cfg.tokenizer:
+        tok = tokenizer_lib.load(cfg.tokenizer)
+    elif cfg.vocab_size:
+        tok = tokenizer_lib.train_bpe(_sample_texts(files, cfg.tokenizer_sample_bytes),
+                                      cfg.vocab_size)
+    else:
+        raise ValueError("pass --tokenizer PATH or --vocab_size N (train one on the input)")
+    return str(tok.save(tmp))
+
+
+def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None) -> dict:
+    """Runs the build; returns the manifest. Raises DataError on bad input."""
+    out = epath.Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if not cfg.jsonl and not cfg.atlas:
+        raise ValueError("no input: pass --jsonl and/or --atlas")
+    files = expand(cfg.jsonl) if cfg.jsonl else []
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer_path = _prepare_tokenizer(cfg, files, tmp)
+        fixed_vocab, vocab_file = None, None
+        if cfg.concepts:
+            fixed_vocab, vocab_file = ConceptVocab.load(cfg.concepts), str(cfg.concepts)
+        atlas_concepts = None
+        if cfg.atlas:
+            from cbm_lm.data import atlas_input
+            atlas_concepts = atlas_input.concept_table(cfg.atlas)
+            if fixed_vocab is None:
+                fixed_vocab = ConceptVocab.from_names([c["name"] for c in atlas_concepts],
+                                                      {c["name"]: c for c in atlas_concepts})
+                vocab_file = str(cfg.atlas)
+        if fixed_vocab is not None:
+            _check_vocab_size(fixed_vocab.concepts, cfg.max_concepts)
+            fixed_vocab.save(tmp / "concepts.json")
+        _run_pipeline(cfg, files, tmp, tokenizer_path, fixed_vocab, vocab_file,
+                      atlas_concepts, pipeline_args or [])
+        manifest = finalize(tmp, cfg)
+        _publish(tmp, out)
+        return manifest
+    except BaseException as e:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if shards.is_local(tmp) else tmp.rmtree()
+        data_error = unwrap(e)
+        if data_error is not None and data_error is not e:
+            raise data_error from None
+        raise
+
+
+def _publish(tmp: epath.Path, out: epath.Path) -> None:
+    """Moves the finished build into place; manifest.json arrives last."""
+    if out.exists():
+        shutil.rmtree(out) if shards.is_local(out) else out.rmtree()
+    if shards.is_local(out):
+        tmp.rename(out)  # atomic on one filesystem
+        return
+    out.mkdir(parents=True, exist_ok=True)  # object stores: copy, manifest last
+    files = sorted(tmp.iterdir(), key=lambda f: f.name == "manifest.json")
+    for f in files:
+        (out / f.name).write_bytes(f.read_bytes())
+    tmp.rmtree()
+
+
+def _run_pipeline(cfg, files, tmp, tokenizer_path, fixed_vocab, vocab_file, atlas_concepts,
+                  pipeline_args):
+    options = PipelineOptions(pipeline_args)
+    with beam.Pipeline(options=options) as p:
+        parts, bads = [], []
+        if files:
+            read = (p | "Files" >> beam.Create(files) | "Reshuffle" >> beam.Reshuffle()
+                    | "ReadJsonl" >> beam.ParDo(_ReadJsonl(cfg.skip_bad_records)).with_outputs(
+                        BAD, main="docs"))
+            parts.append(read.docs)
+            bads.append(read[BAD])
+        if cfg.atlas:
+            from cbm_lm.data import atlas_input
+            docs, bad = atlas_input.read_atlas(p, cfg.atlas, tokenizer_path,
+                                               [c["name"] for c in atlas_concepts],
+                                               cfg.skip_bad_records)
+            parts.append(docs)
+            bads.append(bad)
+        docs = (parts | "AllDocs" >> beam.Flatten()
+                | "Label" >> beam.ParDo(_Label(cfg.labelers)))
+        if fixed_vocab is not None:
+            names = p | "Vocab" >> beam.Create([[c.name for c in fixed_vocab.concepts]])
+        else:
+            names = (docs | "ConceptNames" >> beam.FlatMap(_concept_names_of)
+                     | "DistinctConcepts" >> beam.Distinct()
+                     | "ConceptList" >> beam.combiners.ToList()
+                     | "SortConcepts" >> beam.Map(sorted)
+                     | "CheckVocab" >> beam.Map(_check_vocab_size, cfg.max_concepts))
+            _ = (names | "VocabObj" >> beam.Map(lambda n: ConceptVocab.from_names(n).to_json())
+                 | "WriteConcepts" >> beam.Map(lambda s: (tmp / "concepts.json").write_text(s)))
+        sources = (docs | "Sources" >> beam.Map(lambda d: d.source)
+                   | "DistinctSources" >> beam.Distinct()
+                   | "SourceList" >> beam.combiners.ToList() | "SortSources" >> beam.Map(sorted))
+        _ = sources | "WriteSources" >> beam.Map(lambda s: _write_json(
+            {"sources": [{"id": i, "name": n} for i, n in enumerate(s)]}, tmp / "sources.json"))
+        enc = docs | "Encode" >> beam.ParDo(
+            _Encode(tokenizer_path, cfg, vocab_file),
+            beam.pvalue.AsSingleton(names), beam.pvalue.AsSingleton(sources)).with_outputs(
+                BAD, main="encoded")
+        bads.append(enc[BAD])
+        _ = (enc.encoded | "GroupByShard" >> beam.GroupByKey()
+             | "WriteShards" >> beam.MapTuple(lambda key, ds: shards.write_shard(
+                 tmp, key[0], key[1], cfg.heldout_shards if key[0] == "heldout" else cfg.num_shards,
+                 list(ds))))
+        _ = (bads | "AllBad" >> beam.Flatten() | "BadList" >> beam.combiners.ToList()
+             | "BadReport" >> beam.Map(_bad_report, tmp / "bad_records.json"))

@@ -1,0 +1,149 @@
+"""Random access over many ArrayRecord shards, opening few at a time.
+
+``ShardedArrayRecordSource`` is a grain ``RandomAccessDataSource`` of decoded
+``DocumentRecord``s. Record counts come from the manifest, so construction
+opens nothing; readers are opened on first use and kept in an LRU of at most
+``max_open`` (thousands of shards never mean thousands of open files). A shard
+whose record count differs from the manifest, or a record that fails to read
+or decode, raises an error naming the shard file and record index. Remote
+shards (``gs://...``) are copied to a local cache directory on first use,
+since the ArrayRecord reader needs a local file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import hashlib
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+
+from etils import epath
+
+from cbm_lm.data import records, shards
+
+
+def _stage_local(path: str, cache_dir: str | None) -> str:
+    if shards.is_local(path):
+        return path
+    cache = epath.Path(cache_dir or os.path.join(tempfile.gettempdir(), "cbm_lm_shards"))
+    cache.mkdir(parents=True, exist_ok=True)
+    local = cache / (hashlib.sha1(path.encode()).hexdigest()[:16] + "-" + epath.Path(path).name)
+    if not local.exists():
+        part = local.with_name(local.name + f".part{os.getpid()}")
+        part.write_bytes(epath.Path(path).read_bytes())
+        part.rename(local)
+    return os.fspath(local)
+
+
+class ShardedArrayRecordSource:
+    """``len`` = total records; ``src[i]`` = the i-th DocumentRecord in shard order."""
+
+    def __init__(self, shard_list: Sequence[tuple[str, int]], max_open: int = 64,
+                 cache_dir: str | None = None):
+        self._shards = [(str(p), int(n)) for p, n in shard_list]
+        self._starts = [0]
+        for _, n in self._shards:
+            self._starts.append(self._starts[-1] + n)
+        self._max_open = max_open
+        self._cache_dir = cache_dir
+        self._init_runtime()
+
+    def _init_runtime(self):
+        self._readers: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __repr__(self) -> str:
+        return f"ShardedArrayRecordSource({len(self._shards)} shards, {len(self)} records)"
+
+    def locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range 0..{len(self) - 1}")
+        s = bisect.bisect_right(self._starts, index) - 1
+        return s, index - self._starts[s]
+
+    def _reader(self, s: int):
+        from array_record.python import array_record_module
+        with self._lock:
+            if s in self._readers:
+                self._readers.move_to_end(s)
+                return self._readers[s]
+        path, expected = self._shards[s]
+        try:
+            reader = array_record_module.ArrayRecordReader(
+                _stage_local(path, self._cache_dir), "readahead_buffer_size:0",
+                file_reader_buffer_size=32768)
+            n = reader.num_records()
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: cannot open shard ({e}); expected an ArrayRecord file with "
+                             f"{expected} records (is it truncated?)") from e
+        if n != expected:
+            reader.close()
+            raise ValueError(f"{path}: shard has {n} records but the manifest expects {expected}; "
+                             "the shard is truncated or was replaced")
+        with self._lock:
+            self._readers[s] = reader
+            while len(self._readers) > self._max_open:
+                _, old = self._readers.popitem(last=False)
+                old.close()
+        return reader
+
+    def _read(self, s: int, positions: list[int]) -> list[records.DocumentRecord]:
+        path = self._shards[s][0]
+        try:
+            raw = self._reader(s).read(positions)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path} records {positions[:4]}: read failed ({e}); expected "
+                             "intact records (is the shard truncated?)") from e
+        return [records.decode(b, f"{path} record {p}") for b, p in zip(raw, positions)]
+
+    def __getitem__(self, index) -> records.DocumentRecord:
+        s, pos = self.locate(int(index))
+        return self._read(s, [pos])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[records.DocumentRecord]:
+        by_shard = collections.defaultdict(list)
+        for k, i in enumerate(indices):
+            s, pos = self.locate(int(i))
+            by_shard[s].append((pos, k))
+        out = [None] * len(indices)
+        for s, items in by_shard.items():
+            for rec, (_, k) in zip(self._read(s, [p for p, _ in items]), items):
+                out[k] = rec
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for r in self._readers.values():
+                r.close()
+            self._readers.clear()
+
+
+class Subset:
+    """A source restricted to ``indices`` (e.g. the records of one source)."""
+
+    def __init__(self, source, indices):
+        self._source, self._indices = source, list(map(int, indices))
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        return self._source[self._indices[int(i)]]
+
+    def __getitems__(self, ids):
+        return self._source.__getitems__([self._indices[int(i)] for i in ids])
