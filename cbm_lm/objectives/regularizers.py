@@ -1,0 +1,48 @@
+"""Regularizers of the concept rewrite (DESIGN.md section 3).
+
+Reconstruction (trains the unknown head to explain what the known head misses):
+
+  L_rec = sum_{valid i} ||u_i - sg(h_i - k_i)||^2 / (n_valid * D)
+
+Independence (keeps the unknown features from re-encoding the known ones):
+
+  u~ = u - mean_valid(u),  k~ = sg(k) - mean_valid(sg(k))       (centred over valid tokens)
+  Cov = u~^T k~ / n_valid                                       [D,D]
+  L_ind = ||Cov||_F^2 / D^2
+
+Shapes: unknown_features u, hidden h, known_features k [B,T,D]; valid [B,T]
+bool (e.g. segment_ids > 0). Statistics pool all valid tokens of the batch;
+computed in fp32. The covariance uses the 1/n (population) normalizer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+
+
+def reconstruction_loss(unknown_features: jax.Array, hidden: jax.Array,
+                        known_features: jax.Array, valid: jax.Array) -> jax.Array:
+    """MSE(unknown, stop_grad(hidden - known)) over valid tokens and D -> scalar."""
+    u = _flat(unknown_features)
+    target = jax.lax.stop_gradient(_flat(hidden) - _flat(known_features))
+    w = valid.reshape(-1).astype(jnp.float32)
+    sq = jnp.sum(jnp.square(u - target), axis=-1)
+    return jnp.sum(w * sq) / (jnp.maximum(jnp.sum(w), 1.0) * u.shape[-1])
+
+
+def independence_loss(unknown_features: jax.Array, known_features: jax.Array,
+                      valid: jax.Array) -> jax.Array:
+    """||Cov(unknown, stop_grad(known))||_F^2 / D^2 over valid tokens -> scalar."""
+    u = _flat(unknown_features)
+    k = jax.lax.stop_gradient(_flat(known_features))
+    w = valid.reshape(-1).astype(jnp.float32)[:, None]
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    uc = (u - jnp.sum(w * u, axis=0) / n) * w
+    kc = (k - jnp.sum(w * k, axis=0) / n) * w
+    cov = uc.T @ kc / n                                                            # [D,D]
+    return jnp.sum(jnp.square(cov)) / (u.shape[-1] * k.shape[-1])
