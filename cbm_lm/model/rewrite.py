@@ -54,13 +54,20 @@ class ConceptRewrite(nnx.Module):
         self.epsilon_correction = cc.epsilon_correction
 
     def __call__(self, h: jax.Array, *, intervene_known=None, intervene_unknown=None,
-                 drop_epsilon: bool | jax.Array = False) -> RewriteOutput:
+                 drop_epsilon: bool | jax.Array = False, teacher_features=None,
+                 teacher_alpha: float | jax.Array = 0.0) -> RewriteOutput:
         """h [B,T,D]. intervene_* = (ids [B,T,K], vals [B,T,K]) or None.
 
         drop_epsilon: a Python bool, or a [B] bool array (per-sequence dropout).
+        teacher_features [B,T,D]: pooled ground-truth concept embeddings; the
+        known features fed forward are pred + alpha (teacher - pred)
+        (teacher forcing, training only; ``known.features`` stays the prediction).
         """
         known = self.known_head(h, *(intervene_known or (None, None)))
         known_features = known.features
+        if teacher_features is not None:
+            alpha = jnp.asarray(teacher_alpha, h.dtype)
+            known_features = known_features + alpha * (teacher_features.astype(h.dtype) - known_features)
         if self.unknown_head is not None:
             unknown = self.unknown_head(jax.lax.stop_gradient(h), *(intervene_unknown or (None, None)))
             unknown_features = unknown.features

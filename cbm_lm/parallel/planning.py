@@ -42,3 +42,50 @@ def params_by_component(cfg: ModelConfig) -> dict[str, int]:
             group = "other"
         out[group] += math.prod(leaf.shape)
     return dict(out)
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Matmul FLOPs of one forward pass per token (2 per multiply-add).
+
+    Counts the dense projections, the attention scores and mixing over the
+    full [T,T] (the mask does not skip work in the dense kernel), the LM head,
+    the known head's logits over all C_k concepts (the streaming top-k scores
+    every concept) plus its k gathered rows, and the factorized unknown head.
+    """
+    d, f, h, g = cfg.d_model, cfg.mlp_dim, cfg.n_heads, cfg.n_kv_heads
+    hd = cfg.resolved_head_dim
+    per_layer = 2 * (d * h * hd + 2 * d * g * hd + h * hd * d + 3 * d * f)
+    per_layer += 2 * 2 * seq_len * h * hd
+    cc = cfg.concepts
+    known = 2 * (cc.n_known * d + 2 * cc.known_topk * d)
+    unknown = 0
+    if cc.use_unknown:
+        k_u = cc.unknown_topk or cc.n_unknown
+        q_dim = cc.unknown_rank or d
+        unknown = 2 * (cc.n_unknown * q_dim + 2 * k_u * q_dim)
+        if cc.unknown_rank:
+            unknown += 2 * 2 * d * cc.unknown_rank
+    return float(cfg.n_layers * per_layer + 2 * cfg.vocab_size * d + known + unknown)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward (2x forward), plus one forward recomputed under remat."""
+    fwd = forward_flops_per_token(cfg, seq_len)
+    return fwd * (4.0 if cfg.remat != "none" else 3.0)
+
+
+# Peak dense bf16 FLOP/s per chip, by jax device_kind prefix (vendor data sheets).
+PEAK_FLOPS = {
+    "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6": 918e12,
+    "TPU v4": 275e12, "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+    "cpu": 1e11,  # nominal: a few AVX cores; MFU on CPU is only indicative
+}
+
+
+def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float:
+    if override:
+        return override
+    for prefix, flops in PEAK_FLOPS.items():
+        if device_kind.lower().startswith(prefix.lower()):
+            return flops
+    return PEAK_FLOPS["cpu"]

@@ -1,0 +1,49 @@
+"""Checks, before any compile, that a built corpus fits the model config."""
+
+from __future__ import annotations
+
+import json
+
+from etils import epath
+
+
+def read_manifest(data_dir: str) -> dict:
+    if not data_dir:
+        raise ValueError("config field 'data.dir' is empty: point it at a corpus built by "
+                         "tools/build_corpus.py (e.g. --config.data.dir=runs/demo/corpus)")
+    manifest = epath.Path(data_dir) / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest}: not found; is data.dir={data_dir!r} a corpus built "
+                                f"by tools/build_corpus.py?")
+    return json.loads(manifest.read_text())
+
+
+def check_corpus_fits_model(data_dir: str, model_cfg, seq_len: int) -> dict:
+    """Validates concept count, vocabulary and mask id; returns the manifest."""
+    manifest = read_manifest(data_dir)
+    where = f"{data_dir}/manifest.json"
+    n_concepts = int(manifest.get("num_concepts", 0))
+    if n_concepts > model_cfg.concepts.n_known:
+        raise ValueError(f"{where}: {n_concepts} concepts, but model.concepts.n_known="
+                         f"{model_cfg.concepts.n_known}; raise n_known to at least {n_concepts}")
+    tok = manifest.get("tokenizer", {})
+    if tok.get("vocab_size", 0) > model_cfg.vocab_size:
+        raise ValueError(f"{where}: tokenizer vocabulary of {tok['vocab_size']} exceeds "
+                         f"model.vocab_size={model_cfg.vocab_size}")
+    if (model_cfg.objective == "diffusion" and "mask_id" in tok
+            and model_cfg.resolved_mask_token_id != tok["mask_id"]):
+        raise ValueError(f"model.mask_token_id={model_cfg.resolved_mask_token_id} but the corpus "
+                         f"tokenizer's mask id is {tok['mask_id']} ({where}); set "
+                         f"--config.model.mask_token_id={tok['mask_id']}")
+    if seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    return manifest
+
+
+def resolve_mask_token(config) -> None:
+    """Sets model.mask_token_id from the corpus tokenizer when the config leaves it None."""
+    if config.model.mask_token_id is None and config.data.dir:
+        mask_id = read_manifest(config.data.dir).get("tokenizer", {}).get("mask_id")
+        if mask_id is not None:
+            with config.unlocked():
+                config.model.mask_token_id = int(mask_id)

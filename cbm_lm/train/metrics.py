@@ -1,0 +1,68 @@
+"""Training metrics: metrics.jsonl, TensorBoard event files, a console line.
+
+metrics.jsonl holds one JSON object per logged step (``step``, ``loss``, every
+loss term and weight, ``tokens_per_sec``, ``mfu``, concept health, eval
+losses when run). Only process 0 writes. The console line shows progress and
+an ETA from the recent step rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from tensorboard.summary import Writer
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = Writer(os.path.join(workdir, "tensorboard")) if enabled else None
+        self._t0 = time.time()
+        self._last = None  # (time, step) of the previous console line
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
+                       for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, float) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step=int(step))
+        self._tb.flush()
+
+    def console(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        if self._last is not None and step > self._last[1]:
+            rate = (now - self._last[0]) / (step - self._last[1])
+        else:
+            rate = (now - self._t0) / max(step, 1)
+        self._last = (now, step)
+        eta = _fmt_duration(rate * (self.total_steps - step))
+        keys = ("loss", "lm_loss", "concept_loss", "eval_lm_loss", "tokens_per_sec", "mfu")
+        parts = [f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics]
+        pct = 100.0 * step / max(self.total_steps, 1)
+        print(f"step {step}/{self.total_steps} ({pct:.0f}%) " + " ".join(parts) + f" eta {eta}",
+              flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

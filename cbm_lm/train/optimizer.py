@@ -1,0 +1,37 @@
+"""AdamW with warmup + cosine decay, global-norm clipping and a decay mask.
+
+  lr(s) = peak * s / warmup                                   s < warmup
+        = min + (peak - min) * (1 + cos(pi * p)) / 2,  p = (s - warmup) / (total - warmup)
+
+Weight decay applies to matrices only: norm scales (1-D params) are exempt.
+Gradient accumulation happens in the train step (a scan over micro-batches),
+not here, so the optimizer sees one update per step.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
+    peak = opt_cfg.learning_rate
+    warmup = min(opt_cfg.warmup_steps, max(num_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
+        decay_steps=max(num_steps, warmup + 1), end_value=peak * opt_cfg.min_lr_ratio)
+
+
+def decay_mask(params):
+    """True for parameters that get weight decay (ndim >= 2)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt_cfg, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(opt_cfg, num_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt_cfg.grad_clip),
+        optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                    weight_decay=opt_cfg.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule

@@ -1,0 +1,103 @@
+"""TrainState: everything the step updates, as one pytree with shardings.
+
+  step       int32 []          optimizer steps taken
+  params     dict              the model's nnx.Param values (pure dict, fp32 master)
+  opt_state  optax state       AdamW moments, shaped like params
+  rng        uint32 [2]        base key; step s uses fold_in(rng, s)
+  skipped    int32 []          steps skipped for non-finite loss (nan_policy=skip)
+
+The module structure (graphdef) is static and kept beside the state; the
+model is rebuilt inside the step with ``nnx.merge(graphdef, params)``.
+Shardings: params follow their logical axes; optimizer moments follow the
+parameter they mirror (matched by path suffix); scalars are replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cbm_lm.config import ModelConfig
+from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.parallel.sharding import state_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
+
+
+def _dict_path(path) -> tuple:
+    """The trailing run of dict keys of a pytree path (a param's own path)."""
+    keys = []
+    for entry in reversed(path):
+        if isinstance(entry, jax.tree_util.DictKey):
+            keys.append(entry.key)
+        else:
+            break
+    return tuple(reversed(keys))
+
+
+def shardings_like_params(tree, param_shardings: dict, mesh: Mesh):
+    """Shardings for ``tree`` (e.g. an optax state): leaves whose trailing dict
+    path names a parameter of the same shape take its sharding; others replicate."""
+    by_path = {path: s for path, s in (
+        (_dict_path(p), s) for p, s in jax.tree_util.tree_leaves_with_path(param_shardings))}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        return by_path.get(_dict_path(path), replicated) if getattr(leaf, "ndim", 0) else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation):
+    """(graphdef, TrainState of ShapeDtypeStructs, param logical State) with no allocation."""
+    abstract_model = nnx.eval_shape(lambda: ConceptBottleneckLM(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_params = nnx.split(abstract_model, nnx.Param)
+    pure = abs_params.to_pure_dict()
+    abs_opt = jax.eval_shape(tx.init, pure)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    state = TrainState(step=scalar, params=pure, opt_state=abs_opt,
+                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar)
+    return graphdef, state, abs_params
+
+
+def train_state_shardings(abs_state: TrainState, abs_params: nnx.State, mesh: Mesh, rules):
+    param_sh = state_shardings(abs_params, mesh, rules).to_pure_dict()
+    replicated = NamedSharding(mesh, P())
+    return TrainState(step=replicated, params=param_sh,
+                      opt_state=shardings_like_params(abs_state.opt_state, param_sh, mesh),
+                      rng=replicated, skipped=replicated)
+
+
+def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+                     mesh: Mesh, rules):
+    """Initializes the state directly into its shardings (jit with out_shardings).
+
+    Returns (graphdef, state, shardings).
+    """
+    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx)
+    shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
+
+    def init():
+        model = ConceptBottleneckLM(model_cfg, rngs=nnx.Rngs(seed))
+        params = nnx.state(model, nnx.Param).to_pure_dict()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params),
+                          rng=jax.random.PRNGKey(seed + 1).astype(jnp.uint32),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings

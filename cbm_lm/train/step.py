@@ -1,0 +1,107 @@
+"""The jitted train and eval steps.
+
+train_step(state, batch) -> (state, metrics):
+  rng_s   = fold_in(state.rng, state.step)
+  grads   = mean over A micro-batches of d loss / d params     (lax.scan, A = grad_accum_steps)
+  params <- AdamW(clip(grads))                                  (optax)
+A non-finite loss or gradient norm either stops the run (the loop raises,
+naming the step) or, with nan_policy=skip, leaves params and optimizer
+untouched for that step and counts it in state.skipped.
+
+``make_train_step`` returns the function jitted with explicit in/out
+shardings and the state donated, to be called under ``jax.set_mesh``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from cbm_lm.train.losses import compute_losses
+from cbm_lm.train.state import TrainState
+
+
+def _split_micro(batch, n: int):
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {n} micro-batches "
+                             f"(train.grad_accum_steps)")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
+    model_cfg, loss_cfg = config["model_cfg"], config["loss_cfg"]
+    accum, skip_nan = config["grad_accum_steps"], config["nan_policy"] == "skip"
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params, micro, key):
+        model = nnx.merge(graphdef, params)
+        return compute_losses(model, micro, key, state.step, loss_cfg=loss_cfg,
+                              model_cfg=model_cfg, train=True)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (_, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+        micro = _split_micro(batch, accum)
+
+        def body(carry, xs):
+            g_sum, m_sum = carry
+            mb, i = xs
+            (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
+
+        zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+        m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
+                                                 rng)[0][1])
+        zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+        (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        metrics = jax.tree.map(lambda m: m / accum, metrics)
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    if skip_nan:
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt,
+                              skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   finite=finite.astype(jnp.float32),
+                   skipped_steps=new_state.skipped.astype(jnp.float32))
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, graphdef, config):
+    """Held-out losses with a fixed rng (same masks every eval), no dropout/teacher forcing."""
+    model = nnx.merge(graphdef, params)
+    _, metrics = compute_losses(model, batch, jax.random.PRNGKey(1234), jnp.zeros((), jnp.int32),
+                                loss_cfg=config["loss_cfg"], model_cfg=config["model_cfg"],
+                                train=False)
+    return metrics
+
+
+def step_config(model_cfg, config) -> dict:
+    """The static pieces the step closes over (hashable-free; captured by closure)."""
+    return {"model_cfg": model_cfg, "loss_cfg": config.loss,
+            "grad_accum_steps": config.train.grad_accum_steps,
+            "nan_policy": config.train.nan_policy}
+
+
+def make_train_step(graphdef, tx, schedule, config, model_cfg, state_shardings, batch_sharding):
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                           config=step_config(model_cfg, config))
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, config, model_cfg, param_shardings, batch_sharding):
+    fn = functools.partial(eval_step, graphdef=graphdef, config=step_config(model_cfg, config))
+    return jax.jit(fn, in_shardings=(param_shardings, batch_sharding))

@@ -1,0 +1,50 @@
+"""Cluster entry point for training.
+
+  python launch/train.py --config gin_configs/tiny.py --workdir runs/tiny \
+      [--config.train.num_steps=1000] [--config.data.dir=...]
+
+Multi-host (JAX's multi-controller runtime): pass --coordinator_address,
+--num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); on TPU pods jax.distributed.initialize()
+discovers them itself (--distributed). Every process runs this same command.
+"""
+
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "gin_configs/<scale>.py",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, TensorBoard.",
+                               required=True)
+_COORD = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                             "host:port of process 0 for jax.distributed.initialize")
+_NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                              "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
+                            "This process's index.")
+_AUTO = flags.DEFINE_bool("distributed", False,
+                          "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulate this many CPU devices (testing).")
+
+
+def main(argv):
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config gin_configs/tiny.py")
+    if _CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if _NPROC.value > 1:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+    elif _AUTO.value:
+        jax.distributed.initialize()
+    from cbm_lm.train.loop import train  # after distributed init
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,85 @@
+"""Resume: kill -9 mid-run, restart, and the losses from the resume point on
+are bitwise identical to an uninterrupted run (data order included). A
+corrupted newest checkpoint falls back to the previous one, saying so."""
+
+import pathlib
+import subprocess
+import time
+
+import pytest
+
+from train_fixtures import env, losses, run, tiny_corpus, train_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    run(train_args(corpus, workdir))
+    return losses(workdir)
+
+
+def _wait_for(path: pathlib.Path, text: str, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early:\n{path.read_text()}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {text!r}")
+
+
+def test_kill_and_resume_is_bitwise_identical(corpus, reference, tmp_path):
+    workdir = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(train_args(corpus, workdir), env=env(), stdout=f,
+                                stderr=subprocess.STDOUT)
+        _wait_for(log, "step 5/8", proc)       # checkpoints exist at steps 2 and 4
+        proc.kill()                            # SIGKILL: no chance to save
+        proc.wait()
+    resumed = run(train_args(corpus, workdir))
+    assert "resumed from step 4" in resumed.stdout, resumed.stdout[-2000:]
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, 9))
+    assert got == reference                    # float equality: bitwise
+
+
+def test_sigterm_saves_and_exits_zero(corpus, reference, tmp_path):
+    workdir = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(train_args(corpus, workdir, **{"checkpoint.every_steps": 100}),
+                                env=env(), stdout=f, stderr=subprocess.STDOUT)
+        _wait_for(log, "step 3/8", proc)
+        proc.terminate()
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    assert "SIGTERM received" in text
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] >= 3
+    resumed = run(train_args(corpus, workdir, **{"checkpoint.every_steps": 100}))
+    assert f"resumed from step {saved[-1]}" in resumed.stdout
+    assert losses(workdir) == reference
+
+
+def test_corrupted_latest_checkpoint_falls_back(corpus, reference, tmp_path):
+    workdir = tmp_path / "run"
+    run(train_args(corpus, workdir, **{"train.num_steps": 8}))
+    # Damage step 8: truncate every array file of its params.
+    for f in (workdir / "checkpoints" / "8" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "d" in f.parent.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    proc = run(train_args(corpus, workdir, **{"train.num_steps": 8}))
+    out = proc.stdout + proc.stderr
+    assert "checkpoint step 8" in out and "could not be restored" in out, out[-3000:]
+    assert "resumed from step 6" in proc.stdout
+    assert losses(workdir) == reference

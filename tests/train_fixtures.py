@@ -1,0 +1,56 @@
+"""A tiny corpus and trainer command line shared by the training tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from data_fixtures import build
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_corpus(tmp: pathlib.Path) -> pathlib.Path:
+    return build(tmp, heldout_fraction=0.3)
+
+
+def train_args(corpus: pathlib.Path, workdir: pathlib.Path, **overrides) -> list[str]:
+    cfg = {"data.dir": str(corpus), "model.vocab_size": 512, "model.d_model": 32,
+           "model.n_heads": 2, "model.n_kv_heads": 1, "model.mlp_dim": 64,
+           "model.concepts.n_known": 16, "model.concepts.known_topk": 4,
+           "model.concepts.n_unknown": 32, "model.concepts.unknown_rank": 4,
+           "model.concepts.unknown_topk": 4, "model.concepts.block_size": 16,
+           "data.seq_len": 32, "data.batch_size": 4, "train.num_steps": 8,
+           "train.log_every": 1, "train.eval_every": 0, "checkpoint.every_steps": 2,
+           "checkpoint.async_save": False, "mesh.data": 1}
+    cfg.update(overrides)
+    return ([sys.executable, str(ROOT / "launch" / "train.py"),
+             "--config", str(ROOT / "gin_configs" / "tiny.py"), "--workdir", str(workdir)]
+            + [f"--config.{k}={v}" for k, v in cfg.items()])
+
+
+def env(devices: int = 1) -> dict:
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAX_PLATFORMS"] = "cpu"
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def run(args, devices: int = 1, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env=env(devices), capture_output=True, text=True, timeout=300, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(workdir: pathlib.Path) -> dict[int, float]:
+    out = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
