@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
         reconstruction_weight=1.0,
         independence_weight=0.1,
         diffusion_t_min=1e-3,
+        diffusion_clean_context=True,   # two-stream [noisy | clean] diffusion training
         epsilon_dropout=0.5,            # P(drop epsilon) per sequence
         teacher_forcing_start=1.0,      # alpha(step): linear from start to end
         teacher_forcing_end=0.0,

@@ -6,6 +6,14 @@ Masks (positions restart at 0 per packed document, segment ids separate them):
 (bidirectional inside a b-token block, causal across blocks: Steerling's
 masked-diffusion attention). Unpacked inputs have one segment and
 positions 0..T-1, which reproduces Steerling's mask exactly.
+
+Two-stream diffusion training (``stream`` given, block_causal only): the row
+holds a noisy copy (stream 0) and the clean copy (stream 1) of each document
+at the same positions. A noisy token sees the noisy tokens of its own block
+and the clean tokens of earlier blocks, which is exactly what it sees at
+generation time, when earlier blocks are committed; clean tokens see clean
+tokens block-causally. One pass then trains every block against a clean
+context.
 """
 
 from __future__ import annotations
@@ -19,10 +27,17 @@ from cbm_lm.parallel.sharding import constrain
 
 
 def attention_mask(positions: jax.Array, segment_ids: jax.Array, kind: str,
-                   block_size: int) -> jax.Array:
+                   block_size: int, stream: jax.Array | None = None) -> jax.Array:
     """Boolean mask [B,1,T,T] (q, kv) for ``kind`` in {causal, block_causal}."""
     q_pos, kv_pos = positions[:, :, None], positions[:, None, :]
-    if kind == "causal":
+    if stream is not None:
+        if kind != "block_causal":
+            raise ValueError("two-stream attention is defined for block_causal only")
+        q_blk, kv_blk = q_pos // block_size, kv_pos // block_size
+        q_clean, kv_clean = stream[:, :, None] > 0, stream[:, None, :] > 0
+        visible = jnp.where(q_clean, kv_clean & (kv_blk <= q_blk),
+                            (~kv_clean & (kv_blk == q_blk)) | (kv_clean & (kv_blk < q_blk)))
+    elif kind == "causal":
         visible = kv_pos <= q_pos
     elif kind == "block_causal":
         visible = (kv_pos // block_size) <= (q_pos // block_size)
@@ -59,7 +74,8 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 stream: jax.Array | None = None) -> jax.Array:
         b, t, _ = x.shape
         dt = self.dtype
         x = x.astype(dt)
@@ -79,7 +95,8 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.n_kv_heads, reps, self.head_dim)
         scores = jnp.einsum("btgrk,bsgk->bgrts", q.astype(jnp.float32), k.astype(jnp.float32))
         scores = scores * (self.head_dim ** -0.5)
-        mask = attention_mask(positions, segment_ids, self.kind, self.block_size)[:, :, None]
+        mask = attention_mask(positions, segment_ids, self.kind, self.block_size,
+                              stream)[:, :, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bgrts,bsgk->btgrk", probs, v.astype(jnp.float32)).astype(dt)

@@ -16,6 +16,14 @@ from cbm_lm.parallel.sharding import constrain
 
 ACT_AXES = ("batch", "length", "activation_embed")
 
+# model.remat: "block" keeps the matmul outputs of each block and recomputes
+# the cheap elementwise work in the backward pass; "full" keeps only each
+# block's input and recomputes the whole block.
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 class Block(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -28,12 +36,12 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
 
-    def __call__(self, x, positions, segment_ids):
+    def __call__(self, x, positions, segment_ids, stream=None):
         if self.norm_order == "pre":
-            x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+            x = x + self.attn(self.attn_norm(x), positions, segment_ids, stream)
             x = x + self.mlp(self.mlp_norm(x))
         else:
-            x = x + self.attn_norm(self.attn(x, positions, segment_ids))
+            x = x + self.attn_norm(self.attn(x, positions, segment_ids, stream))
             x = x + self.mlp_norm(self.mlp(x))
         return constrain(x, ACT_AXES)
 
@@ -58,8 +66,9 @@ class Backbone(nnx.Module):
     def embed(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
-    def __call__(self, tokens=None, *, positions=None, segment_ids=None, input_embeds=None,
-                 injection=None, inject_layer: int | None = None, inject_alpha: float = 1.0):
+    def __call__(self, tokens=None, *, positions=None, segment_ids=None, stream=None,
+                 input_embeds=None, injection=None, inject_layer: int | None = None,
+                 inject_alpha: float = 1.0):
         x = self.embed(tokens) if input_embeds is None else input_embeds.astype(self.dtype)
         b, t, _ = x.shape
         if positions is None:
@@ -69,9 +78,10 @@ class Backbone(nnx.Module):
         x = constrain(x, ACT_AXES)
         for i, block in enumerate(self.blocks):
             if self.remat != "none":
-                x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids))(block, x)
+                x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids, stream),
+                              policy=REMAT_POLICIES[self.remat])(block, x)
             else:
-                x = block(x, positions, segment_ids)
+                x = block(x, positions, segment_ids, stream)
             if injection is not None and inject_layer is not None and i + 1 >= inject_layer:
                 x = x + inject_alpha * injection.astype(x.dtype)
         return self.final_norm(x)

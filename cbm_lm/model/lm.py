@@ -50,15 +50,17 @@ class ConceptBottleneckLM(nnx.Module):
         return self.lm_head[...]
 
     def __call__(self, tokens: jax.Array | None = None, *, positions=None, segment_ids=None,
-                 input_embeds=None, intervene_known=None, intervene_unknown=None,
+                 stream=None, input_embeds=None, intervene_known=None, intervene_unknown=None,
                  drop_epsilon=False, teacher_features=None, teacher_alpha=0.0,
                  injection=None, inject_layer=None, inject_alpha: float = 1.0) -> LMOutput:
         """tokens [B,T] int32 (or input_embeds [B,T,D]) -> LMOutput.
 
         positions / segment_ids [B,T] describe packed documents (default: one
-        document, positions 0..T-1). intervene_* = (ids [B,T,K], vals [B,T,K]).
+        document, positions 0..T-1). stream [B,T] (0 noisy / 1 clean) selects
+        two-stream diffusion attention (model/attention.py).
+        intervene_* = (ids [B,T,K], vals [B,T,K]).
         """
-        h = self.backbone(tokens, positions=positions, segment_ids=segment_ids,
+        h = self.backbone(tokens, positions=positions, segment_ids=segment_ids, stream=stream,
                           input_embeds=input_embeds, injection=injection,
                           inject_layer=inject_layer, inject_alpha=inject_alpha)
         rw = self.rewrite(h, intervene_known=intervene_known,

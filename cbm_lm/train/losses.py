@@ -3,7 +3,10 @@
   loss = w_lm * L_lm + w_c * L_concept + w_rec * L_reconstruction + w_ind * L_independence
 
 L_lm is masked diffusion (block-causal) or next-token CE (causal), per
-``model.objective``. Per step, each sequence drops epsilon with probability
+``model.objective``. With ``loss.diffusion_clean_context`` the diffusion loss
+runs two streams in one pass, [noisy | clean], so every noised block is
+predicted from clean earlier blocks, as at generation time; the concept terms
+then read the clean stream. Per step, each sequence drops epsilon with probability
 ``loss.epsilon_dropout`` (so the LM loss trains the concept paths) and the
 known features are teacher-forced with strength alpha(step) towards the
 pooled label embeddings. Concept health is measured on the same batch.
@@ -48,13 +51,23 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
     b = tokens.shape[0]
     rng_mask, rng_eps, rng_neg = jax.random.split(rng, 3)
 
-    if model_cfg.objective == "diffusion":
+    diffusion = model_cfg.objective == "diffusion"
+    two_stream = diffusion and loss_cfg.diffusion_clean_context
+    if diffusion:
         inputs, masked, t = obj.corrupt(rng_mask, tokens, seg, pos,
                                         block_size=model_cfg.diffusion_block_size,
                                         mask_id=model_cfg.resolved_mask_token_id,
                                         t_min=loss_cfg.diffusion_t_min)
     else:
         inputs = tokens
+    stream = None
+    if two_stream:   # [noisy | clean] at the same positions (model/attention.py)
+        seq_len = tokens.shape[1]
+        inputs = jnp.concatenate([inputs, tokens], axis=1)
+        stream = jnp.concatenate([jnp.zeros_like(seg), jnp.ones_like(seg)], axis=1)
+        pos_in, seg_in = jnp.concatenate([pos, pos], 1), jnp.concatenate([seg, seg], 1)
+    else:
+        pos_in, seg_in = pos, seg
 
     head = model.rewrite.known_head
     teacher, alpha = None, 0.0
@@ -66,12 +79,21 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
                                           loss_cfg.teacher_forcing_end,
                                           loss_cfg.teacher_forcing_steps)
         teacher = obj.pooled_label_features(head, batch["concept_ids"])
-    out = model(inputs, positions=pos, segment_ids=seg, drop_epsilon=drop_eps,
-                teacher_features=teacher, teacher_alpha=alpha)
+        if two_stream:
+            teacher = jnp.concatenate([teacher, teacher], axis=1)
+    full = model(inputs, positions=pos_in, segment_ids=seg_in, stream=stream,
+                 drop_epsilon=drop_eps, teacher_features=teacher, teacher_alpha=alpha)
+    if two_stream:
+        # The LM loss reads the noisy stream; the concept terms read the clean
+        # stream, the representation of the text itself.
+        noisy_logits = full.logits[:, :seq_len]
+        out = jax.tree.map(lambda x: x[:, seq_len:] if x.ndim >= 2 else x, full)
+    else:
+        noisy_logits, out = full.logits, full
 
     metrics = {}
-    if model_cfg.objective == "diffusion":
-        lm_loss, lm_aux = obj.diffusion_loss(out.logits, tokens, masked, t, seg)
+    if diffusion:
+        lm_loss, lm_aux = obj.diffusion_loss(noisy_logits, tokens, masked, t, seg)
         metrics.update(masked_ce=lm_aux["masked_ce"], masked_acc=lm_aux["masked_acc"])
     else:
         lm_loss, lm_aux = obj.next_token_loss(out.logits, tokens, seg)
@@ -102,7 +124,7 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
                    epsilon_dropped=jnp.mean(jnp.asarray(drop_eps, jnp.float32)),
                    real_tokens=valid.sum().astype(jnp.float32))
     sg = jax.lax.stop_gradient
-    targets = tokens if model_cfg.objective == "diffusion" else jnp.roll(tokens, -1, axis=1)
+    targets = tokens if diffusion else jnp.roll(tokens, -1, axis=1)
     metrics.update(_logit_shares(sg(out), sg(model.unembedding()), targets, valid))
     metrics["dead_known_fraction"] = _dead_fraction(out.known.topk_indices, valid,
                                                     model_cfg.concepts.n_known)
