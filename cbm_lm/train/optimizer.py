@@ -17,8 +17,10 @@ import optax
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
     peak = opt_cfg.learning_rate
     warmup = min(opt_cfg.warmup_steps, max(num_steps - 1, 0))
+    if warmup == 0:  # the first step already runs at the peak rate
+        return optax.cosine_decay_schedule(peak, max(num_steps, 1), alpha=opt_cfg.min_lr_ratio)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=max(warmup, 1),
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
         decay_steps=max(num_steps, warmup + 1), end_value=peak * opt_cfg.min_lr_ratio)
 
 

@@ -64,7 +64,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
         grads = jax.tree.map(lambda g: g / accum, grads)
         metrics = jax.tree.map(lambda m: m / accum, metrics)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
