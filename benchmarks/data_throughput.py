@@ -1,13 +1,15 @@
-"""Tokens per second of the grain data pipeline (and, later, of the train step).
+"""Tokens per second of the grain data pipeline next to the train steps it feeds.
 
     python benchmarks/data_throughput.py --data_dir runs/demo/corpus \
         --batch_size 8 --seq_len 256 --batches 200 --worker_count 0
 
 Prints one JSON line. ``pipeline_tokens_per_sec`` counts token slots (B*T
 per batch) delivered by the iterator; ``pipeline_real_tokens_per_sec`` counts
-non-padding tokens. The train-step half (model side) is a marked TODO: when
-filled in, the ratio pipeline / train_step says how many times faster the
-input pipeline is than the step it feeds (want >> 1).
+non-padding tokens. ``<model>_train_step_tokens_per_sec`` is the jitted train
+step of gin_configs/<model>.py at the same batch shape, measured in the same
+run (benchmarks/train_step_throughput.py), and ``pipeline_over_<model>_train_step``
+says how many times faster the input pipeline is than the step it feeds
+(target: >= 10).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cbm_lm.data.pipeline import make_pipeline  # noqa: E402
+from benchmarks.train_step_throughput import measure_train_step_tokens_per_sec  # noqa: E402
+
+
+def _load_config(name: str):
+    import importlib.util
+    path = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def measure_pipeline_tokens_per_sec(data_dir, split: str = "train", batch_size: int = 8,
@@ -56,20 +68,23 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--worker_count", type=int, default=0)
     ap.add_argument("--max_chunk_concepts", type=int, default=8)
+    ap.add_argument("--models", default="tiny,small", help="gin_configs to time the step of")
+    ap.add_argument("--train_steps", type=int, default=5)
     args = ap.parse_args(argv)
     out = measure_pipeline_tokens_per_sec(
         args.data_dir, args.split, args.batch_size, args.seq_len, args.batches,
         worker_count=args.worker_count, max_chunk_concepts=args.max_chunk_concepts)
     out.update(batch_size=args.batch_size, seq_len=args.seq_len, worker_count=args.worker_count)
 
-    # ---------------------------------------------------------------- TODO(model side)
-    # train_step_tokens_per_sec = measure_train_step_tokens_per_sec(...)  # B*T / step time
-    train_step_tokens_per_sec = None
-    out["train_step_tokens_per_sec"] = train_step_tokens_per_sec
-    out["pipeline_over_train_step"] = (
-        None if not train_step_tokens_per_sec
-        else round(out["pipeline_tokens_per_sec"] / train_step_tokens_per_sec, 2))
-    # ---------------------------------------------------------------- end TODO
+    # The model side: the tiny and small configs' train steps at the same
+    # batch shape, measured in this same run, so the ratios compare like with like.
+    for name in args.models.split(","):
+        cfg = _load_config(name)
+        cfg.data.batch_size, cfg.data.seq_len = args.batch_size, args.seq_len
+        step = measure_train_step_tokens_per_sec(cfg, steps=args.train_steps)
+        out[f"{name}_train_step_tokens_per_sec"] = step["train_step_tokens_per_sec"]
+        out[f"pipeline_over_{name}_train_step"] = round(
+            out["pipeline_tokens_per_sec"] / step["train_step_tokens_per_sec"], 2)
     print(json.dumps(out))
     return 0
 

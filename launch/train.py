@@ -12,7 +12,7 @@ discovers them itself (--distributed). Every process runs this same command.
 import os
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "gin_configs/<scale>.py",
@@ -34,6 +34,8 @@ def main(argv):
     del argv
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config gin_configs/tiny.py")
+    if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     if _NPROC.value > 1:

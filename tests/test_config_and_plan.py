@@ -34,7 +34,7 @@ def test_steerling_8b_param_count_by_hand():
     assert count_params(cfg) == v * d + 32 * per_layer + d + known + unknown
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "1b", "steerling_8b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_diffusion", "small", "1b", "steerling_8b"])
 def test_every_scale_config_validates(name):
     cfg = ModelConfig.from_config(load_config(name).model)
     assert cfg.concepts.n_known_padded % cfg.concepts.pad_multiple == 0

@@ -28,7 +28,7 @@ from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.train.checkpointer import TrainCheckpointer
 from cbm_lm.train.data_feed import RowSliceIterator
 from cbm_lm.train.corpus_check import check_corpus_fits_model, resolve_mask_token
-from cbm_lm.train.metrics import MetricsLogger
+from cbm_lm.train.metrics import MetricsLogger, measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
 from cbm_lm.train.step import make_eval_step, make_train_step
@@ -133,8 +133,11 @@ def train(config, workdir: str) -> dict:
         _truncate_metrics(logger.path, start)
 
     flops_per_token = train_flops_per_token(model_cfg, config.data.seq_len)
-    peak = peak_flops_per_device(jax.devices()[0].device_kind,
-                                 config.hardware.peak_flops_per_device) * jax.device_count()
+    if jax.devices()[0].platform == "cpu" and not config.hardware.peak_flops_per_device:
+        peak = measured_matmul_flops() * jax.process_count()   # simulated devices share a host
+    else:
+        peak = peak_flops_per_device(jax.devices()[0].device_kind,
+                                     config.hardware.peak_flops_per_device) * jax.device_count()
     sigterm = _Sigterm()
     last = {}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

@@ -66,3 +66,23 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n fp32 matmul on the default device, best of ``repeats``.
+
+    Used as the MFU denominator where no data-sheet peak exists (CPU): the
+    MFU then reads as a fraction of what this machine's matmul achieves.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
