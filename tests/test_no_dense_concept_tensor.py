@@ -6,33 +6,14 @@ same check on a model *below* the threshold must find one, so the probe can
 fail.
 """
 
-import math
 
 import jax
-from jax.extend.core import jaxprs_in_params
 from flax import nnx
 
 from model_fixtures import make_model, random_tokens, tiny_config
+from jaxpr_probe import max_intermediate_with_dim
 
 B, T, C, D = 2, 32, 4000, 16
-
-
-def _max_intermediate_with_dim(closed_jaxpr, dim: int) -> int:
-    """Largest size of an equation output having an axis of length ``dim``."""
-    best = 0
-
-    def walk(jaxpr):
-        nonlocal best
-        for eqn in jaxpr.eqns:
-            for v in eqn.outvars:
-                shape = getattr(v.aval, "shape", ())
-                if dim in shape:
-                    best = max(best, math.prod(shape))
-            for sub in jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(closed_jaxpr.jaxpr)
-    return best
 
 
 def _forward_jaxpr(threshold: int):
@@ -51,11 +32,11 @@ def _forward_jaxpr(threshold: int):
 
 
 def test_streaming_forward_has_no_tokens_by_concepts_tensor():
-    largest = _max_intermediate_with_dim(_forward_jaxpr(threshold=1024), C)
+    largest = max_intermediate_with_dim(_forward_jaxpr(threshold=1024), C)
     # Nothing larger than a parameter table [C, D] (4x smaller than [B*T, C]).
     assert largest <= C * D, largest
 
 
 def test_probe_detects_dense_logits_below_threshold():
-    largest = _max_intermediate_with_dim(_forward_jaxpr(threshold=10**6), C)
+    largest = max_intermediate_with_dim(_forward_jaxpr(threshold=10**6), C)
     assert largest >= B * T * C

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.extend.core import jaxprs_in_params
 
 from cbm_lm.model.concepts import ConceptHead
 from cbm_lm.objectives import (
@@ -16,6 +15,7 @@ from cbm_lm.objectives import (
     reconstruction_loss, sample_epsilon_dropout, sample_negative_ids, soft_or_probability,
     teacher_forcing_alpha)
 from cbm_lm.objectives import concept_auroc as _concept_auroc
+from jaxpr_probe import max_intermediate_with_dim
 
 
 def _np_softplus(x):
@@ -263,23 +263,6 @@ def test_concept_loss_gradients_reach_known_predictor():
     assert np.all(g_h[CSEG > 0] > 0) and np.all(g_h[CSEG == 0] == 0.0)   # padding: no gradient
 
 
-def _max_intermediate_with_dim(closed_jaxpr, dim):
-    best = 0
-
-    def walk(jaxpr):
-        nonlocal best
-        for eqn in jaxpr.eqns:
-            for v in eqn.outvars:
-                shape = getattr(v.aval, "shape", ())
-                if dim in shape:
-                    best = max(best, math.prod(shape))
-            for sub in jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(closed_jaxpr.jaxpr)
-    return best
-
-
 def test_concept_loss_never_forms_tokens_by_concepts():
     b, t, k, c, d = 2, 32, 3, 5000, 16
     head = _head(n_concepts=c, n_padded=c, d_model=d)
@@ -296,11 +279,11 @@ def test_concept_loss_never_forms_tokens_by_concepts():
                                   pos_weight=1.0, neg_weight=1.0)[0]
 
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(state, h)
-    assert _max_intermediate_with_dim(jaxpr, c) <= c * d     # the [C, D] table and its gradient
+    assert max_intermediate_with_dim(jaxpr, c) <= c * d     # the [C, D] table and its gradient
     # The probe can fail: dense logits over the same head do form [B,T,C].
     head.dense_threshold = 10**6
     dense = jax.make_jaxpr(lambda hd, h: hd.dense_logits(h))(head, h)
-    assert _max_intermediate_with_dim(dense, c) >= b * t * c
+    assert max_intermediate_with_dim(dense, c) >= b * t * c
 
 
 @pytest.mark.parametrize("rank", [0, 2])
