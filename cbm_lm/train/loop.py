@@ -82,6 +82,7 @@ def _pipeline(config, split, per_process_batch, *, eval_mode=False):
         process_count=1 if rows else n, max_chunk_concepts=config.data.max_chunk_concepts,
         mixture=dict(config.data.mixture) or None,
         worker_count=0 if eval_mode else config.data.worker_count,
+        packing_bins=config.data.packing_bins or None,
         **({"num_epochs": 1, "shuffle": False, "drop_remainder": True} if eval_mode else {}))
     if rows and n > 1:
         it = RowSliceIterator(it, p * per_process_batch, (p + 1) * per_process_batch)
