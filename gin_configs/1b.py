@@ -28,4 +28,7 @@ def get_config():
     c.mesh.tensor = 1
     c.data.seq_len = 4096
     c.data.batch_size = 256
+    # Smallest accumulation whose activations fit the intended hardware
+    # (tools/plan.py: "smallest fitting train.grad_accum_steps").
+    c.train.grad_accum_steps = 32
     return c

@@ -23,4 +23,7 @@ def get_config():
     c.model.concepts.block_size = 1024
     c.data.seq_len = 1024
     c.data.batch_size = 32
+    # Smallest accumulation whose activations fit the intended hardware
+    # (tools/plan.py: "smallest fitting train.grad_accum_steps").
+    c.train.grad_accum_steps = 2
     return c

@@ -41,6 +41,13 @@ def get_config():
     c.mesh.data = 1
     c.mesh.fsdp = 64
     c.mesh.tensor = 4
+    # vocab 100,281 = 3 x 33,427 divides by no mesh axis and jax.jit needs evenly
+    # divided in/out shardings, so the (tied) embedding / LM head is sharded over
+    # fsdp (its embed axis) only, not over tensor (tools/plan.py checks this).
+    c.rules = [[name, None if name == "vocab" else axes] for name, axes in c.rules]
     c.data.seq_len = 4096
     c.data.batch_size = 1024
+    # Smallest accumulation whose activations fit the intended hardware
+    # (tools/plan.py: "smallest fitting train.grad_accum_steps").
+    c.train.grad_accum_steps = 16
     return c

@@ -1,0 +1,187 @@
+"""tools/plan.py and cbm_lm/parallel/{planning,memory_plan,compile_check}.py:
+per-device bytes from the trainer's shardings, activation estimate, FLOPs,
+the compile check of the real sharded step, and the CLI on steerling_8b."""
+
+import importlib.util
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+from cbm_lm.parallel.compile_check import compile_train_step, scale_mesh
+from cbm_lm.parallel.memory_plan import (MeshPlan, activation_estimate, memory_plan, optimizer_for,
+                                         plan_mesh, shard_bytes, shard_shape, state_bytes,
+                                         step_time_plan)
+from cbm_lm.parallel.planning import (GiB, forward_flops_per_token, hbm_bytes_per_device,
+                                      peak_flops_per_device, train_flops_per_token)
+from cbm_lm.parallel.sharding import logical_to_spec
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "gin_configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny(**mesh):
+    c = load_config("tiny")
+    for k, v in mesh.items():
+        c.mesh[k] = v
+    return c
+
+
+def test_embedding_shard_bytes_by_hand():
+    rules = logical_rules_from_config(tiny().rules)
+    spec = logical_to_spec(("vocab", "embed"), rules)
+    assert spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    v, d = 4096, 128
+    assert shard_bytes((v, d), "float32", spec, {"data": 1, "fsdp": 8, "tensor": 1}) == v * d // 8 * 4
+    assert shard_shape((v, d), spec, {"data": 1, "fsdp": 4, "tensor": 2}) == (v // 2, d // 4)
+    # Uneven dims round up (what XLA pads to).
+    assert shard_shape((100281, 4096), spec, {"data": 1, "fsdp": 64, "tensor": 4}) == (25071, 64)
+
+
+def test_tiny_param_and_optimizer_bytes_on_fsdp8_by_hand():
+    c = tiny(data=1, fsdp=8, tensor=1)
+    cfg = ModelConfig.from_config(c.model)
+    mesh = plan_mesh(MeshConfig.from_config(c.mesh), 8)
+    assert mesh.sizes == {"data": 1, "fsdp": 8, "tensor": 1}
+    st = state_bytes(cfg, optimizer_for(c), mesh, logical_rules_from_config(c.rules))
+    V, D, L, H, G, hd, F = 4096, 128, 2, 4, 2, 32, 512
+    Ck, Cu, r = 256, 512, 16
+    # Every param with an "embed" axis is split 8 ways over fsdp; the rest
+    # (norm scales, the unknown head's [C_u, r] tables) are replicated.
+    with_embed = (V * D + L * (D * H * hd + 2 * D * G * hd + H * hd * D + 3 * D * F)
+                  + 2 * Ck * D + 2 * D * r)
+    replicated = L * (2 * D + 2 * hd) + D + 2 * Cu * r
+    assert st.params == 4 * (with_embed // 8 + replicated)
+    assert st.params_global == 4 * (with_embed + replicated)
+    assert not st.problems
+    # AdamW: mu and nu mirror the fp32 params; only scalar counts come on top.
+    assert 0 <= st.optimizer - 2 * st.params <= 64
+
+
+def test_indivisible_vocab_is_reported():
+    c = load_config("steerling_8b")
+    c.rules = [[name, "tensor" if name == "vocab" else axes] for name, axes in c.rules]
+    plan = memory_plan(c, 256, "TPU v5p")
+    assert len(plan.state.problems) == 1
+    assert plan.state.problems[0].startswith("backbone.embedding [100281, 4096]")
+    # The shipped config keeps the vocab axis unsharded, so it has none.
+    assert not memory_plan(load_config("steerling_8b"), 256, "TPU v5p").state.problems
+
+
+def test_activation_estimate_monotone_in_remat():
+    for c, n in ((tiny(), 1), (load_config("steerling_8b"), 256)):
+        model_cfg = ModelConfig.from_config(c.model)
+        mesh = plan_mesh(MeshConfig.from_config(c.mesh), n)
+        rules = logical_rules_from_config(c.rules)
+        none, block, full = (activation_estimate(c, model_cfg, mesh, rules, p).total
+                             for p in ("none", "block", "full"))
+        assert none > block > full > 0
+
+
+def test_activation_estimate_scales_with_micro_batch():
+    c = load_config("steerling_8b")
+    with c.unlocked():
+        c.train.grad_accum_steps = 1
+    one = memory_plan(c, 256, "TPU v5p")
+    with c.unlocked():
+        c.train.grad_accum_steps = 16
+    sixteen = memory_plan(c, 256, "TPU v5p")
+    assert one.activations.micro_batch == 16 and sixteen.activations.micro_batch == 1
+    assert one.activations.model_len == 8192          # two-stream diffusion: 2 x 4096
+    assert 15 < one.activations.total / sixteen.activations.total <= 16
+    assert not one.fits and sixteen.fits
+
+
+def test_flops_per_token_by_hand():
+    cfg = ModelConfig.from_config(tiny().model)
+    T, V, D, L, H, G, hd, F = 256, 4096, 128, 2, 4, 2, 32, 512
+    per_layer = 2 * (D * H * hd + 2 * D * G * hd + H * hd * D + 3 * D * F) + 2 * 2 * T * H * hd
+    known = 2 * (256 * D + 2 * 8 * D)                 # all C_k logits + k gathered rows
+    unknown = 2 * (512 * 16 + 2 * 16 * 16) + 2 * 2 * D * 16
+    fwd = L * per_layer + 2 * V * D + known + unknown
+    assert forward_flops_per_token(cfg, T) == fwd
+    assert train_flops_per_token(cfg, T) == 3 * fwd                     # remat none
+    assert train_flops_per_token(cfg.replace(remat="block"), T) == 4 * fwd
+    st = step_time_plan(tiny(), 8, "TPU v4", 0.5)
+    assert st.tokens_per_step == 8 * 256                                # causal: one stream
+    assert st.step_seconds == pytest.approx(8 * 256 * 3 * fwd / (8 * 275e12 * 0.5))
+
+
+def test_device_tables():
+    assert peak_flops_per_device("TPU v5 lite") == 197e12
+    assert peak_flops_per_device("TPU v5") == 459e12          # jax's name for a v5p chip
+    assert hbm_bytes_per_device("TPU v5p") == 95 * GiB
+    assert hbm_bytes_per_device("NVIDIA H100 80GB HBM3") == 80 * GiB
+    assert hbm_bytes_per_device("cpu") is None
+
+
+def test_scale_mesh():
+    m = scale_mesh(MeshPlan((1, 64, 4), (1, 1, 1)), 8)
+    assert (m.data, m.fsdp, m.tensor) == (1, 2, 4)
+    m = scale_mesh(MeshPlan((8, 1, 1), (1, 1, 1)), 8)
+    assert (m.data, m.fsdp, m.tensor) == (8, 1, 1)
+    # DCN folds away; the parameter-sharding axes (tensor, then fsdp) are kept first.
+    m = scale_mesh(MeshPlan((2, 16, 1), (2, 1, 1)), 8)
+    assert (m.data, m.fsdp, m.tensor, m.dcn_data) == (1, 8, 1, 1)
+
+
+def test_compile_tiny_sharded_step():
+    assert jax.device_count() >= 8, "tests/conftest.py provides 8 simulated CPU devices"
+    c = tiny(data=2, fsdp=2, tensor=2)
+    report = compile_train_step(c, n_devices=8, layers=2, seq_len=64)
+    assert (report.mesh.data, report.mesh.fsdp, report.mesh.tensor) == (2, 2, 2)
+    assert report.n_layers == 2 and report.seq_len == 64 and report.batch_size == 8
+    assert any("seq_len 256 -> 64" in n for n in report.notes)
+    assert report.compile_seconds > 0
+    assert report.memory is not None and report.memory["temp"] > 0
+    # The donated state comes back as outputs of the same shapes and shardings.
+    assert report.memory["argument"] >= report.estimate.state.params + report.estimate.state.optimizer
+
+
+def _plan(*args, timeout=120):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plan.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_cli_steerling_8b():
+    out = _plan("--config", str(ROOT / "gin_configs" / "steerling_8b.py"))
+    lines = out.splitlines()
+    assert lines[0].startswith("config: ") and lines[1] == "params: 8391778304"
+    assert "hardware: 256 x TPU v5p" in out
+    assert "mesh: data=1 x fsdp=64 x tensor=4  (256 devices)" in out
+    assert "SHARDING ERROR" not in out
+    # The config as shipped (grad_accum_steps=16) fits its intended chips.
+    assert re.search(r"^  memory verdict: FITS .*HBM per TPU v5p\)$", out, re.M)
+    assert re.search(r"expected step time \(MFU-limited, 256 x TPU v5p\) +[\d.]+ s", out)
+
+
+def test_cli_steerling_8b_without_accumulation_does_not_fit():
+    out = _plan("--config", str(ROOT / "gin_configs" / "steerling_8b.py"),
+                "--config.train.grad_accum_steps=1")
+    assert re.search(r"^  memory verdict: DOES NOT FIT ", out, re.M)
+    assert "smallest fitting train.grad_accum_steps: 16" in out
+
+
+def test_cli_compile_tiny():
+    out = _plan("--config", str(ROOT / "gin_configs" / "tiny.py"), "--compile",
+                "--compile_devices=4", "--compile_seq_len=32", "--config.mesh.data=-1")
+    assert "params: " in out
+    assert "compile check: real sharded train step on 4 simulated CPU devices" in out
+    assert "compile: OK" in out
+    assert re.search(r"compiled temp bytes per device +[\d.,]+ [KMG]?i?B", out)
+    assert math.isfinite(float(re.search(r"compile time +([\d.]+) s", out).group(1)))
