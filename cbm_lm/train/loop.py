@@ -133,7 +133,9 @@ def train(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         _truncate_metrics(logger.path, start)
 
-    flops_per_token = train_flops_per_token(model_cfg, config.data.seq_len)
+    # Two-stream diffusion runs the model on [noisy | clean]: 2 model tokens per data token.
+    streams = 2 if (model_cfg.objective == "diffusion" and config.loss.diffusion_clean_context) else 1
+    flops_per_token = streams * train_flops_per_token(model_cfg, streams * config.data.seq_len)
     if jax.devices()[0].platform == "cpu" and not config.hardware.peak_flops_per_device:
         peak = measured_matmul_flops() * jax.process_count()   # simulated devices share a host
     else:
