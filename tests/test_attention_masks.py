@@ -1,7 +1,6 @@
 """Block-causal and segment masks: a token never sees a later block or another
 packed document, and does see every earlier-or-same-block token of its own."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

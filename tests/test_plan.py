@@ -14,10 +14,10 @@ import jax
 import pytest
 
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
-from cbm_lm.parallel.compile_check import compile_train_step, scale_mesh
-from cbm_lm.parallel.memory_plan import (MeshPlan, activation_estimate, memory_plan, optimizer_for,
-                                         plan_mesh, shard_bytes, shard_shape, state_bytes,
-                                         step_time_plan)
+from cbm_lm.train.compile_check import compile_train_step, scale_mesh
+from cbm_lm.parallel.mesh_plan import MeshPlan, plan_mesh, shard_bytes, shard_shape
+from cbm_lm.train.memory_plan import (activation_estimate, memory_plan, optimizer_for,
+                                      state_bytes, step_time_plan)
 from cbm_lm.parallel.planning import (GiB, forward_flops_per_token, hbm_bytes_per_device,
                                       peak_flops_per_device, train_flops_per_token)
 from cbm_lm.parallel.sharding import logical_to_spec

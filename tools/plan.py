@@ -14,11 +14,11 @@ device kind and count (steerling_8b.py: 256 x TPU v5p); any other config for
 the devices this process sees. --num_devices / --device_kind override either.
 The mesh is config.mesh resolved for that many devices (the dcn_* factors
 multiply), the shardings are the trainer's own (train_state_shardings under
-config.rules); see cbm_lm/parallel/memory_plan.py for the memory model.
+config.rules); see cbm_lm/train/memory_plan.py for the memory model.
 
 --compile lowers and compiles the real sharded train step on
 --compile_devices simulated CPU devices from abstract inputs
-(cbm_lm/parallel/compile_check.py), with depth, batch and sequence length
+(cbm_lm/train/compile_check.py), with depth, batch and sequence length
 reduced (widths kept) and the mesh scaled down to the device count. The
 simulated devices must exist before jax starts, so this script sets
 XLA_FLAGS / JAX_PLATFORMS itself, before importing anything that imports jax.
@@ -59,7 +59,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from cbm_lm.config import ModelConfig, logical_rules_from_config  # noqa: E402
-from cbm_lm.parallel.memory_plan import (batch_problem, fmt_bytes, fmt_flops,  # noqa: E402
+from cbm_lm.train.memory_plan import (batch_problem, fmt_bytes, fmt_flops,  # noqa: E402
                                          memory_plan, smallest_fitting_accum, step_time_plan)
 from cbm_lm.parallel.planning import GiB, count_params, params_by_component  # noqa: E402
 
@@ -204,7 +204,7 @@ def print_compute(config, n_devices: int, kind: str) -> None:
 
 
 def print_compile(config, planned_devices: int) -> None:
-    from cbm_lm.parallel.compile_check import compile_train_step
+    from cbm_lm.train.compile_check import compile_train_step
     n = _COMPILE_DEVICES.value
     print()
     print(f"compile check: real sharded train step on {n} simulated CPU devices, abstract inputs "

@@ -23,7 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from cbm_lm.config import ModelConfig
 from cbm_lm.model import ConceptBottleneckLM

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
-from cbm_lm.parallel.memory_plan import (MemoryPlan, MeshPlan, batch_shards, memory_plan,
+from cbm_lm.train.memory_plan import (MemoryPlan, MeshPlan, batch_shards, memory_plan,
                                          plan_mesh)
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.sharding import logical_to_spec
