@@ -16,6 +16,7 @@ Sections:
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
@@ -116,7 +117,7 @@ def main(argv):
               "```", context[:2000], "```", "",
               f"Exact identity: max |known + unknown + epsilon - logit| = {err:.2e}.", ""]
     for i, p in enumerate(pos):
-        prob = float(jax_softmax_at(out.logits[0, p], int(targets[i])))
+        prob = float(jax.nn.softmax(out.logits[0, p])[int(targets[i])])
         lines += [f"### position {int(p)}: target {decode(targets[i])} "
                   f"(logit {float(dec.logit[i]):.3f}, p={prob:.3f})", "",
                   f"- known concepts total {float(dec.known_contrib[i].sum()):+.3f}, unknown "
@@ -137,9 +138,6 @@ def main(argv):
     os.replace(tmp, _OUT.value)
     print(f"wrote {_OUT.value} (decomposition identity error {err:.2e})")
 
-
-def jax_softmax_at(logits, index: int) -> float:
-    return float(jnp.exp(logits[index] - jnp.max(logits)) / jnp.sum(jnp.exp(logits - jnp.max(logits))))
 
 
 if __name__ == "__main__":
