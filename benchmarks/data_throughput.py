@@ -23,16 +23,12 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cbm_lm.data.pipeline import make_pipeline  # noqa: E402
+from cbm_lm.default_config import load_config_file  # noqa: E402
 from benchmarks.train_step_throughput import measure_train_step_tokens_per_sec  # noqa: E402
 
 
 def _load_config(name: str):
-    import importlib.util
-    path = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / f"{name}.py")
 
 
 def measure_pipeline_tokens_per_sec(data_dir, split: str = "train", batch_size: int = 8,

@@ -109,3 +109,23 @@ def base_config() -> ml_collections.ConfigDict:
         peak_flops_per_device=0.0,  # for MFU; 0 = look up from the device kind
     ))
     return c
+
+
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """Runs a gin_configs/<scale>.py file and returns its ``get_config()``.
+
+    The same thing ``config_flags.DEFINE_config_file`` does for the CLIs, for
+    code that is not an absl binary (tests, benchmarks, notebooks).
+    """
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file (expected gin_configs/<scale>.py)")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path}: defines no get_config()")
+    return module.get_config()

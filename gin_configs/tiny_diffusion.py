@@ -5,16 +5,13 @@ Same widths as tiny.py; trained with two-stream clean-context diffusion
 autoregressive tiny model on CPU budgets (see tiny.py's docstring).
 """
 
-import importlib.util
 import pathlib
+
+from cbm_lm.default_config import load_config_file
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location(
-        "tiny", pathlib.Path(__file__).with_name("tiny.py"))
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    c = tiny.get_config()
+    c = load_config_file(pathlib.Path(__file__).with_name("tiny.py"))
     c.model.objective = "diffusion"
     c.model.attention = "block_causal"
     c.model.diffusion_block_size = 16

@@ -1,11 +1,11 @@
 """Config validation names the offending field; plan counts match Steerling."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
 from cbm_lm.config import ConfigError, MeshConfig, ModelConfig
+from cbm_lm.default_config import load_config_file
 from cbm_lm.parallel.mesh import resolve_axis_sizes
 from cbm_lm.parallel.planning import count_params
 
@@ -13,10 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "gin_configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(ROOT / "gin_configs" / f"{name}.py")
 
 
 def test_steerling_8b_param_count_matches_steerling():

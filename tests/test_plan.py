@@ -2,7 +2,6 @@
 per-device bytes from the trainer's shardings, activation estimate, FLOPs,
 the compile check of the real sharded step, and the CLI on steerling_8b."""
 
-import importlib.util
 import math
 import os
 import pathlib
@@ -14,6 +13,7 @@ import jax
 import pytest
 
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+from cbm_lm.default_config import load_config_file
 from cbm_lm.train.compile_check import compile_train_step, scale_mesh
 from cbm_lm.parallel.mesh_plan import MeshPlan, plan_mesh, shard_bytes, shard_shape
 from cbm_lm.train.memory_plan import (activation_estimate, memory_plan, optimizer_for,
@@ -26,10 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "gin_configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(ROOT / "gin_configs" / f"{name}.py")
 
 
 def tiny(**mesh):
