@@ -34,7 +34,7 @@ from cbm_lm.interop.steerling_config import (
 from cbm_lm.interop.steerling_weights import (
     LM_HEAD, TOK_EMB, load_safetensors_dir, params_to_steerling, steerling_to_params,
     strip_wrapper_prefix)
-from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.model import ConceptBottleneckLM, abstract_lm
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -73,8 +73,7 @@ def build_model(config: ml_collections.ConfigDict, params: dict) -> ConceptBottl
     the model must be present in ``params`` with its exact shape.
     """
     cfg = ModelConfig.from_config(config.model)
-    abstract = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+    graphdef, abs_params = abstract_lm(cfg)
     want = nnx.to_pure_dict(abs_params)
 
     def fill(path, leaf):
@@ -92,7 +91,7 @@ def build_model(config: ml_collections.ConfigDict, params: dict) -> ConceptBottl
 
     filled = jax.tree_util.tree_map_with_path(fill, want)
     nnx.replace_by_pure_dict(abs_params, filled)
-    return nnx.merge(graphdef, abs_params, rest)
+    return nnx.merge(graphdef, abs_params)
 
 
 def import_steerling(src_dir: str | os.PathLike) -> tuple[ConceptBottleneckLM, ml_collections.ConfigDict]:

@@ -70,3 +70,13 @@ class ConceptBottleneckLM(nnx.Module):
         logits = jnp.einsum("btd,vd->btv", rw.composed, w).astype(jnp.float32)
         return LMOutput(logits, h, rw.known, rw.unknown, rw.known_features,
                         rw.unknown_features, rw.epsilon, rw.composed)
+
+
+def abstract_lm(cfg: ModelConfig):
+    """(graphdef, param State of ShapeDtypeStructs) of the model; nothing is allocated.
+
+    The model holds only nnx.Param state, so ``nnx.merge(graphdef, params)``
+    rebuilds a live module from any params of this structure.
+    """
+    abstract = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract, nnx.Param)

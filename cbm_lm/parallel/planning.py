@@ -13,13 +13,12 @@ import jax
 from flax import nnx
 
 from cbm_lm.config import ModelConfig
-from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.model import abstract_lm
 
 
 def abstract_params(cfg: ModelConfig) -> nnx.State:
     """The model's param State as ShapeDtypeStructs, via nnx.eval_shape."""
-    abstract = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg, rngs=nnx.Rngs(0)))
-    return nnx.state(abstract, nnx.Param)
+    return abstract_lm(cfg)[1]
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -25,8 +25,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from cbm_lm.config import ModelConfig
-from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.config import ModelConfig, logical_rules_from_config
+from cbm_lm.model import abstract_lm
 from cbm_lm.parallel.sharding import state_shardings
 
 CONFIG_FILE = "config.json"
@@ -91,13 +91,6 @@ def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
     write_config(ckpt_dir, config)
 
 
-def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract param State) without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    return graphdef, params, rest
-
-
 def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
                step: int | None = None, param_dtype=None):
     """Restores (ConceptBottleneckLM, ConfigDict) from ``ckpt_dir``.
@@ -107,21 +100,18 @@ def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=N
     """
     config = read_config(ckpt_dir)
     model_cfg = ModelConfig.from_config(config.model)
-    graphdef, abs_params, rest = abstract_model(model_cfg)
+    graphdef, abs_params = abstract_lm(model_cfg)
     if mesh is None:
         dev = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: dev, abs_params)
     else:
-        from cbm_lm.config import logical_rules_from_config
         rules = rules if rules is not None else logical_rules_from_config(config.rules)
         shardings = state_shardings(abs_params, mesh, rules)
 
     def target(var, sharding):
-        dtype = param_dtype or var.dtype
-        return jax.ShapeDtypeStruct(var.shape, dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(var.shape, param_dtype or var.dtype, sharding=sharding)
 
-    targets = jax.tree.map(lambda v, s: target(v, s), abs_params.to_pure_dict(),
-                           shardings.to_pure_dict() if hasattr(shardings, "to_pure_dict") else shardings)
+    targets = jax.tree.map(target, abs_params.to_pure_dict(), shardings.to_pure_dict())
     with params_manager(ckpt_dir, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
@@ -134,4 +124,4 @@ def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=N
                 f"{ckpt_dir}: step {step} does not restore into the model its config.json "
                 f"describes: {e}") from e
     nnx.replace_by_pure_dict(abs_params, restored)
-    return nnx.merge(graphdef, abs_params, rest), config
+    return nnx.merge(graphdef, abs_params), config

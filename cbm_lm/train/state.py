@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cbm_lm.config import ModelConfig
-from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.model import ConceptBottleneckLM, abstract_lm
 from cbm_lm.parallel.sharding import state_shardings
 
 
@@ -63,8 +63,7 @@ def shardings_like_params(tree, param_shardings: dict, mesh: Mesh):
 
 def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation):
     """(graphdef, TrainState of ShapeDtypeStructs, param logical State) with no allocation."""
-    abstract_model = nnx.eval_shape(lambda: ConceptBottleneckLM(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abs_params = nnx.split(abstract_model, nnx.Param)
+    graphdef, abs_params = abstract_lm(model_cfg)
     pure = abs_params.to_pure_dict()
     abs_opt = jax.eval_shape(tx.init, pure)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
