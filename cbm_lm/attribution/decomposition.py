@@ -67,7 +67,7 @@ def decompose_logits(model: ConceptBottleneckLM, out: LMOutput, batch_idx: jax.A
     else:
         n = targets.shape[0]
         unknown_ids, unknown_c = jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32)
-    residual = (out.composed - out.known_features - out.unknown_features)[b, t]
+    residual = out.residual[b, t]
     eps_c = jnp.einsum("nd,nd->n", residual.astype(jnp.float32), w_y)
     return LogitDecomposition(known_ids, known_c, unknown_ids, unknown_c, eps_c,
                               out.logits[b, t, targets])

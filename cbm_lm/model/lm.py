@@ -33,6 +33,15 @@ class LMOutput(NamedTuple):
     epsilon: jax.Array                   # [B,T,D]
     composed: jax.Array                  # [B,T,D]
 
+    @property
+    def residual(self) -> jax.Array:
+        """composed - known - unknown [B,T,D]: what the concepts leave to the logit.
+
+        Equals epsilon when there is an unknown head; without one it also holds
+        Steerling's h - stop_grad(known) slot.
+        """
+        return self.composed - self.known_features - self.unknown_features
+
 
 class ConceptBottleneckLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):

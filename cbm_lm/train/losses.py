@@ -27,9 +27,8 @@ def _logit_shares(out, unembedding, targets, valid):
     |c_x| / (|c_known| + |c_unknown| + |c_eps|), averaged over valid tokens.
     """
     w_y = jnp.take(unembedding, targets, axis=0).astype(jnp.float32)           # [B,T,D]
-    residual = out.composed - out.known_features - out.unknown_features
     parts = [jnp.abs(jnp.sum(x.astype(jnp.float32) * w_y, -1))
-             for x in (out.known_features, out.unknown_features, residual)]
+             for x in (out.known_features, out.unknown_features, out.residual)]
     total = parts[0] + parts[1] + parts[2] + 1e-12
     vf = valid.astype(jnp.float32)
     n = jnp.maximum(vf.sum(), 1.0)
