@@ -18,9 +18,8 @@ def read_manifest(data_dir: str) -> dict:
     return json.loads(manifest.read_text())
 
 
-def check_corpus_fits_model(data_dir: str, model_cfg, seq_len: int) -> dict:
-    """Validates concept count, vocabulary and mask id; returns the manifest."""
-    manifest = read_manifest(data_dir)
+def check_corpus_fits_model(manifest: dict, data_dir: str, model_cfg, seq_len: int) -> None:
+    """Validates concept count, vocabulary and mask id of ``manifest`` (read_manifest)."""
     where = f"{data_dir}/manifest.json"
     n_concepts = int(manifest.get("num_concepts", 0))
     if n_concepts > model_cfg.concepts.n_known:
@@ -37,13 +36,12 @@ def check_corpus_fits_model(data_dir: str, model_cfg, seq_len: int) -> dict:
                          f"--config.model.mask_token_id={tok['mask_id']}")
     if seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    return manifest
 
 
-def resolve_mask_token(config) -> None:
+def resolve_mask_token(config, manifest: dict) -> None:
     """Sets model.mask_token_id from the corpus tokenizer when the config leaves it None."""
-    if config.model.mask_token_id is None and config.data.dir:
-        mask_id = read_manifest(config.data.dir).get("tokenizer", {}).get("mask_id")
+    if config.model.mask_token_id is None:
+        mask_id = manifest.get("tokenizer", {}).get("mask_id")
         if mask_id is not None:
             with config.unlocked():
                 config.model.mask_token_id = int(mask_id)

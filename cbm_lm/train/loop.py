@@ -27,7 +27,7 @@ from cbm_lm.parallel.planning import peak_flops_per_device, train_flops_per_toke
 from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.train.checkpointer import TrainCheckpointer
 from cbm_lm.train.data_feed import RowSliceIterator
-from cbm_lm.train.corpus_check import check_corpus_fits_model, resolve_mask_token
+from cbm_lm.train.corpus_check import check_corpus_fits_model, read_manifest, resolve_mask_token
 from cbm_lm.train.metrics import MetricsLogger, measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
@@ -104,9 +104,10 @@ def _evaluate(eval_step, params, config, per_process_batch, batch_sharding) -> d
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     os.makedirs(workdir, exist_ok=True)
-    resolve_mask_token(config)
+    manifest = read_manifest(config.data.dir)
+    resolve_mask_token(config, manifest)
     model_cfg = ModelConfig.from_config(config.model)
-    check_corpus_fits_model(config.data.dir, model_cfg, config.data.seq_len)
+    check_corpus_fits_model(manifest, config.data.dir, model_cfg, config.data.seq_len)
     mesh = make_mesh(MeshConfig.from_config(config.mesh))
     rules = logical_rules_from_config(config.rules)
     if config.data.batch_size % jax.process_count():
