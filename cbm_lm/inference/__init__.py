@@ -1,0 +1,1 @@
+"""Generation (diffusion and autoregressive samplers), traces, chunks, steering."""
