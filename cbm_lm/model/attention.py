@@ -14,6 +14,13 @@ and the clean tokens of earlier blocks, which is exactly what it sees at
 generation time, when earlier blocks are committed; clean tokens see clean
 tokens block-causally. One pass then trains every block against a clean
 context.
+
+Decoding with a KV cache (``cache`` given, causal only): ``cache`` = (k, v),
+each [B,S,G,hd], where slot s holds the key/value of position s. The new
+tokens' keys/values are written at their ``positions`` [B,T] and every query
+attends to the slots at or before its own position. A slot not yet written
+with a real token is never visible, because decoding writes positions in
+order; the caller owns that invariant.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from flax import nnx
 
 from cbm_lm.model.layers import RMSNorm, apply_rope, normal, param, rope_angles
 from cbm_lm.parallel.sharding import constrain
+
+
+def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
+    """Boolean mask [B,1,T,S]: query at position p sees cache slots s <= p."""
+    slots = jnp.arange(cache_len, dtype=positions.dtype)
+    return (slots[None, None, :] <= positions[:, :, None])[:, None, :, :]
 
 
 def attention_mask(positions: jax.Array, segment_ids: jax.Array, kind: str,
@@ -75,7 +88,8 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 stream: jax.Array | None = None) -> jax.Array:
+                 stream: jax.Array | None = None, cache=None):
+        """x [B,T,D] -> [B,T,D]; with ``cache`` (k, v) -> ([B,T,D], updated cache)."""
         b, t, _ = x.shape
         dt = self.dtype
         x = x.astype(dt)
@@ -91,14 +105,26 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
+        if cache is not None:
+            if self.kind != "causal":
+                raise ValueError("a KV cache needs causal attention (model.attention='causal'), "
+                                 f"got {self.kind!r}")
+            rows = jnp.arange(b)[:, None]
+            k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
+            v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
+            cache = (k, v)
+            mask = cache_mask(positions, k.shape[1])[:, :, None]
+        else:
+            mask = attention_mask(positions, segment_ids, self.kind, self.block_size,
+                                  stream)[:, :, None]
+
         reps = self.n_heads // self.n_kv_heads
         q = q.reshape(b, t, self.n_kv_heads, reps, self.head_dim)
         scores = jnp.einsum("btgrk,bsgk->bgrts", q.astype(jnp.float32), k.astype(jnp.float32))
         scores = scores * (self.head_dim ** -0.5)
-        mask = attention_mask(positions, segment_ids, self.kind, self.block_size,
-                              stream)[:, :, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bgrts,bsgk->btgrk", probs, v.astype(jnp.float32)).astype(dt)
         out = out.reshape(b, t, self.n_heads, self.head_dim)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+        out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+        return out if cache is None else (out, cache)

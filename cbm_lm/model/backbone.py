@@ -36,14 +36,23 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
 
-    def __call__(self, x, positions, segment_ids, stream=None):
+    def __call__(self, x, positions, segment_ids, stream=None, cache=None):
+        """x [B,T,D] -> [B,T,D]; with a KV ``cache`` -> ([B,T,D], updated cache)."""
+        def attn(y):
+            nonlocal cache
+            if cache is None:
+                return self.attn(y, positions, segment_ids, stream)
+            y, cache = self.attn(y, positions, segment_ids, stream, cache=cache)
+            return y
+
         if self.norm_order == "pre":
-            x = x + self.attn(self.attn_norm(x), positions, segment_ids, stream)
+            x = x + attn(self.attn_norm(x))
             x = x + self.mlp(self.mlp_norm(x))
         else:
-            x = x + self.attn_norm(self.attn(x, positions, segment_ids, stream))
+            x = x + self.attn_norm(attn(x))
             x = x + self.mlp_norm(self.mlp(x))
-        return constrain(x, ACT_AXES)
+        x = constrain(x, ACT_AXES)
+        return x if cache is None else (x, cache)
 
 
 class Backbone(nnx.Module):
@@ -52,6 +61,9 @@ class Backbone(nnx.Module):
     ``injection`` [B,T,D] with ``inject_layer`` L adds ``inject_alpha *
     injection`` to the residual stream after every block i with i+1 >= L
     (Steerling-style concept steering).
+
+    ``kv_cache`` (one (k, v) per layer, see model/attention.py) switches to
+    incremental decoding: returns (h, updated kv_cache).
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -68,7 +80,7 @@ class Backbone(nnx.Module):
 
     def __call__(self, tokens=None, *, positions=None, segment_ids=None, stream=None,
                  input_embeds=None, injection=None, inject_layer: int | None = None,
-                 inject_alpha: float = 1.0):
+                 inject_alpha: float = 1.0, kv_cache=None):
         x = self.embed(tokens) if input_embeds is None else input_embeds.astype(self.dtype)
         b, t, _ = x.shape
         if positions is None:
@@ -76,12 +88,24 @@ class Backbone(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         x = constrain(x, ACT_AXES)
+        new_cache = []
         for i, block in enumerate(self.blocks):
-            if self.remat != "none":
+            if kv_cache is not None:
+                x, layer_cache = block(x, positions, segment_ids, stream, cache=kv_cache[i])
+                new_cache.append(layer_cache)
+            elif self.remat != "none":
                 x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids, stream),
                               policy=REMAT_POLICIES[self.remat])(block, x)
             else:
                 x = block(x, positions, segment_ids, stream)
             if injection is not None and inject_layer is not None and i + 1 >= inject_layer:
                 x = x + inject_alpha * injection.astype(x.dtype)
-        return self.final_norm(x)
+        h = self.final_norm(x)
+        return h if kv_cache is None else (h, tuple(new_cache))
+
+    def init_kv_cache(self, batch: int, length: int, dtype=None):
+        """Zeroed KV cache: one (k, v) of [B,S,G,hd] per layer."""
+        attn = self.blocks[0].attn
+        shape = (batch, length, attn.n_kv_heads, attn.head_dim)
+        dtype = dtype or self.dtype
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks)

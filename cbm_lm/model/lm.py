@@ -32,6 +32,7 @@ class LMOutput(NamedTuple):
     unknown_features: jax.Array          # [B,T,D]
     epsilon: jax.Array                   # [B,T,D]
     composed: jax.Array                  # [B,T,D]
+    kv_cache: tuple | None = None        # updated KV cache when decoding with one
 
     @property
     def residual(self) -> jax.Array:
@@ -61,24 +62,30 @@ class ConceptBottleneckLM(nnx.Module):
     def __call__(self, tokens: jax.Array | None = None, *, positions=None, segment_ids=None,
                  stream=None, input_embeds=None, intervene_known=None, intervene_unknown=None,
                  drop_epsilon=False, teacher_features=None, teacher_alpha=0.0,
-                 injection=None, inject_layer=None, inject_alpha: float = 1.0) -> LMOutput:
+                 injection=None, inject_layer=None, inject_alpha: float = 1.0,
+                 kv_cache=None) -> LMOutput:
         """tokens [B,T] int32 (or input_embeds [B,T,D]) -> LMOutput.
 
         positions / segment_ids [B,T] describe packed documents (default: one
         document, positions 0..T-1). stream [B,T] (0 noisy / 1 clean) selects
         two-stream diffusion attention (model/attention.py).
         intervene_* = (ids [B,T,K], vals [B,T,K]).
+        kv_cache (Backbone.init_kv_cache, causal models): decode the T new tokens
+        at ``positions`` against the cache; the updated cache is in the output.
         """
         h = self.backbone(tokens, positions=positions, segment_ids=segment_ids, stream=stream,
                           input_embeds=input_embeds, injection=injection,
-                          inject_layer=inject_layer, inject_alpha=inject_alpha)
+                          inject_layer=inject_layer, inject_alpha=inject_alpha,
+                          kv_cache=kv_cache)
+        if kv_cache is not None:
+            h, kv_cache = h
         rw = self.rewrite(h, intervene_known=intervene_known,
                           intervene_unknown=intervene_unknown, drop_epsilon=drop_epsilon,
                           teacher_features=teacher_features, teacher_alpha=teacher_alpha)
         w = self.unembedding().astype(rw.composed.dtype)
         logits = jnp.einsum("btd,vd->btv", rw.composed, w).astype(jnp.float32)
         return LMOutput(logits, h, rw.known, rw.unknown, rw.known_features,
-                        rw.unknown_features, rw.epsilon, rw.composed)
+                        rw.unknown_features, rw.epsilon, rw.composed, kv_cache)
 
 
 def abstract_lm(cfg: ModelConfig):
