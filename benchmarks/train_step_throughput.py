@@ -11,29 +11,14 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+from cbm_lm.data.synthetic import synthetic_batch
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import init_train_state
 from cbm_lm.train.step import make_train_step
-
-
-def synthetic_batch(model_cfg: ModelConfig, batch_size: int, seq_len: int, k: int, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, model_cfg.vocab_size - 4, size=(batch_size, seq_len))
-    concept_ids = np.full((batch_size, seq_len, k), -1)
-    concept_ids[..., 0] = rng.integers(0, model_cfg.concepts.n_known, size=(batch_size, 1))
-    chunk = (np.arange(seq_len) // 32 + 1)[None].repeat(batch_size, 0)
-    return {"tokens": jnp.asarray(tokens, jnp.int32),
-            "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32),
-                                          (batch_size, seq_len)),
-            "concept_ids": jnp.asarray(concept_ids, jnp.int32),
-            "chunk_segment_ids": jnp.asarray(chunk, jnp.int32)}
 
 
 def measure_train_step_tokens_per_sec(config, steps: int = 10, warmup: int = 2) -> dict:

@@ -7,7 +7,7 @@ import pytest
 from cbm_lm.config import ConfigError, MeshConfig, ModelConfig
 from cbm_lm.default_config import load_config_file
 from cbm_lm.parallel.mesh import resolve_axis_sizes
-from cbm_lm.parallel.planning import count_params
+from cbm_lm.train.planning import count_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""tools/plan.py and cbm_lm/parallel/{planning,memory_plan,compile_check}.py:
+"""tools/plan.py and cbm_lm/train/{planning,memory_plan,compile_check}.py:
 per-device bytes from the trainer's shardings, activation estimate, FLOPs,
 the compile check of the real sharded step, and the CLI on steerling_8b."""
 
@@ -18,8 +18,8 @@ from cbm_lm.train.compile_check import compile_train_step, scale_mesh
 from cbm_lm.parallel.mesh_plan import MeshPlan, plan_mesh, shard_bytes, shard_shape
 from cbm_lm.train.memory_plan import (activation_estimate, memory_plan, optimizer_for,
                                       state_bytes, step_time_plan)
-from cbm_lm.parallel.planning import (GiB, forward_flops_per_token, hbm_bytes_per_device,
-                                      peak_flops_per_device, train_flops_per_token)
+from cbm_lm.parallel.devices import GiB, hbm_bytes_per_device, peak_flops_per_device
+from cbm_lm.train.planning import forward_flops_per_token, train_flops_per_token
 from cbm_lm.parallel.sharding import logical_to_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

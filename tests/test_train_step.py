@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.train_step_throughput import synthetic_batch
 from cbm_lm.config import MeshConfig, ModelConfig
+from cbm_lm.data.synthetic import synthetic_batch
 from cbm_lm.default_config import DEFAULT_RULES, base_config
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.train.optimizer import make_optimizer

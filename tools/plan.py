@@ -61,7 +61,8 @@ from ml_collections import config_flags  # noqa: E402
 from cbm_lm.config import ModelConfig, logical_rules_from_config  # noqa: E402
 from cbm_lm.train.memory_plan import (batch_problem, fmt_bytes, fmt_flops,  # noqa: E402
                                          memory_plan, smallest_fitting_accum, step_time_plan)
-from cbm_lm.parallel.planning import GiB, count_params, params_by_component  # noqa: E402
+from cbm_lm.parallel.devices import GiB  # noqa: E402
+from cbm_lm.train.planning import count_params, params_by_component  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a gin_configs/<scale>.py file.",
                                           lock_config=True)

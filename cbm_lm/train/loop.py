@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
 from cbm_lm.data.pipeline import make_pipeline
 from cbm_lm.parallel.mesh import make_mesh
-from cbm_lm.parallel.planning import peak_flops_per_device, train_flops_per_token
+from cbm_lm.parallel.devices import peak_flops_per_device
+from cbm_lm.train.planning import train_flops_per_token
 from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.train.checkpointer import TrainCheckpointer
 from cbm_lm.train.data_feed import RowSliceIterator

@@ -77,7 +77,7 @@ accumulator when grad_accum_steps > 1) + FSDP-gathered weights of one block
 and of the LM-head table, in the param dtype (XLA gathers the fp32 master and
 casts after), x2 for their gradients before the reduce-scatter +
 activations. FITS when that total is at most the chip's HBM
-(planning.HBM_BYTES).
+(devices.HBM_BYTES).
 
 Step time: tokens per step (model tokens: batch_size * T) times
 planning.train_flops_per_token(model, T), over n_devices * peak FLOP/s *
@@ -93,11 +93,11 @@ import jax
 import jax.numpy as jnp
 
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
-from cbm_lm.parallel.planning import (forward_flops_per_token, hbm_bytes_per_device,
-                                      peak_flops_per_device, train_flops_per_token)
+from cbm_lm.parallel.devices import hbm_bytes_per_device, peak_flops_per_device
 from cbm_lm.parallel.mesh_plan import (DTYPE_BYTES, MeshPlan, indivisible_dims, plan_mesh,  # noqa: F401
                                        shard_shape, spec_axes, tree_shard_bytes)
 from cbm_lm.parallel.sharding import logical_to_spec
+from cbm_lm.train.planning import forward_flops_per_token, train_flops_per_token
 
 @dataclasses.dataclass(frozen=True)
 class StateBytes:

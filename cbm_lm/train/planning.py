@@ -1,7 +1,10 @@
-"""Static planning: parameter counts, FLOPs per token, device tables (no allocation).
+"""Static planning: parameter counts and FLOPs per token (no allocation).
 
-Per-device memory lives in memory_plan.py and the compile check of the real
-sharded train step in compile_check.py; tools/plan.py prints all three.
+It needs the model (abstract_lm), so it lives in train/, its user, not in
+parallel/ (the model imports parallel/; DESIGN.md section 1). Chip tables are
+in parallel/devices.py, per-device memory in memory_plan.py and the compile
+check of the real sharded train step in compile_check.py; tools/plan.py prints
+all of them.
 """
 
 from __future__ import annotations
@@ -72,42 +75,3 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward (2x forward), plus one forward recomputed under remat."""
     fwd = forward_flops_per_token(cfg, seq_len)
     return fwd * (4.0 if cfg.remat != "none" else 3.0)
-
-
-# Peak dense bf16 FLOP/s per chip, by jax device_kind prefix (vendor data sheets).
-# Prefixes are tried in order: jax names a v5e "TPU v5 lite" and a v5p "TPU v5",
-# so the lite entries come before the bare "TPU v5".
-PEAK_FLOPS = {
-    "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
-    "TPU v6": 918e12, "TPU v4": 275e12,
-    "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
-    "cpu": 1e11,  # nominal: a few AVX cores; MFU on CPU is only indicative
-}
-
-GiB = 1024 ** 3
-
-# High-bandwidth memory per chip, bytes, by the same device_kind prefixes.
-HBM_BYTES = {
-    "TPU v5p": 95 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5e": 16 * GiB, "TPU v5": 95 * GiB,
-    "TPU v6": 32 * GiB, "TPU v4": 32 * GiB,
-    "NVIDIA H200": 141 * GiB, "NVIDIA H100": 80 * GiB, "NVIDIA A100": 80 * GiB,
-}
-
-
-def _lookup(table: dict, device_kind: str):
-    for prefix, value in table.items():
-        if device_kind.lower().startswith(prefix.lower()):
-            return value
-    return None
-
-
-def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float:
-    if override:
-        return override
-    found = _lookup(PEAK_FLOPS, device_kind)
-    return PEAK_FLOPS["cpu"] if found is None else found
-
-
-def hbm_bytes_per_device(device_kind: str) -> int | None:
-    """HBM bytes of one chip of ``device_kind``; None when not in the table (e.g. cpu)."""
-    return _lookup(HBM_BYTES, device_kind)

@@ -1,0 +1,41 @@
+"""Imports flow one way (DESIGN.md section 1): checked on the source, not by convention."""
+
+import ast
+import pathlib
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "cbm_lm"
+
+# package -> packages it must never import
+FORBIDDEN = {
+    "parallel": ("cbm_lm.model", "cbm_lm.train", "cbm_lm.data", "cbm_lm.objectives"),
+    "model": ("cbm_lm.train", "cbm_lm.data", "cbm_lm.objectives"),
+    "objectives": ("cbm_lm.train",),
+    "attribution": ("cbm_lm.train",),
+}
+
+
+def _imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_no_import_runs_against_the_flow():
+    bad = []
+    for package, forbidden in FORBIDDEN.items():
+        for path in sorted((PKG / package).glob("*.py")):
+            for module in _imports(path):
+                if module.startswith(forbidden):
+                    bad.append(f"{path.relative_to(PKG.parent)} imports {module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_library_never_imports_its_binaries_or_benchmarks():
+    bad = [f"{p.relative_to(PKG.parent)} imports {m}" for p in sorted(PKG.rglob("*.py"))
+           for m in _imports(p) if m.split(".")[0] in ("tools", "launch", "benchmarks")]
+    tests = PKG.parent / "tests"
+    bad += [f"{p.relative_to(PKG.parent)} imports {m}" for p in sorted(tests.glob("*.py"))
+            for m in _imports(p) if m.split(".")[0] == "benchmarks"]
+    assert not bad, "\n".join(bad)
