@@ -18,15 +18,32 @@ ATTENTION_KINDS = ("causal", "block_causal")
 OBJECTIVES = ("diffusion", "autoregressive")
 NORM_ORDERS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
 
 
 class ConfigError(ValueError):
     """A config field has a value the library cannot use."""
 
 
-def _check(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"config field '{field}': {msg}")
+class Problems:
+    """Collects every bad field, so one error names all of them (not just the first)."""
+
+    def __init__(self):
+        self.items: list[str] = []
+
+    def check(self, cond: bool, field: str, msg: str) -> None:
+        if not cond:
+            self.items.append(f"config field '{field}': {msg}")
+
+    def choice(self, value: Any, field: str, allowed: tuple) -> None:
+        self.check(value in allowed, field,
+                   f"must be one of {allowed} (case-sensitive), got {value!r}")
+
+    def raise_if_any(self) -> None:
+        if len(self.items) == 1:
+            raise ConfigError(self.items[0])
+        if self.items:
+            raise ConfigError(f"{len(self.items)} bad config fields:\n  " + "\n  ".join(self.items))
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -39,14 +56,17 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     raise TypeError(f"expected a ConfigDict or mapping, got {type(cfg).__name__}")
 
 
-def _from_mapping(cls, values: Mapping[str, Any], prefix: str):
+def _from_mapping(cls, values: Mapping[str, Any], prefix: str, problems: Problems | None = None):
+    """``cls(**values)``; unknown fields are refused (into ``problems`` when given)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-                f"config section '{prefix}' has unknown field(s) {unknown}; "
-                f"known fields: {sorted(names)}")
-    return cls(**values)
+        msg = (f"config section '{prefix}' has unknown field(s) {unknown}; "
+               f"known fields: {sorted(names)}")
+        if problems is None:
+            raise ConfigError(msg)
+        problems.items.append(msg)
+    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -94,19 +114,34 @@ class ConceptConfig:
         return self.n_unknown > 0
 
     def validate(self, prefix: str = "model.concepts") -> "ConceptConfig":
-        _check(self.n_known > 0, f"{prefix}.n_known", f"must be > 0, got {self.n_known}")
-        _check(0 < self.known_topk <= self.n_known, f"{prefix}.known_topk",
-                      f"must be in [1, n_known={self.n_known}], got {self.known_topk}")
-        _check(self.n_unknown >= 0, f"{prefix}.n_unknown", f"must be >= 0, got {self.n_unknown}")
-        if self.n_unknown:
-            _check(self.unknown_rank >= 0, f"{prefix}.unknown_rank", "must be >= 0")
-            _check(self.unknown_topk is None or 0 < self.unknown_topk <= self.n_unknown,
-                          f"{prefix}.unknown_topk",
-                          f"must be None or in [1, n_unknown={self.n_unknown}], got {self.unknown_topk}")
-        _check(self.pad_multiple >= 1, f"{prefix}.pad_multiple", "must be >= 1")
-        _check(self.block_size >= 1, f"{prefix}.block_size", "must be >= 1")
-        _check(self.logit_clip > 0, f"{prefix}.logit_clip", "must be > 0")
+        p = Problems()
+        self.check(p, prefix)
+        p.raise_if_any()
         return self
+
+    def check(self, p: Problems, prefix: str = "model.concepts") -> None:
+        p.check(self.n_known > 0, f"{prefix}.n_known", f"must be > 0, got {self.n_known}")
+        p.check(0 < self.known_topk <= self.n_known, f"{prefix}.known_topk",
+                f"must be in [1, n_known={self.n_known}], got {self.known_topk}")
+        p.check(self.known_report_topk is None or 0 < self.known_report_topk <= self.known_topk,
+                f"{prefix}.known_report_topk",
+                f"must be None or in [1, known_topk={self.known_topk}] (the reported concepts are "
+                f"taken from the kept ones), got {self.known_report_topk}")
+        p.check(self.n_unknown >= 0, f"{prefix}.n_unknown", f"must be >= 0, got {self.n_unknown}")
+        if self.n_unknown:
+            p.check(self.unknown_rank >= 0, f"{prefix}.unknown_rank", "must be >= 0")
+            p.check(self.unknown_topk is None or 0 < self.unknown_topk <= self.n_unknown,
+                    f"{prefix}.unknown_topk",
+                    f"must be None or in [1, n_unknown={self.n_unknown}], got {self.unknown_topk}")
+            kept = self.unknown_topk or float("inf")   # dense unknown: clamped to n_unknown
+            p.check(self.unknown_report_topk is None or 0 < self.unknown_report_topk <= kept,
+                    f"{prefix}.unknown_report_topk",
+                    f"must be None or in [1, unknown_topk={self.unknown_topk}], "
+                    f"got {self.unknown_report_topk}")
+        p.check(self.pad_multiple >= 1, f"{prefix}.pad_multiple", "must be >= 1")
+        p.check(self.block_size >= 1, f"{prefix}.block_size", "must be >= 1")
+        p.check(self.dense_threshold >= 0, f"{prefix}.dense_threshold", "must be >= 0")
+        p.check(self.logit_clip > 0, f"{prefix}.logit_clip", "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +174,20 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelConfig":
+        p = Problems()
+        cfg = cls.from_config_unchecked(cfg, p)
+        cfg.check(p)
+        p.raise_if_any()
+        return cfg
+
+    @classmethod
+    def from_config_unchecked(cls, cfg: Any, p: Problems, prefix: str = "model") -> "ModelConfig":
+        """Builds the view, recording unknown fields in ``p``; values are not checked."""
         values = _as_dict(cfg)
         concepts = values.pop("concepts", {})
         if not isinstance(concepts, ConceptConfig):
-            concepts = _from_mapping(ConceptConfig, concepts, "model.concepts")
-        return _from_mapping(cls, {**values, "concepts": concepts}, "model").validate()
+            concepts = _from_mapping(ConceptConfig, concepts, f"{prefix}.concepts", p)
+        return _from_mapping(cls, {**values, "concepts": concepts}, prefix, p)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,31 +204,44 @@ class ModelConfig:
         return self.vocab_size - 1 if self.mask_token_id is None else self.mask_token_id
 
     def validate(self, prefix: str = "model") -> "ModelConfig":
-        _check(self.vocab_size > 0, f"{prefix}.vocab_size", "must be > 0")
-        _check(self.n_layers >= 1, f"{prefix}.n_layers", "must be >= 1")
-        _check(self.n_heads >= 1, f"{prefix}.n_heads", "must be >= 1")
-        _check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
-                      f"{prefix}.n_kv_heads",
-                      f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
-        if self.head_dim is None:
-            _check(self.d_model % self.n_heads == 0, f"{prefix}.d_model",
-                          f"must be divisible by n_heads={self.n_heads} when head_dim is None")
-        _check(self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim", "must be even for RoPE")
-        _check(self.norm_order in NORM_ORDERS, f"{prefix}.norm_order",
-                      f"must be one of {NORM_ORDERS}, got {self.norm_order!r}")
-        _check(self.attention in ATTENTION_KINDS, f"{prefix}.attention",
-                      f"must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-        _check(self.objective in OBJECTIVES, f"{prefix}.objective",
-                      f"must be one of {OBJECTIVES}, got {self.objective!r}")
-        _check(self.diffusion_block_size >= 1, f"{prefix}.diffusion_block_size", "must be >= 1")
-        _check(self.dtype in DTYPES, f"{prefix}.dtype", f"must be one of {DTYPES}")
-        _check(self.param_dtype in DTYPES, f"{prefix}.param_dtype", f"must be one of {DTYPES}")
-        _check(self.remat in ("none", "block", "full"), f"{prefix}.remat",
-                      f"must be none|block|full, got {self.remat!r}")
-        _check(0 <= self.resolved_mask_token_id < self.vocab_size, f"{prefix}.mask_token_id",
-                      f"must be in [0, vocab_size={self.vocab_size})")
-        self.concepts.validate(f"{prefix}.concepts")
+        p = Problems()
+        self.check(p, prefix)
+        p.raise_if_any()
         return self
+
+    def check(self, p: Problems, prefix: str = "model") -> None:
+        p.check(self.vocab_size > 0, f"{prefix}.vocab_size", "must be > 0")
+        p.check(self.n_layers >= 1, f"{prefix}.n_layers", "must be >= 1")
+        p.check(self.n_heads >= 1, f"{prefix}.n_heads", "must be >= 1")
+        p.check(self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+                f"{prefix}.n_kv_heads",
+                f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
+        if self.head_dim is None and self.n_heads >= 1:
+            p.check(self.d_model % self.n_heads == 0, f"{prefix}.d_model",
+                    f"must be divisible by n_heads={self.n_heads} when head_dim is None")
+        if self.n_heads >= 1:
+            p.check(self.resolved_head_dim % 2 == 0, f"{prefix}.head_dim", "must be even for RoPE")
+        p.check(self.norm_order in NORM_ORDERS, f"{prefix}.norm_order",
+                f"must be one of {NORM_ORDERS}, got {self.norm_order!r}")
+        p.check(self.attention in ATTENTION_KINDS, f"{prefix}.attention",
+                f"must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        p.check(self.objective in OBJECTIVES, f"{prefix}.objective",
+                f"must be one of {OBJECTIVES}, got {self.objective!r}")
+        p.check(self.diffusion_block_size >= 1, f"{prefix}.diffusion_block_size", "must be >= 1")
+        p.check(self.dtype in DTYPES, f"{prefix}.dtype", f"must be one of {DTYPES}")
+        p.check(self.param_dtype in DTYPES, f"{prefix}.param_dtype", f"must be one of {DTYPES}")
+        p.check(self.remat in ("none", "block", "full"), f"{prefix}.remat",
+                f"must be none|block|full, got {self.remat!r}")
+        p.check(0 <= self.resolved_mask_token_id < self.vocab_size, f"{prefix}.mask_token_id",
+                f"must be in [0, vocab_size={self.vocab_size})")
+        # Next-token prediction with block-causal attention lets each position see, inside
+        # its block, the very token it is asked to predict: a cheating model.
+        p.check(not (self.objective == "autoregressive" and self.attention != "causal"),
+                f"{prefix}.attention",
+                f"objective='autoregressive' needs attention='causal' (block-causal attention "
+                f"shows each token its own next-token target), got {self.attention!r}; set "
+                f"--config.{prefix}.attention=causal or --config.{prefix}.objective=diffusion")
+        self.concepts.check(p, f"{prefix}.concepts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,3 +276,125 @@ def logical_rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
             axes = tuple(axes)
         out.append((logical, axes))
     return tuple(out)
+
+
+# ------------------------------------------------------------------ the whole config tree
+NAN_POLICIES = ("stop", "skip")
+PROCESS_SPLITS = ("documents", "rows")
+_MISSING = object()
+
+
+def validate_config(config: Any) -> None:
+    """Checks every section of a full config (base_config's tree) at start-up.
+
+    Raises one ConfigError naming every bad field with its allowed values, so a
+    run that cannot train well never starts (nothing is written before this).
+    Sections or fields a config does not have are skipped, not invented.
+    """
+    tree = _as_dict(config)
+    p = Problems()
+    model = None
+    if "model" in tree:
+        model = ModelConfig.from_config_unchecked(tree["model"], p)
+        model.check(p)
+    sec = {name: tree.get(name) or {} for name in
+           ("mesh", "data", "train", "optimizer", "loss", "checkpoint")}
+
+    def get(section, field):
+        return sec[section].get(field, _MISSING)
+
+    def at_least(section, field, low):
+        v = get(section, field)
+        if v is not _MISSING:
+            p.check(isinstance(v, (int, float)) and v >= low, f"{section}.{field}",
+                    f"must be >= {low}, got {v!r}")
+
+    def within(section, field, low, high, high_open=False):
+        v = get(section, field)
+        if v is not _MISSING:
+            ok = isinstance(v, (int, float)) and low <= v and (v < high if high_open else v <= high)
+            p.check(ok, f"{section}.{field}",
+                    f"must be in [{low}, {high}{')' if high_open else ']'}, got {v!r}")
+
+    # train / checkpoint: step periods are divisors (0 would divide by zero).
+    for field in ("num_steps", "log_every", "grad_accum_steps"):
+        at_least("train", field, 1)
+    for field in ("eval_every", "eval_batches", "max_skipped_steps"):   # eval_every=0: no eval
+        at_least("train", field, 0)
+    if get("train", "nan_policy") is not _MISSING:
+        p.choice(get("train", "nan_policy"), "train.nan_policy", NAN_POLICIES)
+    at_least("checkpoint", "every_steps", 1)
+    at_least("checkpoint", "keep", 1)
+
+    # data
+    for field in ("batch_size", "seq_len", "max_chunk_concepts"):
+        at_least("data", field, 1)
+    at_least("data", "worker_count", 0)
+    at_least("data", "packing_bins", 0)
+    if get("data", "process_split") is not _MISSING:
+        p.choice(get("data", "process_split"), "data.process_split", PROCESS_SPLITS)
+    for name, w in dict(get("data", "mixture") if get("data", "mixture") is not _MISSING
+                        else {}).items():
+        p.check(isinstance(w, (int, float)) and w >= 0, f"data.mixture.{name}",
+                f"must be a weight >= 0, got {w!r}")
+    batch, accum = get("data", "batch_size"), get("train", "grad_accum_steps")
+    if isinstance(batch, int) and isinstance(accum, int) and batch >= 1 and accum >= 1:
+        p.check(batch % accum == 0, "train.grad_accum_steps",
+                f"must divide data.batch_size={batch}, got {accum}")
+    seq_len = get("data", "seq_len")
+    if model is not None and isinstance(seq_len, int):
+        p.check(seq_len <= model.max_seq_len, "data.seq_len",
+                f"must be <= model.max_seq_len={model.max_seq_len}, got {seq_len}")
+
+    # optimizer
+    at_least("optimizer", "learning_rate", 0)
+    at_least("optimizer", "warmup_steps", 0)
+    at_least("optimizer", "weight_decay", 0)
+    at_least("optimizer", "grad_clip", 0)
+    within("optimizer", "min_lr_ratio", 0, 1)
+    within("optimizer", "b1", 0, 1, high_open=True)
+    within("optimizer", "b2", 0, 1, high_open=True)
+    v = get("optimizer", "eps")
+    if v is not _MISSING:
+        p.check(isinstance(v, (int, float)) and v > 0, "optimizer.eps", f"must be > 0, got {v!r}")
+
+    # loss
+    for field in ("lm_weight", "concept_weight", "concept_pos_weight", "concept_neg_weight",
+                  "reconstruction_weight", "independence_weight", "concept_negatives",
+                  "teacher_forcing_steps"):
+        at_least("loss", field, 0)
+    for field in ("epsilon_dropout", "teacher_forcing_start", "teacher_forcing_end"):
+        within("loss", field, 0, 1)
+    within("loss", "diffusion_t_min", 0, 1, high_open=True)
+    # Two-stream training reads the clean copy of earlier blocks: that view exists only
+    # under block-causal attention (model/attention.py).
+    if (model is not None and model.objective == "diffusion"
+            and get("loss", "diffusion_clean_context") is True):
+        p.check(model.attention == "block_causal", "loss.diffusion_clean_context",
+                f"two-stream (clean-context) diffusion needs model.attention='block_causal', got "
+                f"{model.attention!r}; set --config.loss.diffusion_clean_context=False or "
+                f"--config.model.attention=block_causal")
+
+    # mesh and rules
+    if sec["mesh"]:
+        mesh = _from_mapping(MeshConfig, sec["mesh"], "mesh", p)
+        ici = (mesh.data, mesh.fsdp, mesh.tensor)
+        p.check(all(s == -1 or (isinstance(s, int) and s >= 1) for s in ici), "mesh",
+                f"data/fsdp/tensor must be >= 1 or -1, got {ici}")
+        p.check(sum(s == -1 for s in ici) <= 1, "mesh", f"at most one axis may be -1, got {ici}")
+        dcn = (mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor)
+        p.check(all(isinstance(s, int) and s >= 1 for s in dcn), "mesh.dcn_*",
+                f"must be >= 1, got {dcn}")
+    if "rules" in tree:
+        try:
+            rules = logical_rules_from_config(tree["rules"])
+        except ConfigError as e:
+            p.items.append(str(e))
+        else:
+            for logical, axes in rules:
+                names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+                bad = [a for a in names if a not in MESH_AXIS_NAMES]
+                p.check(not bad, f"rules[{logical}]",
+                        f"mesh axes must be among {MESH_AXIS_NAMES}, got {bad}")
+    p.raise_if_any()
+

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from cbm_lm.config import ConfigError, MeshConfig, ModelConfig
+from cbm_lm.config import ConfigError, MeshConfig, ModelConfig, validate_config
 from cbm_lm.default_config import load_config_file
 from cbm_lm.parallel.mesh import resolve_axis_sizes
 from cbm_lm.train.planning import count_params
@@ -33,8 +33,84 @@ def test_steerling_8b_param_count_by_hand():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_diffusion", "small", "1b", "steerling_8b"])
 def test_every_scale_config_validates(name):
-    cfg = ModelConfig.from_config(load_config(name).model)
-    assert cfg.concepts.n_known_padded % cfg.concepts.pad_multiple == 0
+    validate_config(load_config(name))   # the whole tree, as launch/train.py checks it
+
+
+@pytest.mark.parametrize("name", ["small", "1b", "steerling_8b"])
+def test_block_causal_scales_refuse_an_autoregressive_override(name):
+    # These scales are Steerling-shaped block-causal diffusion models; overriding only the
+    # objective would train next-token prediction with the target visible in its block.
+    cfg = load_config(name)
+    cfg.model.objective = "autoregressive"
+    with pytest.raises(ConfigError, match=r"model\.attention.*attention='causal'"):
+        validate_config(cfg)
+    cfg.model.attention = "causal"
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("section,field,value,needles", [
+    ("model", "attention", "block_causal", ["model.attention", "causal"]),
+    ("train", "log_every", 0, ["train.log_every", ">= 1"]),
+    ("checkpoint", "every_steps", 0, ["checkpoint.every_steps", ">= 1"]),
+    ("train", "nan_policy", "Skip", ["train.nan_policy", "('stop', 'skip')"]),
+    ("train", "grad_accum_steps", 3, ["train.grad_accum_steps", "must divide data.batch_size=8"]),
+    ("optimizer", "b2", 1.0, ["optimizer.b2", "[0, 1)"]),
+    ("loss", "epsilon_dropout", 1.5, ["loss.epsilon_dropout", "[0, 1]"]),
+    ("data", "process_split", "Rows", ["data.process_split", "('documents', 'rows')"]),
+    ("data", "seq_len", 512, ["data.seq_len", "model.max_seq_len=256"]),
+])
+def test_each_bad_field_is_refused_with_its_allowed_values(section, field, value, needles):
+    cfg = load_config("tiny")     # autoregressive + causal: valid as shipped
+    cfg[section][field] = value
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_report_topk_above_kept_topk_is_refused():
+    cfg = load_config("tiny")
+    cfg.model.concepts.known_report_topk = cfg.model.concepts.known_topk + 1
+    with pytest.raises(ConfigError, match="known_report_topk.*known_topk=8"):
+        validate_config(cfg)
+    cfg.model.concepts.known_report_topk = cfg.model.concepts.known_topk
+    cfg.model.concepts.unknown_report_topk = cfg.model.concepts.unknown_topk + 1
+    with pytest.raises(ConfigError, match="unknown_report_topk"):
+        validate_config(cfg)
+
+
+def test_one_error_names_every_bad_field():
+    cfg = load_config("tiny")
+    cfg.model.attention = "block_causal"
+    cfg.train.log_every = 0
+    cfg.train.nan_policy = "Skip"
+    cfg.model.concepts.known_report_topk = 64
+    cfg.checkpoint.every_steps = 0
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    msg = str(e.value)
+    assert msg.startswith("5 bad config fields")
+    for field in ("model.attention", "train.log_every", "train.nan_policy",
+                  "model.concepts.known_report_topk", "checkpoint.every_steps"):
+        assert field in msg
+
+
+def test_two_stream_diffusion_needs_block_causal_attention():
+    cfg = load_config("tiny_diffusion")
+    cfg.model.attention = "causal"
+    with pytest.raises(ConfigError, match="loss.diffusion_clean_context.*block_causal"):
+        validate_config(cfg)
+    cfg.loss.diffusion_clean_context = False     # one-stream diffusion may be causal
+    validate_config(cfg)
+
+
+def test_trainer_refuses_before_writing_anything(tmp_path):
+    from cbm_lm.train.loop import train
+    cfg = load_config("tiny")
+    cfg.train.log_every = 0
+    with pytest.raises(ConfigError, match="train.log_every"):
+        train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("field,value,needle", [

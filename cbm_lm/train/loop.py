@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config, validate_config
 from cbm_lm.data.pipeline import make_pipeline
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.devices import peak_flops_per_device
@@ -104,6 +104,7 @@ def _evaluate(eval_step, params, config, per_process_batch, batch_sharding) -> d
 
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
+    validate_config(config)   # refuses a config that cannot train well before anything is written
     os.makedirs(workdir, exist_ok=True)
     manifest = read_manifest(config.data.dir)
     resolve_mask_token(config, manifest)
