@@ -375,6 +375,9 @@ def validate_config(config: Any) -> None:
                 f"{model.attention!r}; set --config.loss.diffusion_clean_context=False or "
                 f"--config.model.attention=block_causal")
 
+    if tree.get("provenance"):
+        _from_mapping(ProvenanceConfig, tree["provenance"], "provenance", p).check(p)
+
     # mesh and rules
     if sec["mesh"]:
         mesh = _from_mapping(MeshConfig, sec["mesh"], "mesh", p)
@@ -398,3 +401,66 @@ def validate_config(config: Any) -> None:
                         f"mesh axes must be among {MESH_AXIS_NAMES}, got {bad}")
     p.raise_if_any()
 
+
+PROVENANCE_HEADS = ("fixed", "learned")
+REKEY_CONTEXTS = ("chunk", "document")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProvenanceConfig:
+    """Chunk provenance: the key head, training-time logging, the index (DESIGN.md section 7).
+
+    Fields are documented in default_config.py. ``from_config`` fills fields a
+    saved config.json predates with their defaults, so checkpoints written
+    before this section existed still build an index.
+    """
+    d_p: int = 128
+    head: str = "fixed"
+    seed: int = 0
+    known_weight: float = 1.0
+    unknown_weight: float = 1.0
+    hidden_weight: float = 1.0
+    max_chunks_per_row: int = 64
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.05
+    token_dropout: float = 0.15
+    log_keys: bool = False
+    max_sources: int = 64
+    exact_max_keys: int = 262144
+    ivf_nlist: int = 0
+    pq_m: int = 16
+    nprobe: int = 16
+    rekey_batch_size: int = 32
+    rekey_context: str = "chunk"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ProvenanceConfig":
+        values = _as_dict(cfg) if cfg is not None else {}
+        return _from_mapping(cls, values, "provenance").validate()
+
+    def validate(self, prefix: str = "provenance") -> "ProvenanceConfig":
+        p = Problems()
+        self.check(p, prefix)
+        p.raise_if_any()
+        return self
+
+    def check(self, p: Problems, prefix: str = "provenance") -> None:
+        p.check(self.d_p >= 1, f"{prefix}.d_p", f"must be >= 1, got {self.d_p}")
+        p.choice(self.head, f"{prefix}.head", PROVENANCE_HEADS)
+        weights = (self.known_weight, self.unknown_weight, self.hidden_weight)
+        p.check(min(weights) >= 0 and sum(weights) > 0,
+                f"{prefix}.known_weight/unknown_weight/hidden_weight",
+                f"must be >= 0 with a positive sum, got {weights}")
+        p.check(self.max_chunks_per_row >= 1, f"{prefix}.max_chunks_per_row", "must be >= 1")
+        p.check(self.contrastive_weight >= 0, f"{prefix}.contrastive_weight", "must be >= 0")
+        p.check(self.contrastive_weight == 0 or self.head == "learned",
+                f"{prefix}.contrastive_weight", "needs provenance.head='learned'")
+        p.check(self.contrastive_temperature > 0, f"{prefix}.contrastive_temperature",
+                "must be > 0")
+        p.check(0 <= self.token_dropout < 1, f"{prefix}.token_dropout", "must be in [0, 1)")
+        p.check(self.max_sources >= 1, f"{prefix}.max_sources", "must be >= 1")
+        p.check(self.pq_m >= 1 and self.d_p % self.pq_m == 0, f"{prefix}.pq_m",
+                f"must divide d_p={self.d_p}, got {self.pq_m}")
+        p.check(self.nprobe >= 1, f"{prefix}.nprobe", "must be >= 1")
+        p.check(self.rekey_batch_size >= 1, f"{prefix}.rekey_batch_size", "must be >= 1")
+        p.choice(self.rekey_context, f"{prefix}.rekey_context", REKEY_CONTEXTS)

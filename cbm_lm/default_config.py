@@ -108,6 +108,25 @@ def base_config() -> ml_collections.ConfigDict:
         keep=3,
         async_save=True,
     ))
+    # Chunk provenance (DESIGN.md section 7; typed view: config.ProvenanceConfig).
+    c.provenance = ml_collections.ConfigDict(dict(
+        d_p=128,                 # key dimension (logical axis `keys`)
+        head="fixed",            # fixed (seeded projection) | learned (contrastive head)
+        seed=0,                  # seed of the fixed projections
+        known_weight=1.0, unknown_weight=1.0, hidden_weight=1.0,   # key = sum of parts
+        max_chunks_per_row=64,   # chunk slots per packed row; extra chunks get no key
+        contrastive_weight=0.0,  # learned head: in-batch InfoNCE weight (0 = off)
+        contrastive_temperature=0.05,
+        token_dropout=0.15,      # autoregressive second view: fraction of tokens masked
+        log_keys=False,          # training-time key logging to WORKDIR/provenance/keys
+        max_sources=64,          # rows of the concept x source mass (source ids must fit)
+        exact_max_keys=262144,   # faiss: exact inner product up to this many keys, IVF-PQ above
+        ivf_nlist=0,             # IVF lists; 0 = 4 sqrt(N)
+        pq_m=16,                 # PQ sub-quantizers (must divide d_p)
+        nprobe=16,
+        rekey_batch_size=32,     # rows per re-keying batch
+        rekey_context="chunk",   # chunk: each chunk keyed alone (as queries are) | document
+    ))
     c.hardware = ml_collections.ConfigDict(dict(
         peak_flops_per_device=0.0,  # for MFU; 0 = look up from the device kind
     ))

@@ -1,0 +1,131 @@
+"""Building the provenance index of a training workdir (tools/build_provenance_index.py).
+
+  WORKDIR/provenance/keys/logged/     training-time key store (cbm_lm/provenance/logging.py)
+  WORKDIR/provenance/keys/rekeyed/    every training chunk keyed with one checkpoint
+  WORKDIR/provenance/index/<name>/    faiss index over a store (cbm_lm/provenance/index.py)
+  WORKDIR/provenance/mass.npy         concept x source mass used for source distributions
+  WORKDIR/provenance/DEFAULT          the index queries use unless told otherwise
+
+Without a training-time key store (a run trained before logging existed, or
+with provenance.log_keys off), building re-keys with the checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from cbm_lm.config import ProvenanceConfig
+from cbm_lm.data.corpus import Corpus
+from cbm_lm.default_config import base_config
+from cbm_lm.provenance import keystore
+from cbm_lm.provenance.index import KeyIndex
+from cbm_lm.provenance.rekey import read_mass, rekey_corpus
+
+PROVENANCE_DIR = "provenance"
+LOGGED, REKEYED = "logged", "rekeyed"
+
+
+def provenance_config(config: ml_collections.ConfigDict) -> ProvenanceConfig:
+    """The run's provenance section, defaults filled for configs that predate it."""
+    values = base_config().provenance.to_dict()
+    values.update(dict(config.get("provenance", {}) or {}))
+    return ProvenanceConfig.from_config(values)
+
+
+def corpus_dir(config: ml_collections.ConfigDict, workdir, override: str | None = None) -> str:
+    """The run's corpus: ``override``, else config data.dir (as given, then next to WORKDIR)."""
+    if override:
+        candidates = [override]
+    else:
+        d = config.data.dir
+        candidates = [d, os.path.join(os.path.dirname(os.path.abspath(os.fspath(workdir))),
+                                      os.path.basename(d.rstrip("/")))]
+    for c in candidates:
+        if c and (epath.Path(c) / "manifest.json").exists():
+            return c
+    raise FileNotFoundError(f"no corpus at {candidates} (from config data.dir of {workdir}); "
+                            "pass --corpus_dir")
+
+
+def root(workdir) -> epath.Path:
+    return epath.Path(workdir) / PROVENANCE_DIR
+
+
+def store_path(workdir, name: str) -> epath.Path:
+    return root(workdir) / "keys" / name
+
+
+def index_path(workdir, name: str) -> epath.Path:
+    return root(workdir) / "index" / name
+
+
+def has_store(path) -> bool:
+    p = epath.Path(path)
+    return p.exists() and any(keystore.segments(d) for d in p.iterdir() if d.name.startswith("p"))
+
+
+def _save_npy(path: epath.Path, a: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.rename(path)
+
+
+def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print) -> KeyIndex:
+    rows = keystore.read_store(store_path(workdir, name))
+    ids, keys = keystore.latest_keys(rows)
+    idx = KeyIndex.build(ids, keys, prov, meta={"store": name, "checkpoint_step": int(step),
+                                                 "rows": int(len(rows["ids"]))})
+    idx.save(index_path(workdir, name))
+    log(f"{name}: indexed {len(ids)} chunks ({len(rows['ids'])} rows) as {idx.meta['kind']}, "
+        f"{idx.nbytes() / len(ids):.0f} bytes/chunk -> {index_path(workdir, name)}")
+    return idx
+
+
+def build_index(workdir, model, config, step: int, *, rekey: bool = False,
+                corpus: Corpus | None = None, batch_sharding=None, log=print) -> dict:
+    """Builds the index(es) of ``workdir``; returns {name: meta} of what was built."""
+    prov = provenance_config(config)
+    corpus = corpus or Corpus(corpus_dir(config, workdir))
+    root(workdir).mkdir(parents=True, exist_ok=True)
+    built = {}
+    logged = has_store(store_path(workdir, LOGGED))
+    if rekey or not logged:
+        if not logged and not rekey:
+            log(f"no training-time key store at {store_path(workdir, LOGGED)}: re-keying every "
+                f"training chunk with the checkpoint of step {step} instead")
+        stats = rekey_corpus(model, corpus, prov, config.data.seq_len,
+                             store_path(workdir, REKEYED), batch_sharding=batch_sharding, log=log)
+        log(f"re-keyed {stats['chunks']} chunks in {stats['seconds']:.1f}s "
+            f"(context={prov.rekey_context}, step {step})")
+        built[REKEYED] = index_store(workdir, REKEYED, prov, step, log).meta
+    if logged:
+        built[LOGGED] = index_store(workdir, LOGGED, prov, step, log).meta
+    mass = read_mass(store_path(workdir, LOGGED)) if logged else None
+    if mass is None:
+        mass = read_mass(store_path(workdir, REKEYED))
+    if mass is not None:
+        _save_npy(root(workdir) / "mass.npy", mass.astype(np.float32))
+    default = REKEYED if REKEYED in built else LOGGED
+    (root(workdir) / "DEFAULT").write_text(default + "\n")
+    log(f"default index for queries: {default}")
+    return built
+
+
+def default_index(workdir) -> str:
+    p = root(workdir) / "DEFAULT"
+    if not p.exists():
+        raise FileNotFoundError(f"{workdir}: no provenance index; run "
+                                f"tools/build_provenance_index.py --workdir {workdir}")
+    return p.read_text().strip()
+
+
+def load_mass(workdir) -> np.ndarray | None:
+    p = root(workdir) / "mass.npy"
+    return np.load(io.BytesIO(p.read_bytes()), allow_pickle=False) if p.exists() else None

@@ -1,0 +1,152 @@
+"""Keys for packed rows with one checkpoint: the jitted keying function and re-keying.
+
+``make_key_fn`` jits  params, batch -> (keys [B,M,d_p], valid [B,M],
+source distribution [B,M,S] or None, mass update [C_pad,S])  for one model;
+the forward pass is the model's clean pass (no masking, no dropout).
+
+``rekey_corpus`` recomputes the key of every training chunk with the given
+checkpoint and writes them as a key store (cbm_lm/provenance/keystore.py),
+plus the concept x source mass of that pass. Multi-host: process p keys the
+documents p, p+P, ... and writes its own file set; every process runs the
+same number of batches (short ones padded with empty batches) so the jitted
+step's collectives line up.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from cbm_lm.config import ModelConfig, ProvenanceConfig
+from cbm_lm.data.corpus import Corpus
+from cbm_lm.data.source import ShardedArrayRecordSource
+from cbm_lm.model.provenance import ChunkProvenanceHead
+from cbm_lm.provenance import keystore
+from cbm_lm.provenance.packing import pack_batches, record_units
+from cbm_lm.provenance.source_mass import chunk_source_distribution, mass_update
+
+DEVICE_FIELDS = ("tokens", "segment_ids", "positions", "chunk_segment_ids", "source_ids")
+MASS_FILE = "mass-p{:05d}.npy"
+
+
+def make_head(prov: ProvenanceConfig, model) -> ChunkProvenanceHead:
+    """The head for ``model``: its learned part if the model carries one, else fixed."""
+    head = getattr(model, "provenance_head", None)
+    if head is not None:
+        return head
+    return ChunkProvenanceHead(prov, model.config, rngs=nnx.Rngs(prov.seed))
+
+
+def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None) -> Callable:
+    """Returns key_fn(batch: dict of numpy [B,T], mass or None) -> dict of numpy."""
+    head = make_head(prov, model)
+    graphdef, state = nnx.split((model, head))
+    n_rows = model.config.concepts.n_known_padded
+
+    @jax.jit
+    def run(state, batch, mass):
+        lm, hd = nnx.merge(graphdef, state)
+        out = lm(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        ck = hd(out, batch["chunk_segment_ids"])
+        delta = mass_update(out.known.indices, out.known.weights, batch["source_ids"], n_rows,
+                            prov.max_sources)
+        res = {"keys": ck.keys, "valid": ck.valid, "mass": delta}
+        if mass is not None:
+            res["sources"] = chunk_source_distribution(
+                out.known.indices, out.known.weights, batch["chunk_segment_ids"], mass,
+                prov.max_chunks_per_row)
+        return res
+
+    def key_fn(batch, mass=None):
+        dev = {k: np.asarray(batch[k]) for k in DEVICE_FIELDS}
+        if batch_sharding is not None:
+            dev = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+                   for k, v in dev.items()}
+        res = run(state, dev, None if mass is None else jnp.asarray(mass, jnp.float32))
+        if batch_sharding is not None and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            local = {k: multihost_utils.global_array_to_host_local_array(
+                res[k], batch_sharding.mesh, batch_sharding.spec) for k in ("keys", "valid")}
+            res = dict(res, **local)
+        return jax.tree.map(np.asarray, res)
+
+    return key_fn
+
+
+def _process_records(corpus: Corpus, split: str):
+    """This process's documents (p, p+P, ...) in shard order."""
+    p, n = jax.process_index(), jax.process_count()
+    src = ShardedArrayRecordSource(corpus.shards(split))
+    for i in range(p, len(src), n):
+        yield src[i]
+    src.close()
+
+
+def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, store,
+                 split: str = "train", batch_sharding=None, log=print) -> dict:
+    """Keys every chunk of ``split`` with ``model`` into the key store ``store``.
+
+    Replaces any earlier store at that path (written to ``store``.tmp, then
+    renamed, so a failed re-key leaves the previous store intact). Returns
+    {"chunks", "batches", "seconds", "dropped"}; writes the pass's mass beside the
+    segments (``mass-p<i>.npy``).
+    """
+    store = epath.Path(store)
+    tmp = store.parent / (store.name + ".tmp")
+    if tmp.exists() and jax.process_index() == 0:
+        tmp.rmtree()
+    key_fn = make_key_fn(model, prov, batch_sharding)
+    pad_id = corpus.tokenizer.pad_id
+    units = (u for rec in _process_records(corpus, split)
+             for u in record_units(rec, prov.rekey_context, seq_len))
+    batches = pack_batches(units, prov.rekey_batch_size, seq_len, prov.max_chunks_per_row, pad_id)
+    n_rows = model.config.concepts.n_known_padded
+    mass = np.zeros((n_rows, prov.max_sources), np.float64)
+    writer = keystore.KeyStoreWriter(tmp, jax.process_index())
+    t0, n_chunks, n_batches = time.time(), 0, 0
+    empty = None
+    for batch in batches:
+        res = key_fn(batch)
+        valid = batch["slot_ids"] >= 0
+        writer.add(batch["slot_ids"][valid], res["keys"][valid], step=0)
+        mass += res["mass"]
+        n_chunks += int(valid.sum())
+        n_batches += 1
+        empty = {k: np.zeros_like(v) for k, v in batch.items()}
+        if n_batches % 50 == 0:
+            log(f"re-keyed {n_chunks} chunks ({n_chunks / (time.time() - t0):.0f}/s)")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        most = int(np.max(multihost_utils.process_allgather(np.int64(n_batches))))
+        for _ in range(most - n_batches):
+            key_fn(empty)
+    writer.flush()
+    pdir = keystore.process_dir(tmp, jax.process_index())
+    pdir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, mass.astype(np.float32), allow_pickle=False)
+    (tmp / MASS_FILE.format(jax.process_index())).write_bytes(buf.getvalue())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("cbm_lm_rekey_written")
+    if jax.process_index() == 0:
+        if store.exists():
+            store.rmtree()
+        tmp.rename(store)
+    return {"chunks": n_chunks, "batches": n_batches, "seconds": time.time() - t0}
+
+
+def read_mass(store) -> np.ndarray | None:
+    """The summed mass files of a store (None when it has none)."""
+    parts = sorted(epath.Path(store).glob("mass-p*.npy")) if epath.Path(store).exists() else []
+    if not parts:
+        return None
+    return sum(np.load(io.BytesIO(p.read_bytes()), allow_pickle=False).astype(np.float64)
+               for p in parts)

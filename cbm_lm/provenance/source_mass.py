@@ -1,0 +1,56 @@
+"""The concept x source mass and a chunk's distribution over training sources.
+
+Mass (accumulated over every training token, summed over data-parallel replicas):
+
+  M[c, s] = sum_{t : source(t) = s} sum_{k : i_{t,k} = c} w_{t,k}        [C_pad, S]
+
+with (i, w) the known head's active set [B,T,K]. A chunk's source distribution:
+
+  share_c  = sum_{t in chunk} sum_{k : i_{t,k} = c} w_{t,k} / (sum of all its weights)
+  P(s | c) = M[c, s] / sum_s' M[c, s']            (rows without mass contribute nothing)
+  p(s)     = sum_c share_c P(s | c), renormalized over the covered share
+             (the training source prior when no active concept has mass)
+
+Computed from the [B,T,K] active sets by gathers; no [B,T,C] tensor.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cbm_lm.model.provenance import chunk_onehot
+
+
+def mass_update(indices: jax.Array, weights: jax.Array, source_ids: jax.Array,
+                n_rows: int, n_sources: int) -> jax.Array:
+    """M for one batch [n_rows, n_sources]; tokens with source id < 0 are skipped.
+
+    indices, weights [B,T,K]; source_ids [B,T] int32.
+    """
+    src = jnp.broadcast_to(source_ids[..., None], indices.shape)
+    ok = (src >= 0) & (src < n_sources)
+    flat = jnp.where(ok, indices * n_sources + src, n_rows * n_sources)   # dropped slot
+    w = jnp.where(ok, weights.astype(jnp.float32), 0.0)
+    m = jnp.zeros((n_rows * n_sources + 1,), jnp.float32).at[flat.reshape(-1)].add(w.reshape(-1))
+    return m[:-1].reshape(n_rows, n_sources)
+
+
+def source_given_concept(mass: jax.Array) -> jax.Array:
+    """P(s | c) [C,S]: rows normalized to 1; rows without mass are 0."""
+    total = mass.sum(axis=1, keepdims=True)
+    return jnp.where(total > 0, mass / jnp.maximum(total, 1e-30), 0.0)
+
+
+def chunk_source_distribution(indices: jax.Array, weights: jax.Array,
+                              chunk_segment_ids: jax.Array, mass: jax.Array,
+                              max_chunks: int) -> jax.Array:
+    """p(s) per chunk slot [B,M,S] (rows sum to 1; see the module docstring)."""
+    p_sc = source_given_concept(mass)
+    w = weights.astype(jnp.float32)
+    per_token = jnp.einsum("btk,btks->bts", w, jnp.take(p_sc, indices, axis=0))
+    onehot = chunk_onehot(chunk_segment_ids, max_chunks)
+    covered = jnp.einsum("btm,bts->bms", onehot, per_token)
+    prior = mass.sum(axis=0) / jnp.maximum(mass.sum(), 1e-30)
+    z = covered.sum(axis=-1, keepdims=True)
+    return jnp.where(z > 0, covered / jnp.maximum(z, 1e-30), prior)

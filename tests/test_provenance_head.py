@@ -1,0 +1,158 @@
+"""ChunkProvenanceHead: determinism, packing invariance, sharding, contrastive loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cbm_lm.config import ProvenanceConfig
+from cbm_lm.default_config import DEFAULT_RULES
+from cbm_lm.model.provenance import ChunkProvenanceHead, contrastive_loss, normalize
+from cbm_lm.parallel.mesh import make_mesh
+from cbm_lm.config import MeshConfig
+from cbm_lm.provenance.packing import Unit, pack_batches
+from model_fixtures import make_model, tiny_config
+
+PROV = ProvenanceConfig(d_p=16, max_chunks_per_row=6, pq_m=4)
+
+
+def _keys(model, head, batch):
+    return _jit_keys(model, head, {k: jnp.asarray(v) for k, v in batch.items() if k != "slot_ids"})
+
+
+@nnx.jit
+def _jit_keys(model, head, batch):
+    return _eager_keys(model, head, batch)
+
+
+def _eager_keys(model, head, batch):
+    out = model(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
+                segment_ids=jnp.asarray(batch["segment_ids"]))
+    return head(out, jnp.asarray(batch["chunk_segment_ids"]))
+
+
+def _units(cfg, n=5, seed=0):
+    """n single-chunk units of 3..8 random tokens, chunk ids 100, 101, ..."""
+    rng = np.random.default_rng(seed)
+    toks = [rng.integers(0, cfg.vocab_size - 1, size=int(rng.integers(3, 9))).astype(np.int32)
+            for _ in range(n)]
+    return [Unit(t, np.zeros(len(t), np.int32), np.asarray([100 + i]), 0)
+            for i, t in enumerate(toks)]
+
+
+def _by_id(batch, ck):
+    keys = np.asarray(ck.keys)
+    return {int(i): keys[b, m] for (b, m), i in np.ndenumerate(batch["slot_ids"]) if i >= 0}
+
+
+def test_keys_are_unit_deterministic_and_independent_of_packing():
+    cfg = tiny_config(max_seq_len=32)
+    model = make_model(cfg)
+    head = ChunkProvenanceHead(PROV, cfg, rngs=nnx.Rngs(0))
+    units = (_units(cfg))
+    packed = next(pack_batches(units, 2, 32, 6, pad_id=0))           # several chunks per row
+    alone = [next(pack_batches([u], 1, 32, 6, pad_id=0)) for u in units]
+    k_packed = _by_id(packed, _keys(model, head, packed))
+    k_again = _by_id(packed, _keys(model, head, packed))
+    for b in alone:
+        (cid, key), = _by_id(b, _keys(model, head, b)).items()
+        np.testing.assert_allclose(key, k_packed[cid], atol=2e-5)     # same chunk, other rows
+        np.testing.assert_array_equal(k_again[cid], k_packed[cid])   # same call, same bits
+        assert abs(np.linalg.norm(key) - 1) < 1e-5
+    # A fresh head with the same seed (a new process) gives the same keys.
+    head2 = ChunkProvenanceHead(PROV, cfg, rngs=nnx.Rngs(123))
+    k2 = _by_id(packed, _keys(model, head2, packed))
+    for cid in k2:
+        np.testing.assert_array_equal(k2[cid], k_packed[cid])
+
+
+def test_fixed_key_is_the_weighted_sum_of_normalized_projected_parts():
+    """Independent numpy reference of the module docstring's equations for one chunk."""
+    cfg = tiny_config(max_seq_len=16)
+    model = make_model(cfg)
+    prov = dataclasses.replace(PROV, known_weight=1.0, unknown_weight=0.5, hidden_weight=2.0)
+    head = ChunkProvenanceHead(prov, cfg, rngs=nnx.Rngs(0))
+    toks = np.arange(1, 9, dtype=np.int32)[None]
+    chunk = np.array([[1, 1, 1, 2, 2, 2, 2, 0]], np.int32)
+    out = model(jnp.asarray(toks))
+    ck = head(out, jnp.asarray(chunk))
+    d_p = prov.d_p
+    tables = [np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(prov.seed), p),
+                                           (rows, d_p))) / np.sqrt(d_p)
+              for p, rows in enumerate((cfg.concepts.n_known_padded,
+                                        cfg.concepts.n_unknown_padded, cfg.d_model))]
+    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    for slot, sel in ((0, chunk[0] == 1), (1, chunk[0] == 2)):
+        parts = []
+        for acts, table in ((out.known, tables[0]), (out.unknown, tables[1])):
+            idx, w = np.asarray(acts.indices)[0][sel], np.asarray(acts.weights)[0][sel]
+            parts.append(unit(np.einsum("ts,tsd->d", w, table[idx]) / sel.sum()))
+        parts.append(unit(np.asarray(out.hidden)[0][sel].mean(0) @ tables[2]))
+        want = unit(1.0 * parts[0] + 0.5 * parts[1] + 2.0 * parts[2])
+        np.testing.assert_allclose(np.asarray(ck.keys)[0, slot], want, atol=1e-5)
+    assert np.asarray(ck.valid)[0].tolist() == [True, True] + [False] * 4
+    assert not np.asarray(ck.keys)[0, 2:].any()
+
+
+def test_sharded_keys_equal_single_device_keys():
+    cfg = tiny_config(vocab_size=96, max_seq_len=32, concepts=dict(n_known=64, n_unknown=64))
+    units = (_units(cfg, n=16, seed=3))
+    batch = next(pack_batches(units, 8, 32, 6, pad_id=0))
+    model = make_model(cfg)
+    head = ChunkProvenanceHead(PROV, cfg, rngs=nnx.Rngs(0))
+    single = np.asarray(_keys(model, head, batch).keys)
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = tuple((k, v) for k, v in DEFAULT_RULES)
+    params = nnx.state(model, nnx.Param)
+    graphdef = nnx.graphdef(model)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        sharded_model = make_model(cfg)        # created under the mesh: sharded params
+        nnx.update(sharded_model, params)
+        bs = NamedSharding(mesh, P(("data", "fsdp")))
+        dev = {k: jax.device_put(jnp.asarray(v), bs) for k, v in batch.items()
+               if k != "slot_ids"}
+
+        @jax.jit
+        def run(state, dev):
+            m = nnx.merge(graphdef, state)
+            return _eager_keys(m, head, dev).keys
+
+        sharded = run(nnx.state(sharded_model, nnx.Param), dev)
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded), single, atol=2e-5)
+
+
+def test_contrastive_loss_prefers_matched_views():
+    rng = np.random.default_rng(0)
+    a = normalize(jnp.asarray(rng.normal(size=(2, 4, 16)), jnp.float32))
+    b = normalize(a + 0.3 * jnp.asarray(rng.normal(size=(2, 4, 16)), jnp.float32))
+    valid = jnp.ones((2, 4), bool).at[1, 3].set(False)
+    matched = float(contrastive_loss(a, b, valid, 0.1))
+    perm = rng.permutation(8)
+    shuffled_b = b.reshape(8, 16)[perm].reshape(2, 4, 16)
+    shuffled = float(contrastive_loss(a, shuffled_b, valid, 0.1))
+    assert matched < shuffled
+    # Hand check on two chunks: logits = K K^T / tau, loss = mean CE to the diagonal.
+    k = jnp.asarray([[[1.0, 0.0], [0.0, 1.0]]])
+    want = np.log(1 + np.exp(-1 / 0.5))
+    np.testing.assert_allclose(float(contrastive_loss(k, k, jnp.ones((1, 2), bool), 0.5)),
+                               want, rtol=1e-5)
+
+
+def test_learned_head_starts_at_the_fixed_key():
+    cfg = tiny_config(max_seq_len=32)
+    model = make_model(cfg)
+    units = (_units(cfg))
+    batch = next(pack_batches(units, 2, 32, 6, pad_id=0))
+    fixed = ChunkProvenanceHead(PROV, cfg, rngs=nnx.Rngs(0))
+    learned = ChunkProvenanceHead(dataclasses.replace(PROV, head="learned"), cfg,
+                                  rngs=nnx.Rngs(0))
+    assert learned.mix[...].shape == (3 * PROV.d_p, PROV.d_p)
+    np.testing.assert_allclose(np.asarray(_keys(model, learned, batch).keys),
+                               np.asarray(_keys(model, fixed, batch).keys), atol=1e-6)

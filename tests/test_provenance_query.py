@@ -1,0 +1,111 @@
+"""End to end on a small corpus: re-key, index, query (library and CLI)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from cbm_lm.config import ModelConfig
+from cbm_lm.data.corpus import Corpus
+from cbm_lm.default_config import base_config
+from cbm_lm.model import ConceptBottleneckLM
+from cbm_lm.provenance import build, keystore
+from cbm_lm.provenance.chunks import ChunkLookup
+from cbm_lm.provenance.open import open_query
+from cbm_lm.train.checkpoint import load_model, save_params
+from data_fixtures import build as build_corpus
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(corpus) -> "ml_collections.ConfigDict":  # noqa: F821
+    c = base_config()
+    c.data.dir, c.data.seq_len = str(corpus), 32
+    c.model.update(vocab_size=512, d_model=32, n_heads=2, n_kv_heads=1, mlp_dim=64,
+                   objective="autoregressive", attention="causal")
+    c.model.concepts.update(n_known=16, known_topk=4, n_unknown=32, unknown_rank=4,
+                            unknown_topk=4, block_size=16)
+    c.provenance.update(max_chunks_per_row=8, rekey_batch_size=4)
+    return c
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prov")
+    corpus = build_corpus(tmp)
+    config = small_config(corpus)
+    model = ConceptBottleneckLM(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    save_params(tmp / "train", config, model)
+    model, config = load_model(tmp / "train")
+    logs = []
+    built = build.build_index(tmp / "train", model, config, 0, log=logs.append)
+    assert "rekeyed" in built and any("re-keying every training chunk" in m for m in logs)
+    return tmp / "train", model, config
+
+
+def test_every_training_chunk_is_keyed_once(run_dir):
+    workdir, _, config = run_dir
+    rows = keystore.read_store(build.store_path(workdir, build.REKEYED))
+    corpus = Corpus(config.data.dir)
+    want = sorted(int(c) for rec in corpus.documents("train") for c in rec.chunk_ids)
+    assert sorted(rows["ids"].tolist()) == want
+
+
+def test_verbatim_training_chunk_retrieves_itself_at_rank_1(run_dir):
+    workdir, model, config = run_dir
+    q = open_query(workdir, model, config)
+    lookup = ChunkLookup(q.corpus)
+    rows = keystore.read_store(build.store_path(workdir, build.REKEYED))
+    texts = {}
+    for cid in rows["ids"]:
+        t = lookup.text(int(cid))
+        if t.strip() and len(q.corpus.tokenizer.encode(t)) > 1:
+            texts.setdefault(t, []).append(int(cid))
+    chunks, _ = q.encode(list(texts))
+    scores, ids = q.retriever.search(chunks, 1)
+    for (text, cids), got, s in zip(texts.items(), ids[:, 0], scores[:, 0]):
+        assert int(got) in cids, (text, got)      # identical texts tie; any of them is right
+        assert s > 0.999
+
+
+def test_answer_sources_sum_to_one_and_matches_carry_text(run_dir):
+    workdir, model, config = run_dir
+    q = open_query(workdir, model, config)
+    ans = q.answer(["Rust borrows are checked at compile time.", "The cat sat."], k=3)
+    assert [a["query"] for a in ans] == [0, 1]
+    names = set(Corpus(config.data.dir).sources)
+    for a in ans:
+        for c in a["chunks"]:
+            assert set(c["sources"]) == names
+            assert abs(sum(c["sources"].values()) - 1) < 1e-5
+            assert len(c["matches"]) == 3
+            for m in c["matches"]:
+                assert set(m) == {"chunk_id", "source", "score", "text"} and m["source"] in names
+    assert ans[0]["chunks"][0]["matches"][0]["text"].startswith("Rust borrows")
+
+
+@pytest.mark.slow
+def test_query_cli_json_one_object_per_query(run_dir, tmp_path):
+    workdir, _, _ = run_dir
+    qfile = tmp_path / "q.txt"
+    qfile.write_text('The cat sat on the mat.\n{"text": "A dog barked at the mailman."}\n')
+    env = {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "provenance_query.py"),
+                           "--workdir", str(workdir), "--queries", str(qfile), "--k", "2",
+                           "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [a["query"] for a in answers] == [0, 1]
+    assert answers[1]["text"] == "A dog barked at the mailman."
+    top = answers[1]["chunks"][0]["matches"][0]
+    assert top["text"].startswith("A dog barked") and top["source"] == "pets"
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "provenance_query.py"),
+                          "--workdir", str(workdir), "--queries", str(tmp_path / "missing.txt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "missing.txt" in bad.stderr

@@ -1,0 +1,112 @@
+"""Key store, concept x source mass, packing and the faiss index (no model needed)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cbm_lm.config import ProvenanceConfig
+from cbm_lm.provenance import keystore
+from cbm_lm.provenance.index import KeyIndex
+from cbm_lm.provenance.packing import Unit, pack_batches
+from cbm_lm.provenance.source_mass import chunk_source_distribution, mass_update
+
+
+def test_keystore_truncate_after_keeps_exactly_the_rows_up_to_the_step(tmp_path):
+    w = keystore.KeyStoreWriter(tmp_path, 0, flush_rows=5)
+    for step in range(1, 8):                       # 3 rows per step, flushes every 2 steps
+        w.add(np.arange(3) + 10 * step, np.full((3, 4), step, np.float32), step)
+    w.flush()
+    assert len(keystore.segments(keystore.process_dir(tmp_path, 0))) >= 3
+    dropped = w.truncate_after(4)                  # resume from the checkpoint of step 4
+    rows = keystore.read_store(tmp_path)
+    assert dropped == 9
+    assert sorted(rows["ids"].tolist()) == sorted(i + 10 * s for s in range(1, 5) for i in range(3))
+    np.testing.assert_array_equal(rows["keys"][:, 0], rows["steps"])
+    # Redoing steps 5..7 gives the same multiset as never stopping.
+    for step in range(5, 8):
+        w.add(np.arange(3) + 10 * step, np.full((3, 4), step, np.float32), step)
+    w.flush()
+    ids = keystore.read_store(tmp_path)["ids"]
+    assert sorted(ids.tolist()) == sorted(i + 10 * s for s in range(1, 8) for i in range(3))
+
+
+def test_keystore_rejects_a_corrupt_segment(tmp_path):
+    d = keystore.process_dir(tmp_path, 0)
+    d.mkdir(parents=True)
+    (d / "seg-0000000001-0000000001-00000003.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="seg-0000000001.*unreadable"):
+        keystore.read_store(tmp_path)
+
+
+def test_latest_keys_keeps_the_last_logged_key_per_chunk():
+    rows = {"ids": np.array([5, 7, 5, 9]), "keys": np.arange(8, dtype=np.float32).reshape(4, 2),
+            "steps": np.array([1, 1, 3, 2])}
+    ids, keys = keystore.latest_keys(rows)
+    assert ids.tolist() == [5, 7, 9]
+    np.testing.assert_array_equal(keys, [[4, 5], [2, 3], [6, 7]])
+
+
+def test_pack_batches_maps_chunk_slots_to_ids():
+    units = [Unit(np.array([1, 2, 3], np.int32), np.array([0, 0, 1], np.int32),
+                  np.array([70, 71]), 2),
+             Unit(np.array([4, 5], np.int32), np.array([0, 0], np.int32), np.array([72]), 1),
+             Unit(np.array([6, 7, 8, 9], np.int32), np.zeros(4, np.int32), np.array([73]), 0)]
+    b = list(pack_batches(units, batch=2, seq_len=6, max_chunks=4, pad_id=0))
+    assert len(b) == 1
+    b = b[0]
+    np.testing.assert_array_equal(b["tokens"], [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0]])
+    np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(b["chunk_segment_ids"], [[1, 1, 2, 3, 3, 0], [1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(b["slot_ids"], [[70, 71, 72, -1], [73, -1, -1, -1]])
+    np.testing.assert_array_equal(b["source_ids"][0], [2, 2, 2, 1, 1, -1])
+
+
+def test_source_distribution_on_a_constructed_two_source_corpus():
+    """Source A's tokens activate concepts 0 and 2, source B's activate 1 and 2.
+
+    Training batch (one row, K=2 active concepts per token):
+      t0 (A): c0 w=1.0, c2 w=0.5     t1 (A): c0 w=0.5, c2 w=0.5
+      t2 (B): c1 w=1.0, c2 w=1.0     t3 pad
+    Mass: c0 = (1.5, 0), c1 = (0, 1), c2 = (1.0, 1.0), c3 = (0, 0).
+    """
+    idx = jnp.asarray([[[0, 2], [0, 2], [1, 2], [3, 3]]])
+    w = jnp.asarray([[[1.0, 0.5], [0.5, 0.5], [1.0, 1.0], [9.0, 9.0]]])
+    src = jnp.asarray([[0, 0, 1, -1]])
+    mass = mass_update(idx, w, src, n_rows=4, n_sources=2)
+    np.testing.assert_allclose(np.asarray(mass), [[1.5, 0], [0, 1], [1, 1], [0, 0]])
+
+    # Query chunks: slot 0 = pure A concept, slot 1 = c1 (w 0.6) + c2 (w 0.4) -> B 0.6 + 0.4/2,
+    # slot 2 = only c3 (no mass) -> the training prior (2.5, 2) / 4.5.
+    q_idx = jnp.asarray([[[0, 0], [1, 2], [3, 3]]])
+    q_w = jnp.asarray([[[0.7, 0.0], [0.6, 0.4], [1.0, 1.0]]])
+    seg = jnp.asarray([[1, 2, 3]])
+    p = np.asarray(chunk_source_distribution(q_idx, q_w, seg, mass, max_chunks=3))[0]
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(p[0], [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(p[1], [0.2, 0.8], atol=1e-6)
+    np.testing.assert_allclose(p[2], [2.5 / 4.5, 2 / 4.5], atol=1e-6)
+
+
+@pytest.mark.parametrize("n,exact_max", [(500, 1000), (4000, 1000)])
+def test_index_finds_each_key_itself(tmp_path, n, exact_max):
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(n, 32)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    ids = np.arange(n, dtype=np.int64) * 7 + 3
+    prov = ProvenanceConfig(d_p=32, exact_max_keys=exact_max, pq_m=8, nprobe=8, ivf_nlist=32)
+    idx = KeyIndex.build(ids, keys, prov)
+    idx.save(tmp_path / "ix")
+    loaded = KeyIndex.load(tmp_path / "ix")
+    assert loaded.meta["kind"].startswith("flat" if n <= exact_max else "ivfpq")
+    scores, got = loaded.search(keys[:200], 5)
+    top1 = np.mean(got[:, 0] == ids[:200])
+    assert top1 == 1.0 if n <= exact_max else top1 > 0.9
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_index_build_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="cannot index 3 ids"):
+        KeyIndex.build(np.arange(3), np.zeros((2, 4), np.float32), ProvenanceConfig(d_p=4, pq_m=4))

@@ -1,0 +1,44 @@
+"""Builds the provenance index of a training run, beside its checkpoints.
+
+  python tools/build_provenance_index.py --workdir DIR [--rekey] [--corpus_dir CORPUS]
+
+Indexes the training-time key store (DIR/provenance/keys/logged). With
+--rekey, or when the run logged no keys, every training chunk is first keyed
+again with the checkpoint (--step, default the latest) and that store is
+indexed too; queries use the re-keyed index then. See cbm_lm/provenance/build.py.
+"""
+
+import json
+
+from absl import app, flags, logging
+
+from cbm_lm.provenance.build import build_index
+from cbm_lm.train.checkpoint import load_model, params_manager
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, config.json).",
+                               required=True)
+_REKEY = flags.DEFINE_bool("rekey", False, "Re-key every training chunk with the checkpoint.")
+_CORPUS = flags.DEFINE_string("corpus_dir", None, "Corpus (default: the run's data.dir).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_CONTEXT = flags.DEFINE_enum("context", None, ["chunk", "document"],
+                             "Override provenance.rekey_context for re-keying.")
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    model, config = load_model(_WORKDIR.value, step=_STEP.value)
+    with params_manager(_WORKDIR.value, read_only=True) as mngr:
+        step = _STEP.value if _STEP.value is not None else mngr.latest_step()
+    if _CORPUS.value:
+        config.data.dir = _CORPUS.value
+    if _CONTEXT.value:
+        config.provenance = dict(config.get("provenance", {}) or {}, rekey_context=_CONTEXT.value)
+    built = build_index(_WORKDIR.value, model, config, step, rekey=_REKEY.value,
+                        log=lambda m: print(m, flush=True))
+    print(json.dumps(built, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
