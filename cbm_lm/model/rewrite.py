@@ -1,5 +1,6 @@
 """ConceptRewrite: h -> known + unknown + epsilon (DESIGN.md section 2).
 
+With an unknown head:
   known    = KnownHead(h)                      supervised concepts, trained by concept losses
   unknown  = UnknownHead(stop_grad(h))         discovered concepts
   epsilon  = h - known - stop_grad(unknown)    the residual the concepts do not explain
@@ -10,8 +11,17 @@ gradient to the known head unless epsilon is dropped (``drop_epsilon``, the
 training-time epsilon dropout) or the known features are intervened on
 (epsilon is dropped then too, so steering changes the output).
 
-Without an unknown head the unknown slot is Steerling's residual
-h - stop_grad(known), which the decomposition counts with epsilon.
+Without an unknown head the residual r = h - known_pred of the head's own
+prediction (no intervention, no teacher forcing) takes the unknown slot:
+  composed = h + stop_grad(known_used - known_pred)
+               + (1 - keep) (known_used - stop_grad(known_used))      [B,T,D]
+(keep = 1 while epsilon is kept). In value composed = h + known_used - known_pred:
+exactly h (bitwise, any dtype) when nothing overrides the prediction, and
+shifted by what an intervention or teacher forcing changed. The known head gets
+LM gradient only when epsilon is dropped, as with an unknown head. (Steerling
+forms known_used + (h - stop_grad(known_used)) + epsilon: h whatever known_used
+is, so steering does nothing there, and it drifts from h in bf16.) The
+decomposition counts r with epsilon (LMOutput.residual).
 """
 
 from __future__ import annotations
@@ -68,20 +78,24 @@ class ConceptRewrite(nnx.Module):
         if teacher_features is not None:
             alpha = jnp.asarray(teacher_alpha, h.dtype)
             known_features = known_features + alpha * (teacher_features.astype(h.dtype) - known_features)
-        if self.unknown_head is not None:
-            unknown = self.unknown_head(jax.lax.stop_gradient(h), *(intervene_unknown or (None, None)))
-            unknown_features = unknown.features
-            unk_for_lm = jax.lax.stop_gradient(unknown_features)
-        else:
-            unknown = None
-            unknown_features = jnp.zeros_like(h)
-            unk_for_lm = h - jax.lax.stop_gradient(known_features)
-
         if not self.epsilon_correction or intervene_known is not None:
             keep = jnp.zeros((h.shape[0], 1, 1), h.dtype)
         else:
             drop = jnp.broadcast_to(jnp.asarray(drop_epsilon), (h.shape[0],))
             keep = jnp.where(drop, 0.0, 1.0).astype(h.dtype)[:, None, None]
+
+        if self.unknown_head is None:
+            # The prediction's own features: a second head pass only when intervening.
+            predicted = known.features if intervene_known is None else self.known_head(h).features
+            sg = jax.lax.stop_gradient
+            shift = sg(known_features - predicted)               # 0 unless overridden
+            composed = h + shift + (1 - keep) * (known_features - sg(known_features))
+            zeros = jnp.zeros_like(h)
+            return RewriteOutput(known, None, known_features, zeros, zeros, composed)
+
+        unknown = self.unknown_head(jax.lax.stop_gradient(h), *(intervene_unknown or (None, None)))
+        unknown_features = unknown.features
+        unk_for_lm = jax.lax.stop_gradient(unknown_features)
         epsilon = keep * (h - (unk_for_lm + known_features))
         composed = known_features + unk_for_lm + epsilon
         return RewriteOutput(known, unknown, known_features, unknown_features, epsilon, composed)
