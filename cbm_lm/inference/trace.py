@@ -32,6 +32,9 @@ committed_step[b, p]:
   model(**model_inputs([b], [s])).logits[0, logit_pos[b, p]]
       == the logits of the pass that committed tokens[b, p]   (float rounding)
 
+Under jax.jit, keep the Python scalars of model_inputs (inject_layer,
+inject_alpha, drop_epsilon) static and pass the arrays as arguments.
+
 With classifier-free guidance (cfg_scale > 0) the sampler combined this
 conditional pass with an unconditional one (``unconditional=True``: prompt
 masked); the replayed model pass is the conditional one.

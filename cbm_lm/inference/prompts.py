@@ -1,0 +1,60 @@
+"""Laying prompts of different lengths out as one right-padded batch.
+
+Sequence b occupies [0, P_b + N) of a row of length L (N = max_new_tokens):
+its prompt, then N generation slots; positions from P_b + N on are padding.
+Padding sits in segment 0 and the document in segment 1, so attention never
+mixes them (model/attention.py) and every row computes exactly what it would
+alone. L is rounded up to a multiple of ``bucket`` so that prompts of nearby
+lengths share one compiled program (one jax.jit per shape bucket).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from cbm_lm.config import round_up
+
+
+def as_prompt_list(prompts) -> list[np.ndarray]:
+    """A [B,P] array, one sequence, or a list of sequences -> list of int32 arrays."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        return [np.asarray(p, np.int32) for p in prompts]
+    if isinstance(prompts, np.ndarray) or (len(prompts) and np.isscalar(prompts[0])):
+        return [np.asarray(prompts, np.int32)]
+    return [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+
+
+def layout(prompts: Sequence[Sequence[int]], max_new_tokens: int, *, vocab_size: int,
+           fill_id: int, pad_id: int, bucket: int = 64, max_len: int | None = None):
+    """-> x [B,L] int32 (prompt, fill_id in the N slots, pad_id after), prompt_lens [B], seg [B,L].
+
+    Raises ValueError naming the prompt when one is empty, holds ids outside
+    [0, vocab_size), or does not fit ``max_len`` with the new tokens.
+    """
+    prompts = as_prompt_list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if p.size == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if p.min() < 0 or p.max() >= vocab_size:
+            bad = int(p[(p < 0) | (p >= vocab_size)][0])
+            raise ValueError(f"prompt {i} holds id {bad}, outside the vocabulary [0, {vocab_size})")
+    lens = np.asarray([len(p) for p in prompts], np.int32)
+    need = int(lens.max()) + max_new_tokens
+    if max_len is not None and need > max_len:
+        raise ValueError(f"prompt {int(lens.argmax())} has {int(lens.max())} tokens; with "
+                         f"max_new_tokens={max_new_tokens} that is {need} > the model's "
+                         f"max_seq_len={max_len}")
+    length = round_up(need, bucket)
+    if max_len is not None:
+        length = min(length, max(max_len, need))
+    x = np.full((len(prompts), length), pad_id, np.int32)
+    pos = np.arange(length)[None, :]
+    window = lens[:, None] + max_new_tokens
+    x = np.where(pos < window, fill_id, x)
+    for b, p in enumerate(prompts):
+        x[b, : len(p)] = p
+    return x, lens, (pos < window).astype(np.int32)
