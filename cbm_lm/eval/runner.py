@@ -1,0 +1,179 @@
+"""One evaluation: restored checkpoint -> every metric -> OUT/{report.json, report.html, *.png}.
+
+  target = load_target(workdir=...)            (cbm_lm.eval.target)
+  report = run_eval(target, out_dir, EvalOptions(...))
+
+Everything is written into a temporary sibling of OUT and renamed into place
+at the end, so a failure leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from cbm_lm.eval import plots, report as report_lib, report_html
+from cbm_lm.eval.concept_detection import concept_detection
+from cbm_lm.eval.heldout import heldout_windows
+from cbm_lm.eval.logit_shares import logit_shares
+from cbm_lm.eval.perplexity import perplexity
+from cbm_lm.eval.progress import Progress
+from cbm_lm.eval.target import EvalTarget, load_target
+
+PROVENANCE_KEYS = ("provenance_recall_at_10", "provenance_mrr", "bm25_recall_at_10",
+                   "source_accuracy")
+STEERING_KEYS = ("steering_success", "steering_perplexity_ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    num_examples: int = 64        # held-out windows (documents)
+    seed: int = 0
+    batch: int = 8                # rows per forward pass
+    baseline_workdir: str | None = None
+    num_prompts: int = 3          # explained prompts in the HTML report
+    deletion_tokens: int = 24     # explained tokens in the deletion test
+    ig_steps: int = 8             # integrated-gradients Riemann steps
+    min_positives: int = 5        # positive chunks a concept needs to count in the macro AUROC
+    elbo_draws: int = 4           # mask draws of the diffusion ELBO
+
+
+def _missing_module(e: ImportError) -> str:
+    return f"{e.name or e} is not part of this build yet"
+
+
+def run_eval(target: EvalTarget, out_dir: str, opts: EvalOptions = EvalOptions()) -> dict:
+    tmp = report_lib.prepare_output(out_dir)
+    try:
+        report = _evaluate(target, tmp, opts)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report_lib.commit_output(tmp, out_dir)
+    return report
+
+
+def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
+    model, cfg, corpus = target.model, target.config, target.corpus
+    loss_cfg = cfg.get("loss", {}) or {}
+    clean_context = bool(loss_cfg.get("diffusion_clean_context", True))
+    t_min = float(loss_cfg.get("diffusion_t_min", 1e-3))
+    seq_len = min(int((cfg.get("data", {}) or {}).get("seq_len", model.config.max_seq_len)),
+                  model.config.max_seq_len)
+    n_concepts = len(corpus.concepts)
+    metrics, missing, details = {}, {}, {}
+    progress = Progress({"data": 1, "ppl": 2, "base": 2 if opts.baseline_workdir else 0,
+                         "concepts": 2, "shares": 2, "deletion": 4, "steering": 1,
+                         "provenance": 1, "panels": 3, "write": 1})
+
+    progress.start("data", f"reading {opts.num_examples} held-out documents of {corpus.dir}")
+    windows = heldout_windows(corpus, opts.num_examples, seq_len, opts.seed)
+    details["heldout"] = {"windows": windows.num_rows, "seq_len": seq_len,
+                          "chunks": len(windows.chunks),
+                          "tokens": int(windows.segment_ids.sum())}
+    progress.finish(f"{windows.num_rows} windows, {len(windows.chunks)} chunks")
+
+    progress.start("ppl", "perplexity on the held-out windows")
+    ppl = perplexity(model, windows, seed=opts.seed, batch=opts.batch, num_draws=opts.elbo_draws,
+                     t_min=t_min, clean_context=clean_context)
+    metrics["perplexity"] = ppl.perplexity
+    details["perplexity"] = dataclasses.asdict(ppl)
+    progress.finish(f"perplexity {ppl.perplexity:.3f} ({ppl.method})")
+
+    if opts.baseline_workdir:
+        progress.start("base", f"baseline perplexity of {opts.baseline_workdir}")
+        base = load_target(workdir=opts.baseline_workdir)
+        bppl = perplexity(base.model, windows, seed=opts.seed, batch=opts.batch,
+                          num_draws=opts.elbo_draws, t_min=t_min, clean_context=clean_context)
+        metrics["baseline_perplexity"] = bppl.perplexity
+        details["baseline_perplexity"] = dict(dataclasses.asdict(bppl),
+                                              workdir=opts.baseline_workdir, step=base.step)
+        progress.finish(f"baseline perplexity {bppl.perplexity:.3f}")
+    else:
+        missing["baseline_perplexity"] = "no --baseline_workdir given"
+
+    progress.start("concepts", f"chunk-level detection of {n_concepts} concepts")
+    det = concept_detection(model, windows, n_concepts, min_positives=opts.min_positives,
+                            batch=opts.batch)
+    metrics["concept_auroc_macro"], metrics["concept_prauc_macro"] = det.auroc_macro, det.prauc_macro
+    details["concept_detection"] = {
+        "concepts_counted": det.num_concepts, "chunks": det.num_chunks,
+        "min_positives": opts.min_positives,
+        "per_concept": [dict(p, name=corpus.concepts.name(p["id"])) for p in det.per_concept]}
+    if det.auroc_macro is None:
+        for k in ("concept_auroc_macro", "concept_prauc_macro"):
+            missing[k] = (f"no concept has {opts.min_positives} positive chunks in the "
+                          f"{windows.num_rows} held-out windows")
+    progress.finish(f"AUROC {det.auroc_macro} over {det.num_concepts} concepts")
+
+    progress.start("shares", "logit decomposition of every explained held-out token")
+    sh = logit_shares(model, windows, seed=opts.seed, batch=opts.batch,
+                      clean_context=clean_context)
+    metrics.update(logit_share_known=sh.known, logit_share_unknown=sh.unknown,
+                   logit_share_epsilon=sh.epsilon, decomposition_max_error=sh.max_error)
+    details["logit_shares"] = {"tokens": sh.num_tokens, "percentiles": sh.percentiles}
+    progress.finish(f"known {sh.known:.3f} unknown {sh.unknown:.3f} epsilon {sh.epsilon:.3f}, "
+                    f"identity error {sh.max_error:.2e} over {sh.num_tokens} tokens")
+
+    figures = {}
+    progress.start("deletion", f"deletion test on {opts.deletion_tokens} explained tokens")
+    try:
+        from cbm_lm.eval.input_faithfulness import input_deletion
+        dl = input_deletion(model, windows, num_tokens=opts.deletion_tokens,
+                            ig_steps=opts.ig_steps, seed=opts.seed)
+        metrics["input_attribution_deletion_auc"] = dl.attribution_auc
+        metrics["random_deletion_auc"] = dl.random_auc
+        details["deletion"] = dataclasses.asdict(dl)
+        figures["deletion curves"] = plots.deletion_curves(dl.fractions, dl.attribution_curve,
+                                                           dl.random_curve)
+        progress.finish(f"AUC attribution {dl.attribution_auc:.3f} vs random {dl.random_auc:.3f}")
+    except ImportError as e:
+        for k in ("input_attribution_deletion_auc", "random_deletion_auc"):
+            missing[k] = f"input attribution: {_missing_module(e)}"
+        progress.finish("skipped: " + missing["random_deletion_auc"])
+
+    progress.start("steering", "steering")
+    for k in STEERING_KEYS:
+        missing[k] = "the steering evaluation (cbm_lm.inference samplers) is not part of this build yet"
+    progress.finish("skipped: " + missing[STEERING_KEYS[0]])
+
+    progress.start("provenance", "provenance")
+    for k in PROVENANCE_KEYS:
+        missing[k] = "chunk provenance (cbm_lm.provenance index and query) is not part of this build yet"
+    progress.finish("skipped: " + missing[PROVENANCE_KEYS[0]])
+
+    progress.start("panels", f"explaining {opts.num_prompts} held-out prompts")
+    try:
+        from cbm_lm.eval.panels import heldout_panels
+        panels = heldout_panels(model, corpus, windows, num_prompts=opts.num_prompts,
+                                ig_steps=opts.ig_steps)
+    except ImportError as e:
+        panels = []
+        details["panels_missing"] = _missing_module(e)
+    progress.finish(f"{len(panels)} panels")
+
+    progress.start("write", f"writing the report")
+    records = plots.read_metrics(target.checkpoint_dir)
+    for name, png in (("training curves", plots.training_curves(records)),
+                      ("concept AUROC per concept", plots.concept_auroc_histogram(det.per_concept))):
+        if png is not None:
+            figures[name] = png
+    os.makedirs(os.path.join(tmp, "plots"))
+    for name, png in figures.items():
+        with open(os.path.join(tmp, "plots", name.replace(" ", "_") + ".png"), "wb") as f:
+            f.write(png)
+    details["run"] = {"checkpoint_dir": os.path.abspath(target.checkpoint_dir),
+                      "corpus_dir": os.fspath(corpus.dir), "eval_seed": opts.seed,
+                      "options": dataclasses.asdict(opts), "model_objective": model.config.objective,
+                      "panels": panels}
+    identity = {"checkpoint_step": target.step, "config": cfg.to_dict(),
+                "seed": int(cfg.get("seed", 0)), "corpus_hash": target.corpus_hash}
+    report = report_lib.build_report(metrics, missing, identity, details)
+    report_lib.write_json(os.path.join(tmp, "report.json"), report)
+    with open(os.path.join(tmp, "report.html"), "w") as f:
+        f.write(report_html.render(report, panels, figures,
+                                   f"cbm_lm attribution eval: {target.checkpoint_dir} "
+                                   f"step {target.step}"))
+    progress.finish()
+    return report

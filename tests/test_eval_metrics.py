@@ -1,0 +1,145 @@
+"""Each eval metric against a value computed by hand on a constructed input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cbm_lm.eval.concept_detection import chunk_scores, macro_detection
+from cbm_lm.eval.deletion import deletion_auc
+from cbm_lm.eval.forward import forward
+from cbm_lm.eval.heldout import HeldoutChunk, HeldoutWindows
+from cbm_lm.eval.logit_shares import logit_shares, shares_from_contributions, summarize
+from cbm_lm.eval.perplexity import perplexity
+from model_fixtures import make_model, tiny_config
+
+
+def windows_of(tokens: np.ndarray, lengths, chunk_len: int = 4) -> HeldoutWindows:
+    n, t = tokens.shape
+    seg = (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    chunk_of = np.full((n, t), -1, np.int32)
+    chunks = []
+    for r in range(n):
+        for s in range(0, lengths[r], chunk_len):
+            e = min(s + chunk_len, lengths[r])
+            chunk_of[r, s:e] = len(chunks)
+            chunks.append(HeldoutChunk(r, s, e, (len(chunks) % 3,), len(chunks), 0))
+    pos = np.where(seg > 0, np.arange(t)[None], 0).astype(np.int32)
+    return HeldoutWindows(tokens.astype(np.int32), seg, pos, chunk_of, chunks, [""] * n)
+
+
+def test_macro_auroc_and_prauc_on_a_known_ranking():
+    # concept 0: positives scored 0.9 and 0.3, negatives 0.5, 0.1, 0.2
+    #   AUROC = pairs won / pairs = (3 + 2) / 6; AP = (1/1 + 2/3) / 2
+    # concept 1: positives ranked first -> 1 and 1
+    # concept 2: a single positive, below min_positives=2 -> not counted
+    scores = np.array([[0.9, 5, 1], [0.3, 4, 0], [0.5, 1, 0], [0.1, 2, 0], [0.2, 0, 0]])
+    labels = np.array([[1, 1, 1], [1, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], bool)
+    det = macro_detection(scores, labels, min_positives=2)
+    assert det.num_concepts == 2 and [p["id"] for p in det.per_concept] == [0, 1]
+    assert det.per_concept[0]["auroc"] == pytest.approx(5 / 6)
+    assert det.per_concept[0]["prauc"] == pytest.approx((1 + 2 / 3) / 2)
+    assert det.auroc_macro == pytest.approx((5 / 6 + 1) / 2)
+    assert det.prauc_macro == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert macro_detection(scores, labels, min_positives=3).auroc_macro is None
+
+
+@nnx.jit
+def _dense_known_logits(model, tokens, positions, segment_ids):
+    out = model(tokens, positions=positions, segment_ids=segment_ids)
+    return model.rewrite.known_head.dense_logits(out.hidden)
+
+
+def test_chunk_scores_are_the_soft_or_of_the_dense_logits():
+    cfg = tiny_config(objective="autoregressive", attention="causal")
+    model = make_model(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 10), 0, cfg.vocab_size))
+    w = windows_of(tokens, [10, 7])
+    got = chunk_scores(model, w, n_concepts=12, batch=2)
+    z = np.asarray(_dense_known_logits(model, jnp.asarray(w.tokens), jnp.asarray(w.positions),
+                                       jnp.asarray(w.segment_ids)))[..., :12]     # [B,T,C]
+    sp = np.log1p(np.exp(z.astype(np.float64)))
+    for i, c in enumerate(w.chunks):
+        np.testing.assert_allclose(got[i], sp[c.row, c.start:c.end].sum(0), rtol=1e-5)
+    # P(present) = 1 - prod(1 - sigmoid(z)) ranks like the score
+    p = 1 - np.prod(1 - 1 / (1 + np.exp(-z[0, 0:4])), axis=0)
+    np.testing.assert_allclose(p, 1 - np.exp(-got[0]), rtol=1e-5)
+
+
+def test_deletion_auc_when_the_output_depends_on_one_token():
+    mask, key_pos = 99, 3
+    # log p(y) = 0 while position 3 is visible, -4 once it is masked
+    def log_prob_fn(inputs, example):
+        return np.where(inputs[:, key_pos] == mask, -4.0, 0.0)
+
+    n = 2000
+    tokens = np.tile(np.arange(5), (n, 1))
+    context = [np.arange(5)] * n
+    attribution = [np.array([0.1, 0.2, 0.0, 3.0, -1.0])] * n        # position 3 ranked first
+    res = deletion_auc(log_prob_fn, tokens, context, attribution, mask, num_steps=5, seed=0)
+    # attribution order: curve 0, -4, -4, -4, -4, -4 on fractions 0, .2, ..., 1
+    assert res.attribution_auc == pytest.approx(0.2 * (0 - 4) / 2 + 4 * 0.2 * -4)
+    assert res.attribution_curve == pytest.approx([0, -4, -4, -4, -4, -4])
+    # random order: P(position 3 deleted after k of 5) = k/5 -> mean curve -4k/5, AUC -2
+    assert res.random_auc == pytest.approx(-2.0, abs=0.1)
+    assert res.attribution_auc < res.random_auc
+
+
+def test_shares_on_a_constructed_decomposition():
+    known, unknown, eps = np.array([3.0, -1.0]), np.array([1.0, 0.0]), np.array([-1.0, 1.0])
+    np.testing.assert_allclose(shares_from_contributions(known, unknown, eps),
+                               [[0.6, 0.2, 0.2], [0.5, 0.0, 0.5]])
+    s = summarize(known, unknown, eps, logit=np.array([3.0, 0.5]))
+    assert (s.known, s.unknown, s.epsilon) == pytest.approx((0.55, 0.1, 0.35))
+    assert s.max_error == pytest.approx(0.5)          # token 1: -1 + 0 + 1 vs 0.5
+    assert s.percentiles["known"]["p50"] == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("objective", ["autoregressive", "diffusion"])
+def test_logit_shares_of_a_model_keep_the_identity(objective):
+    cfg = tiny_config(objective=objective,
+                      attention="causal" if objective == "autoregressive" else "block_causal")
+    model = make_model(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(4), (3, 12), 0, cfg.vocab_size - 1))
+    s = logit_shares(model, windows_of(tokens, [12, 12, 9]), batch=2)
+    assert s.max_error < 1e-4
+    assert s.known + s.unknown + s.epsilon == pytest.approx(1.0)
+    assert s.num_tokens > 0
+
+
+def _uniform(model):
+    """Zero the (tied) embedding: every logit is 0, p = 1/V everywhere."""
+    emb = model.backbone.embedding
+    emb[...] = jnp.zeros_like(emb[...])
+    return model
+
+
+def test_ar_perplexity_is_exact_against_numpy():
+    cfg = tiny_config(objective="autoregressive", attention="causal")
+    model = make_model(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(5), (3, 9), 0, cfg.vocab_size))
+    w = windows_of(tokens, [9, 5, 2])
+    got = perplexity(model, w, batch=2)
+    logits = np.asarray(forward(model, jnp.asarray(tokens)).logits, np.float64)
+    nll = []
+    for r, n in enumerate([9, 5, 2]):
+        for t in range(n - 1):
+            z = logits[r, t]
+            nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[tokens[r, t + 1]])
+    assert got.num_tokens == len(nll) == 8 + 4 + 1
+    assert got.perplexity == pytest.approx(np.exp(np.mean(nll)), rel=1e-5)
+    assert perplexity(_uniform(model), w).perplexity == pytest.approx(cfg.vocab_size, rel=1e-5)
+
+
+def test_diffusion_elbo_of_a_uniform_model_is_the_vocabulary_size():
+    # CE = log V on every masked token and E[1{masked} / t] = 1 per token, so the
+    # ELBO is log V per token: PPL ~ V up to Monte Carlo noise over the mask draws.
+    cfg = tiny_config(objective="diffusion", attention="block_causal")
+    model = _uniform(make_model(cfg))
+    tokens = np.asarray(jax.random.randint(jax.random.key(6), (8, 32), 0, cfg.vocab_size - 1))
+    got = perplexity(model, windows_of(tokens, [32] * 8), batch=8, num_draws=16, t_min=0.2,
+                     clean_context=False)
+    assert np.log(got.perplexity) == pytest.approx(np.log(cfg.vocab_size), rel=0.1)
