@@ -11,6 +11,9 @@ FORBIDDEN = {
     "model": ("cbm_lm.train", "cbm_lm.data", "cbm_lm.objectives"),
     "objectives": ("cbm_lm.train",),
     "attribution": ("cbm_lm.train",),
+    # the eval binary restores params only (train/checkpoint.py), never the training loop
+    "eval": ("cbm_lm.train.loop", "cbm_lm.train.step", "cbm_lm.train.state",
+             "cbm_lm.train.checkpointer", "cbm_lm.train.losses"),
 }
 
 
