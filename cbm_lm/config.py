@@ -361,7 +361,7 @@ def validate_config(config: Any) -> None:
     # loss
     for field in ("lm_weight", "concept_weight", "concept_pos_weight", "concept_neg_weight",
                   "reconstruction_weight", "independence_weight", "concept_negatives",
-                  "teacher_forcing_steps"):
+                  "teacher_forcing_steps", "ce_chunk_tokens"):
         at_least("loss", field, 0)
     for field in ("epsilon_dropout", "teacher_forcing_start", "teacher_forcing_end"):
         within("loss", field, 0, 1)

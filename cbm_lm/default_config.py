@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
         teacher_forcing_start=1.0,      # alpha(step): linear from start to end
         teacher_forcing_end=0.0,
         teacher_forcing_steps=100,
+        ce_chunk_tokens=0,              # >0: LM cross-entropy this many positions at a time,
+                                        # never [B,T,V] whole (objectives/chunked_ce.py)
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=50,

@@ -28,11 +28,18 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array
       n_pairs   number of scored (t, t+1) pairs
       accuracy  argmax accuracy over the scored pairs
     """
+    pred, target = logits[:, :-1], tokens[:, 1:]
+    return next_token_loss_from_ce(token_cross_entropy(pred, target),
+                                   jnp.argmax(pred, axis=-1) == target, segment_ids)
+
+
+def next_token_loss_from_ce(ce: jax.Array, correct: jax.Array, segment_ids: jax.Array
+                            ) -> tuple[jax.Array, dict]:
+    """``next_token_loss`` from CE [B,T-1] and argmax hits [B,T-1] of position t
+    predicting token t+1 (chunked_ce.py)."""
     valid = next_token_pairs(segment_ids)
     vf = valid.astype(jnp.float32)
-    pred, target = logits[:, :-1], tokens[:, 1:]
-    ce = token_cross_entropy(pred, target)
     n = jnp.sum(vf)
     loss = jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(n, 1.0)
-    correct = (jnp.argmax(pred, axis=-1) == target).astype(jnp.float32)
+    correct = correct.astype(jnp.float32)
     return loss, {"n_pairs": n, "accuracy": jnp.sum(correct * vf) / jnp.maximum(n, 1.0)}

@@ -80,15 +80,22 @@ def diffusion_loss(logits: jax.Array, tokens: jax.Array, masked: jax.Array, t: j
       masked_ce    mean unweighted CE over masked tokens (for logging)
       masked_acc   argmax accuracy over masked tokens
     """
+    ce = token_cross_entropy(logits, tokens)
+    correct = jnp.argmax(logits, axis=-1) == tokens
+    return diffusion_loss_from_ce(ce, correct, masked, t, segment_ids)
+
+
+def diffusion_loss_from_ce(ce: jax.Array, correct: jax.Array, masked: jax.Array, t: jax.Array,
+                           segment_ids: jax.Array) -> tuple[jax.Array, dict]:
+    """``diffusion_loss`` from per-token CE [B,T] and argmax hits [B,T] (chunked_ce.py)."""
     real = segment_ids > 0
     m = masked & real
     mf = m.astype(jnp.float32)
-    ce = token_cross_entropy(logits, tokens)
+    correct = correct.astype(jnp.float32)
     safe_t = jnp.where(m, t, 1.0)
     n_real = jnp.sum(real.astype(jnp.float32))
     n_masked = jnp.sum(mf)
     loss = jnp.sum(jnp.where(m, ce / safe_t, 0.0)) / jnp.maximum(n_real, 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32)
     aux = {
         "n_masked": n_masked,
         "n_real": n_real,

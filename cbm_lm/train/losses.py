@@ -91,11 +91,18 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
         noisy_logits, out = full.logits, full
 
     metrics = {}
+    chunk = loss_cfg.get("ce_chunk_tokens", 0)
+    if chunk:   # [B,T,V] never whole: the model's logits go unused and XLA drops them
+        x = full.composed[:, :seq_len] if two_stream else full.composed
+        targets_lm = tokens if diffusion else jnp.roll(tokens, -1, axis=1)
+        ce, hit = obj.chunked_token_ce(x, model.unembedding(), targets_lm, chunk)
     if diffusion:
-        lm_loss, lm_aux = obj.diffusion_loss(noisy_logits, tokens, masked, t, seg)
+        lm_loss, lm_aux = (obj.diffusion_loss_from_ce(ce, hit, masked, t, seg) if chunk else
+                           obj.diffusion_loss(noisy_logits, tokens, masked, t, seg))
         metrics.update(masked_ce=lm_aux["masked_ce"], masked_acc=lm_aux["masked_acc"])
     else:
-        lm_loss, lm_aux = obj.next_token_loss(out.logits, tokens, seg)
+        lm_loss, lm_aux = (obj.next_token_loss_from_ce(ce[:, :-1], hit[:, :-1], seg) if chunk
+                           else obj.next_token_loss(out.logits, tokens, seg))
         metrics.update(next_token_acc=lm_aux["accuracy"])
 
     concept_loss, c_aux = obj.chunk_concept_loss(
