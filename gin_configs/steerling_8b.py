@@ -7,7 +7,12 @@ qkv clip 10, RoPE 5e5, block-causal diffusion with 64-token blocks, context
 factorized at rank 256 (top-128), tables padded to a multiple of 16.
 Params: 8,391,778,304 (tools/plan.py).
 
-Intended hardware: a TPU v5p pod slice of 256 chips as fsdp=64 x tensor=4.
+Targets a TPU v5p-128 slice (topology v5p:4x4x4, 64 chips, 95 GiB HBM each) as
+fsdp=16 x tensor=4 (fsdp=-1 fills, so the same file runs on larger v5p slices;
+keep data.batch_size divisible by fsdp x grad_accum_steps). Checked on this
+CPU with XLA's TPU compiler:
+    python tools/aot_compile.py --config gin_configs/steerling_8b.py --topology v5p:4x4x4
+gin_configs/steerling_8b_v5e.py is the same model for v5e:16x16 (16 GiB per chip).
 """
 
 from cbm_lm.default_config import base_config
@@ -39,7 +44,7 @@ def get_config():
     c.model.concepts.pad_multiple = 16
     c.model.concepts.block_size = 4096
     c.mesh.data = 1
-    c.mesh.fsdp = 64
+    c.mesh.fsdp = -1
     c.mesh.tensor = 4
     # vocab 100,281 = 3 x 33,427 divides by no mesh axis and jax.jit needs evenly
     # divided in/out shardings, so the (tied) embedding / LM head is sharded over
@@ -47,7 +52,10 @@ def get_config():
     c.rules = [[name, None if name == "vocab" else axes] for name, axes in c.rules]
     c.data.seq_len = 4096
     c.data.batch_size = 1024
-    # Smallest accumulation whose activations fit the intended hardware
-    # (tools/plan.py: "smallest fitting train.grad_accum_steps").
-    c.train.grad_accum_steps = 16
+    # One 4096-token sequence (8192 model tokens, two-stream) per chip per
+    # micro-step on 64 chips: 1024 / (16 fsdp shards x 64) = 1.
+    c.train.grad_accum_steps = 64
+    # LM cross-entropy 512 positions at a time: [B,T,V] logits (3.3 GB fp32 per
+    # sequence, x3 with the gradient) are never whole (objectives/chunked_ce.py).
+    c.loss.ce_chunk_tokens = 512
     return c

@@ -40,7 +40,8 @@ def test_fit_mesh_fills_and_scales_by_hand():
 @needs_libtpu
 def test_tiny_step_compiles_for_a_tpu_topology():
     from cbm_lm.config import ModelConfig
-    from cbm_lm.parallel.planning import GiB, count_params, forward_flops_per_token
+    from cbm_lm.parallel.devices import GiB
+    from cbm_lm.train.planning import count_params, forward_flops_per_token
     from cbm_lm.train.aot import aot_compile
 
     c = load_config_file(ROOT / "gin_configs" / "tiny.py")

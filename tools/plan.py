@@ -10,7 +10,7 @@ Shapes come from nnx.eval_shape: nothing is allocated, so the 8B config
 plans on a laptop.
 
 Hardware: a config listed in INTENDED_HARDWARE is planned for its intended
-device kind and count (steerling_8b.py: 256 x TPU v5p); any other config for
+device kind and count (steerling_8b.py: 64 x TPU v5p); any other config for
 the devices this process sees. --num_devices / --device_kind override either.
 The mesh is config.mesh resolved for that many devices (the dcn_* factors
 multiply), the shardings are the trainer's own (train_state_shardings under
@@ -86,7 +86,8 @@ _COMPILE_SEQ_LEN = flags.DEFINE_integer("compile_seq_len", None, "data.seq_len f
 
 # Config file name -> (device kind, device count) it is meant to train on (its docstring).
 INTENDED_HARDWARE = {
-    "steerling_8b.py": ("TPU v5p", 256),   # a v5p pod slice of 256 chips, fsdp=64 x tensor=4
+    "steerling_8b.py": ("TPU v5p", 64),    # v5p-128 (v5p:4x4x4): 64 chips, fsdp=16 x tensor=4
+    "steerling_8b_v5e.py": ("TPU v5 lite", 256),   # v5e:16x16: 256 chips, fsdp=64 x tensor=4
     "1b.py": ("NVIDIA H100", 8),           # one 8 x H100 host
     "small.py": ("NVIDIA H100", 1),        # one GPU
 }

@@ -9,8 +9,11 @@ the TrainState and batch as ``jax.ShapeDtypeStruct`` with their
 shardings, same donation) with XLA's TPU compiler. From the executable:
 
   per-device bytes  argument + output - alias + temp  (``memory_analysis``)
-  fits              total <= HBM of the chip          (planning.HBM_BYTES)
-  FLOPs             per device per step               (``cost_analysis``)
+  fits              total <= HBM of the chip          (parallel/devices.py HBM_BYTES)
+  FLOPs             per device per step               (``cost_analysis`` x grad_accum_steps:
+                    XLA counts a loop body once, and the micro-batch scan is the
+                    step's loop; the concept heads' block loop stays counted once,
+                    which at 8B leaves out about 1.5% of the forward FLOPs)
   MFU bound         model FLOPs / compiled FLOPs, i.e. the MFU of a step that
                     ran the compiled FLOPs at the chip's peak (recompute,
                     masked attention work and padding lower it)
@@ -34,11 +37,11 @@ from jax.sharding import NamedSharding
 from cbm_lm.config import ConfigError, MeshConfig, ModelConfig, logical_rules_from_config
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.mesh_plan import MeshPlan
-from cbm_lm.parallel.planning import (forward_flops_per_token, hbm_bytes_per_device,
-                                      peak_flops_per_device)
+from cbm_lm.parallel.devices import hbm_bytes_per_device, peak_flops_per_device
 from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.train.compile_check import abstract_batch, scale_mesh
 from cbm_lm.train.memory_plan import batch_problem, model_length, plan_mesh
+from cbm_lm.train.planning import forward_flops_per_token
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
@@ -170,6 +173,9 @@ def aot_compile(config, topology: str, *, num_slices: int = 1,
     memory = {k: int(getattr(stats, f"{k}_size_in_bytes", 0))
               for k in ("argument", "output", "alias", "temp", "generated_code")}
     kind = devices[0].device_kind
+    flops = _flops(compiled)
+    if flops:
+        flops *= cfg.train.grad_accum_steps
     t_model = model_length(cfg)
     streams = t_model // cfg.data.seq_len
     tokens = cfg.data.batch_size * cfg.data.seq_len
@@ -177,6 +183,6 @@ def aot_compile(config, topology: str, *, num_slices: int = 1,
     model_flops = 3 * streams * forward_flops_per_token(model_cfg, t_model) * tokens / n
     return AotReport(topology=topology, device_kind=kind, n_devices=n, mesh=mesh_cfg,
                      notes=notes, lower_seconds=t1 - t0, compile_seconds=t2 - t1, memory=memory,
-                     hbm_bytes=hbm_bytes_per_device(kind), flops_per_device=_flops(compiled),
+                     hbm_bytes=hbm_bytes_per_device(kind), flops_per_device=flops,
                      model_flops_per_device=model_flops,
                      peak_flops=peak_flops_per_device(kind, cfg.hardware.peak_flops_per_device))

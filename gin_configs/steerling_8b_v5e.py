@@ -1,0 +1,24 @@
+"""Steerling-8B (gin_configs/steerling_8b.py) laid out for a TPU v5e-256 slice.
+
+Topology v5e:16x16: 256 chips with 16 GiB HBM each (a sixth of a v5p chip's),
+as fsdp=64 x tensor=4, one 4096-token sequence (8192 model tokens, two-stream)
+per chip per micro-step (1024 / (64 x 16) = 1). Activations must shrink about
+4x from steerling_8b.py's: every block is rematerialized from its input
+(model.remat=full). Checked on this CPU with XLA's TPU compiler:
+    python tools/aot_compile.py --config gin_configs/steerling_8b_v5e.py --topology v5e:16x16
+"""
+
+import importlib.util
+import pathlib
+
+
+def get_config():
+    path = pathlib.Path(__file__).with_name("steerling_8b.py")
+    spec = importlib.util.spec_from_file_location("steerling_8b", path)
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    c = base.get_config()
+    c.model.remat = "full"
+    c.mesh.fsdp, c.mesh.tensor = -1, 4
+    c.train.grad_accum_steps = 16
+    return c
