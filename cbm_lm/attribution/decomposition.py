@@ -31,6 +31,7 @@ class LogitDecomposition(NamedTuple):
     unknown_ids / unknown_contrib: [N,S_u] (S_u = 0 without an unknown head)
     epsilon_contrib:               [N]     residual . W_y
     logit:                         [N]     the model's logit, for checking
+    known_weights / unknown_weights: [N,S_k] / [N,S_u] the weights w_i of the active slots
     """
     known_ids: jax.Array
     known_contrib: jax.Array
@@ -38,6 +39,8 @@ class LogitDecomposition(NamedTuple):
     unknown_contrib: jax.Array
     epsilon_contrib: jax.Array
     logit: jax.Array
+    known_weights: jax.Array | None = None
+    unknown_weights: jax.Array | None = None
 
     def total(self) -> jax.Array:
         """sum of all contributions [N]; equals ``logit`` up to float rounding."""
@@ -45,7 +48,7 @@ class LogitDecomposition(NamedTuple):
 
 
 def _head_contrib(head: ConceptHead, acts: ConceptActivations, b, t, w_y):
-    """w_i (E[i] . W_y) for the active slots of head at (b, t) -> ids, contrib [N,S]."""
+    """w_i (E[i] . W_y) for the active slots of head at (b, t) -> ids, contrib, w [N,S]."""
     ids = acts.indices[b, t]                                          # [N,S]
     weights = acts.weights[b, t].astype(jnp.float32)                  # [N,S]
     rows = jnp.take(head.values(), ids, axis=0).astype(jnp.float32)   # [N,S,V]
@@ -53,7 +56,7 @@ def _head_contrib(head: ConceptHead, acts: ConceptActivations, b, t, w_y):
         target = w_y @ head.embedding_basis[...].astype(jnp.float32).T  # [N,r]: basis W_y
     else:
         target = w_y                                                   # [N,D]
-    return ids, weights * jnp.einsum("nsv,nv->ns", rows, target)
+    return ids, weights * jnp.einsum("nsv,nv->ns", rows, target), weights
 
 
 def decompose_logits(model: ConceptBottleneckLM, out: LMOutput, batch_idx: jax.Array,
@@ -61,13 +64,15 @@ def decompose_logits(model: ConceptBottleneckLM, out: LMOutput, batch_idx: jax.A
     """Splits out.logits[batch_idx, pos_idx, targets] (each [N] int) into contributions."""
     w_y = jnp.take(model.unembedding(), targets, axis=0).astype(jnp.float32)  # [N,D]
     b, t = batch_idx, pos_idx
-    known_ids, known_c = _head_contrib(model.rewrite.known_head, out.known, b, t, w_y)
+    known_ids, known_c, known_w = _head_contrib(model.rewrite.known_head, out.known, b, t, w_y)
     if out.unknown is not None:
-        unknown_ids, unknown_c = _head_contrib(model.rewrite.unknown_head, out.unknown, b, t, w_y)
+        unknown_ids, unknown_c, unknown_w = _head_contrib(model.rewrite.unknown_head, out.unknown,
+                                                          b, t, w_y)
     else:
         n = targets.shape[0]
-        unknown_ids, unknown_c = jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), jnp.float32)
+        unknown_ids = jnp.zeros((n, 0), jnp.int32)
+        unknown_c = unknown_w = jnp.zeros((n, 0), jnp.float32)
     residual = out.residual[b, t]
     eps_c = jnp.einsum("nd,nd->n", residual.astype(jnp.float32), w_y)
     return LogitDecomposition(known_ids, known_c, unknown_ids, unknown_c, eps_c,
-                              out.logits[b, t, targets])
+                              out.logits[b, t, targets], known_w, unknown_w)

@@ -164,10 +164,15 @@ class ConceptHead(nnx.Module):
 
     # -- forward ------------------------------------------------------------------------
     def __call__(self, h: jax.Array, intervene_ids: jax.Array | None = None,
-                 intervene_vals: jax.Array | None = None) -> ConceptActivations:
+                 intervene_vals: jax.Array | None = None,
+                 active_ids: jax.Array | None = None) -> ConceptActivations:
+        """active_ids [B,T,k]: use this active set instead of selecting the top-k
+        (attribution holds the set fixed along an integration path)."""
         b, t, d = h.shape
         q = self.query(h.reshape(b * t, d))
-        if self.topk is None:
+        if active_ids is not None:
+            ids = active_ids.reshape(b * t, -1).astype(jnp.int32)
+        elif self.topk is None:
             if self.n_concepts > self.dense_threshold:
                 raise ValueError(
                     f"topk=None weights all {self.n_concepts} concepts densely; that is only "
