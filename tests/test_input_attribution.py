@@ -10,7 +10,8 @@ from flax import nnx
 
 from attribution_fixtures import hand_trace, steerings
 from cbm_lm.attribution.input_attribution import InputAttribution, input_attribution
-from cbm_lm.attribution.integrated_gradients import LogitQuery, integrated_gradients
+from cbm_lm.attribution.integrated_gradients import (LogitQuery, active_sets, integrated_gradients,
+                                                    query_logits, read_hidden)
 from cbm_lm.attribution.replay import replay_for
 from cbm_lm.config import MeshConfig
 from cbm_lm.default_config import DEFAULT_RULES
@@ -138,3 +139,28 @@ def test_chunk_scores_follow_steerlings_normalization():
     assert top[0]["token_id"] == trace.tokens[b, top[0]["position"]]
     with pytest.raises(ValueError, match="scope"):
         attr.chunk_scores(b, start, end, scope="context")
+
+
+@pytest.mark.parametrize("concepts", [dict(), dict(n_unknown=0), dict(unknown_rank=0)],
+                         ids=["factorized_unknown", "no_unknown", "dense_unknown"])
+def test_integrated_function_equals_the_model_logit(concepts):
+    """query_logits (no stop-gradients, active sets held) is the model's logit in value,
+    with and without a weight intervention, for every rewrite form."""
+    cfg = tiny_config(concepts=concepts)
+    model = make_model(cfg)
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 8)), jnp.int32)
+    read, tgt = jnp.asarray([1, 4, 7]), jnp.asarray([3, 50, 9])
+    ids = jnp.broadcast_to(jnp.asarray([3, 11], jnp.int32), (3, 8, 2))
+    vals = jnp.broadcast_to(jnp.asarray([0.9, 0.0], jnp.float32), (3, 8, 2))
+    for iv in (None, (ids, vals)):
+        ref = model(tokens, intervene_known=iv).logits[jnp.arange(3), read, tgt]
+        q = LogitQuery(tokens, read, tgt, known_ids=None if iv is None else ids,
+                       known_vals=None if iv is None else vals,
+                       drop_epsilon=jnp.full((3,), iv is not None))
+        e = model.backbone.embed(tokens)
+        active = active_sets(model, read_hidden(model, e, q))
+        got = query_logits(model, e, q, active=active)
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        if iv is not None:
+            assert float(jnp.abs(ref - model(tokens).logits[jnp.arange(3), read, tgt]).max()) > 1e-3

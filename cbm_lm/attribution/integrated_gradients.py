@@ -19,11 +19,12 @@ The function integrated is the model's logit, written without the training
 time stop-gradients of the concept rewrite (cbm_lm/model/rewrite.py), so the
 gradient is the true gradient of the value the model computes:
 
-  composed = K(h) + U(h) + keep * (h - K(h) - U(h))
+  composed = K(h) + U(h) + keep * (h - K(h) - U(h))     with an unknown head
+  composed = h + K(h) - K_pred(h)                      without one
 
-with K, U the known/unknown features (U = h - K without an unknown head) and
-keep = 0 when epsilon is dropped (weight interventions), else 1. Unsteered,
-composed == h. Under weight interventions the logit goes through the concept
+with K, U the known/unknown features as used (interventions applied), K_pred
+the known head's own prediction, keep = 0 when epsilon is dropped (weight
+interventions), else 1. Unsteered, composed == h. Under weight interventions the logit goes through the concept
 heads' top-k selection, which jumps where the active set changes along the
 path; the path integrated holds each head's active set at the one selected
 for the explained input x (``active_sets``), so f is smooth, f(x) is the
@@ -153,17 +154,24 @@ def query_logits(model: ConceptBottleneckLM, embeds: jax.Array, q: LogitQuery,
 
     rw = model.rewrite
     known = rw.known_head(h_r, *at_read(q.known_ids, q.known_vals), active_ids=active[0]).features
-    if rw.unknown_head is not None:
-        unknown = rw.unknown_head(h_r, *at_read(q.unknown_ids, q.unknown_vals),
-                                  active_ids=active[1]).features
-    else:
-        unknown = h_r - known
+    if rw.unknown_head is None:
+        # composed = h + known_used - known_pred in value (cbm_lm/model/rewrite.py).
+        predicted = rw.known_head(h_r, active_ids=active[0]).features
+        composed = h_r + known - predicted
+        return _logit(model, composed, q.targets)
+    unknown = rw.unknown_head(h_r, *at_read(q.unknown_ids, q.unknown_vals),
+                              active_ids=active[1]).features
     keep = jnp.ones((n,), h_r.dtype) if q.drop_epsilon is None else (
         1.0 - q.drop_epsilon.astype(h_r.dtype))
     if not rw.epsilon_correction:
         keep = jnp.zeros_like(keep)
     composed = known + unknown + keep[:, None, None] * (h_r - known - unknown)
-    w_y = jnp.take(model.unembedding(), q.targets, axis=0).astype(jnp.float32)   # [Q,D]
+    return _logit(model, composed, q.targets)
+
+
+def _logit(model, composed, targets):
+    """composed [Q,1,D] . W_y -> [Q]."""
+    w_y = jnp.take(model.unembedding(), targets, axis=0).astype(jnp.float32)     # [Q,D]
     return jnp.einsum("qd,qd->q", composed[:, 0].astype(jnp.float32), w_y)
 
 
