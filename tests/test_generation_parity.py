@@ -125,3 +125,23 @@ def test_injection_logits_match_steerling(pair, calibrate):
     got = ours(jnp.asarray(ids), injection=jnp.asarray(inj.field(steered, np.full(2, inj.alpha))),
                inject_layer=inj.layer).logits
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parity
+def test_concept_top_tokens_and_embeddings_match_steerling(pair):
+    from cbm_lm.inference.concept_search import concept_top_tokens, pooled_embedding
+
+    ref, gen, ours = pair
+    want = gen.concept_top_tokens(12, k=7)
+    ids, scores = concept_top_tokens(ours, 12, k=7)
+    assert [str(i) for i in ids] == [t for t, _ in want]
+    np.testing.assert_allclose(scores, [s for _, s in want], atol=1e-5)
+    text = "5 17 250 3 99 300 300"
+    gen.tokenizer.encode = lambda t, add_special_tokens=False: [int(w) for w in t.split()]
+    ids = np.asarray([[int(w) for w in text.split()]])
+    for kind in ("hidden", "composed", "known", "unknown"):
+        for pooling in ("mean", "last", "none"):
+            with torch.no_grad():
+                want = gen.get_embeddings(text, pooling=pooling, embedding_type=kind).numpy()
+            got = pooled_embedding(ours, ids, kind, pooling)[0]
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{kind}/{pooling}")
