@@ -19,6 +19,7 @@ OBJECTIVES = ("diffusion", "autoregressive")
 NORM_ORDERS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+CLIP_MODES = ("hard", "straight_through", "soft")   # model/concepts.py cap_logits
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,9 @@ class ConceptConfig:
     block_size: concepts per block of the streaming top-k.
     dense_threshold: at or below this many concepts a head may compute its
         logits densely in one shot; above it, only blockwise.
+    clip_mode: how logits are bounded to [-logit_clip, logit_clip]: hard (Steerling's
+        clip, zero gradient outside), straight_through (the same values, gradient 1:
+        a saturated concept can still be corrected by its loss), soft (c tanh(z/c)).
     epsilon_correction: add epsilon = h - known - unknown so logits equal the
         backbone's when not intervening (Steerling's default).
     """
@@ -100,6 +104,7 @@ class ConceptConfig:
     dense_threshold: int = 8192
     epsilon_correction: bool = True
     logit_clip: float = 15.0
+    clip_mode: str = "straight_through"   # hard (Steerling) | straight_through | soft
 
     @property
     def n_known_padded(self) -> int:
@@ -142,6 +147,7 @@ class ConceptConfig:
         p.check(self.block_size >= 1, f"{prefix}.block_size", "must be >= 1")
         p.check(self.dense_threshold >= 0, f"{prefix}.dense_threshold", "must be >= 0")
         p.check(self.logit_clip > 0, f"{prefix}.logit_clip", "must be > 0")
+        p.choice(self.clip_mode, f"{prefix}.clip_mode", CLIP_MODES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
         unknown_report_topk=ml_collections.FieldReference(None, field_type=int),
         pad_multiple=16, block_size=4096, dense_threshold=8192,
         epsilon_correction=True, logit_clip=15.0,
+        # Steerling's values with a gradient past the clip (model/concepts.py cap_logits);
+        # imported Steerling checkpoints use "hard".
+        clip_mode="straight_through",
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(

@@ -201,7 +201,7 @@ def steerling_to_model_dict(raw: Mapping[str, Any], *, vocab_size: int | None = 
         pad_multiple=int(concept["pad_multiple"]), block_size=int(concept["block_size"]),
         dense_threshold=dense_threshold,
         epsilon_correction=bool(concept["use_epsilon_correction"]),
-        logit_clip=STEERLING_LOGIT_CLIP)
+        logit_clip=STEERLING_LOGIT_CLIP, clip_mode="hard")
     try:
         ModelConfig.from_config(model)
     except ConfigError as e:
@@ -242,6 +242,8 @@ def model_to_steerling_config(cfg: ModelConfig, *, layout: str = "nested") -> di
                   cfg.head_dim, f"must be d_model/n_heads={cfg.d_model // cfg.n_heads}")
     _export_check(cc.logit_clip == STEERLING_LOGIT_CLIP, "concepts.logit_clip", cc.logit_clip,
                   f"must be {STEERLING_LOGIT_CLIP} (Steerling's fixed clip)")
+    _export_check(cc.clip_mode != "soft", "concepts.clip_mode", cc.clip_mode,
+                  "must be hard or straight_through (Steerling's forward is a hard clip)")
     rank = cc.unknown_rank if cc.use_unknown else 0
     _export_check(rank == 0 or 16 <= rank <= 1024, "concepts.unknown_rank", rank,
                   "must be 0 (dense) or in [16, 1024] (Steerling's factorize_rank bounds)")

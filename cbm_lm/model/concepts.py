@@ -2,7 +2,7 @@
 
 For hidden states h [B,T,D] and C concepts:
 
-  logits   z = clip(q K^T, -c, c)          [B,T,C]  (never materialized for large C)
+  logits   z = cap(q K^T)                   [B,T,C]  (never materialized for large C)
   weights  w = sigmoid(z)
   active   S = top-k of z per token         (k = ``topk``; None = all C)
   features f = sum_{i in S} w_i E_i         [B,T,D]
@@ -18,6 +18,14 @@ merged block by block), so memory is O(B*T*(k + block)), not O(B*T*C), once C
 exceeds ``dense_threshold``. The selected logits are then recomputed from the
 gathered rows so gradients reach the tables; the selection itself is not
 differentiated.
+
+The cap bounds logits to [-c, c] (``clip_mode``, DESIGN.md section 2):
+  hard              clip(z, -c, c)                 Steerling's; zero gradient outside
+  straight_through  z + stop_grad(clip(z) - z)     Steerling's values, gradient 1 everywhere
+  soft              c tanh(z / c)                  smooth; values differ from Steerling's
+A hard clip never lets the loss pull back a concept pushed past c (its
+gradient is 0 there), so training configs default to straight_through, which
+keeps every forward value (and so parity with Steerling) unchanged.
 
 Interventions override the weight of chosen concepts at chosen positions:
 ``intervene_ids`` [B,T,K] (-1 = no-op slot) and ``intervene_vals`` [B,T,K].
@@ -66,9 +74,24 @@ def merge_topk(vals_a, idx_a, vals_b, idx_b, k: int):
     return top_vals, jnp.take_along_axis(idx, pos, axis=-1)
 
 
+CLIP_MODES = ("hard", "straight_through", "soft")
+
+
+def cap_logits(z: jax.Array, clip: float, mode: str = "hard") -> jax.Array:
+    """Bounds concept logits to [-clip, clip] by ``mode`` (see the module docstring)."""
+    if mode == "soft":
+        return clip * jnp.tanh(z / clip)
+    hard = jnp.clip(z, -clip, clip)
+    if mode == "straight_through":
+        return z + jax.lax.stop_gradient(hard - z)
+    if mode != "hard":
+        raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {mode!r}")
+    return hard
+
+
 def streaming_topk(q: jax.Array, keys: jax.Array, n_valid: int, k: int, block_size: int,
-                   clip: float):
-    """Top-k of clip(q keys[:n_valid]^T) per row without forming [N, n_valid].
+                   clip: float, clip_mode: str = "hard"):
+    """Top-k of cap(q keys[:n_valid]^T) per row without forming [N, n_valid].
 
     q [N,Q] fp32, keys [C_pad,Q]. Scans blocks of ``block_size`` rows of keys;
     the last block is shifted back to end at n_valid (dynamic_slice semantics),
@@ -85,7 +108,7 @@ def streaming_topk(q: jax.Array, keys: jax.Array, n_valid: int, k: int, block_si
         top_vals, top_idx = carry
         start = jnp.minimum(j * block, n_valid - block)
         rows = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=0)
-        z = jnp.clip(q @ rows.astype(jnp.float32).T, -clip, clip)           # [N,block]
+        z = cap_logits(q @ rows.astype(jnp.float32).T, clip, clip_mode)  # [N,block]
         ids = start + jnp.arange(block, dtype=jnp.int32)
         z = jnp.where(ids[None, :] >= j * block, z, -jnp.inf)            # seen in block j-1
         blk_vals, blk_pos = jax.lax.top_k(z, min(k, block))
@@ -100,11 +123,12 @@ class ConceptHead(nnx.Module):
     def __init__(self, *, n_concepts: int, n_padded: int, d_model: int, rank: int,
                  topk: int | None, report_topk: int | None, block_size: int,
                  dense_threshold: int, clip: float, axis_name: str, init_std: float,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, param_dtype=jnp.float32, clip_mode: str = "hard"):
         self.n_concepts, self.rank, self.topk = n_concepts, rank, topk
         self.report_topk = report_topk if report_topk is not None else (topk or 64)
         self.report_topk = min(self.report_topk, n_concepts)
         self.block_size, self.dense_threshold, self.clip = block_size, dense_threshold, clip
+        self.clip_mode = clip_mode
         init = normal(init_std)
         c = axis_name
         if rank:
@@ -146,21 +170,26 @@ class ConceptHead(nnx.Module):
                 f"dense logits over {self.n_concepts} concepts exceed dense_threshold="
                 f"{self.dense_threshold}; use the streaming top-k outputs instead")
         keys = self.keys()[: self.n_concepts].astype(jnp.float32)
-        return jnp.clip(self.query(h) @ keys.T, -self.clip, self.clip)
+        return self.cap(self.query(h) @ keys.T)
 
     def select_topk(self, q: jax.Array, k: int) -> jax.Array:
         """Indices [N,k] of the k largest logits per row (no gradient)."""
         q = jax.lax.stop_gradient(q)
         keys = jax.lax.stop_gradient(self.keys())
         if self.n_concepts <= self.dense_threshold:
-            z = jnp.clip(q @ keys[: self.n_concepts].astype(jnp.float32).T, -self.clip, self.clip)
+            z = self.cap(q @ keys[: self.n_concepts].astype(jnp.float32).T)
             return jax.lax.top_k(z, k)[1].astype(jnp.int32)
-        return streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip)[1]
+        return streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip,
+                              self.clip_mode)[1]
 
     def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:
-        """Clipped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""
+        """Capped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""
         rows = jnp.take(self.keys(), ids, axis=0).astype(jnp.float32)          # [N,S,Q]
-        return jnp.clip(jnp.einsum("nq,nsq->ns", q, rows), -self.clip, self.clip)
+        return self.cap(jnp.einsum("nq,nsq->ns", q, rows))
+
+    def cap(self, z: jax.Array) -> jax.Array:
+        """Raw logits -> capped logits (``clip_mode``), the only place the cap is applied."""
+        return cap_logits(z, self.clip, self.clip_mode)
 
     # -- forward ------------------------------------------------------------------------
     def __call__(self, h: jax.Array, intervene_ids: jax.Array | None = None,

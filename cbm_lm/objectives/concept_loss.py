@@ -97,13 +97,13 @@ def uniform_over_chunk(ids: jax.Array, chunk_segment_ids: jax.Array) -> jax.Arra
 
 
 def shared_logits(head, q: jax.Array, ids: jax.Array) -> jax.Array:
-    """Clipped logits of ids [M] shared by every query q [N,Q] -> [N,M].
+    """Capped logits of ids [M] shared by every query q [N,Q] -> [N,M].
 
     Same values as head.logits_for(q, broadcast(ids, [N,M])), but gathers the
     [M,Q] key rows once and runs one matmul instead of gathering [N,M,Q].
     """
     rows = jnp.take(head.keys(), ids, axis=0).astype(jnp.float32)                  # [M,Q]
-    return jnp.clip(q @ rows.T, -head.clip, head.clip)
+    return head.cap(q @ rows.T)
 
 
 def soft_or_probability(s: jax.Array) -> jax.Array:
