@@ -68,3 +68,21 @@ def test_tiktoken_cl100k_layout_gets_steerling_specials(tmp_path):
                                                                         100280)
     assert tok.vocab_size == 100281
     assert tok.decode(tok.encode("plain text")) == "plain text"
+
+
+def test_tokenizer_texts_are_the_training_split_only(tmp_path):
+    """The texts a tokenizer learns from are exactly the documents build_corpus
+    puts in the training split (the held-out split is read back from the corpus)."""
+    from cbm_lm.data.corpus import Corpus
+    from cbm_lm.data.inputs import training_texts
+    from data_fixtures import build, fixture_docs
+
+    docs = fixture_docs() + [{"text": "Pinned to the held-out split.", "source": "pets",
+                              "id": "pinned", "split": "heldout"}]
+    corpus = Corpus(build(tmp_path, docs=docs, heldout_fraction=0.3))
+    heldout = {r.doc_key for r in corpus.documents("heldout")}
+    train = {r.doc_key for r in corpus.documents("train")}
+    assert "pinned" in heldout and len(heldout) >= 5 and train      # both splits populated
+    text_of = {d["id"]: d["text"] for d in docs}
+    got = list(training_texts([tmp_path / "input.jsonl"], 0.3))
+    assert sorted(got) == sorted(text_of[k] for k in train)

@@ -3,6 +3,8 @@
     python tools/train_tokenizer.py --input 'data/*.jsonl' --vocab_size 4096 --out runs/tok
 
 Inputs are JSONL files (their "text" field) or plain .txt files (whole file).
+Only JSONL documents that build_corpus puts in the training split are read:
+pass it the same --heldout_fraction.
 Writes <out>/tokenizer.json. To use a tiktoken ranks file instead (e.g. the
 cl100k_base file Steerling uses), pass it directly to build_corpus --tokenizer.
 """
@@ -18,21 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cbm_lm.data import inputs  # noqa: E402
 from cbm_lm.data import tokenizer as tokenizer_lib  # noqa: E402
-from cbm_lm.data.corpus_build import expand  # noqa: E402
-
-
-def texts(patterns, max_bytes):
-    total = 0
-    for f in expand(patterns):
-        if f.endswith((".jsonl", ".jsonl.gz")):
-            items = (json.loads(raw).get("text", "") for _, raw in inputs.iter_jsonl_lines(f))
-        else:
-            items = [pathlib.Path(f).read_text(encoding="utf-8")]
-        for t in items:
-            total += len(t)
-            yield t
-            if max_bytes and total >= max_bytes:
-                return
+from cbm_lm.data.corpus_build import BuildConfig, expand  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,10 +29,12 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab_size", type=int, required=True)
     ap.add_argument("--min_frequency", type=int, default=2)
     ap.add_argument("--max_bytes", type=int, default=0, help="stop reading after this many chars")
+    ap.add_argument("--heldout_fraction", type=float, default=BuildConfig.heldout_fraction,
+                    help="build_corpus's --heldout_fraction: those documents are not read")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
-    tok = tokenizer_lib.train_bpe(texts(args.input, args.max_bytes), args.vocab_size,
-                                  args.min_frequency)
+    texts = inputs.training_texts(expand(args.input), args.heldout_fraction, args.max_bytes)
+    tok = tokenizer_lib.train_bpe(texts, args.vocab_size, args.min_frequency)
     path = tok.save(args.out)
     print(json.dumps({"file": str(path), "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,
                       "bos_id": tok.bos_id, "endofchunk_id": tok.endofchunk_id,

@@ -124,9 +124,7 @@ class _Encode(beam.DoFn):
             yield beam.pvalue.TaggedOutput(BAD, str(e))
             return
         h = doc.hash()
-        split = doc.split
-        if split is None:
-            split = "heldout" if int.from_bytes(h[:8], "big") < cfg.heldout_fraction * 2**64 else "train"
+        split = doc.split_for(cfg.heldout_fraction)
         n = cfg.heldout_shards if split == "heldout" else cfg.num_shards
         shard = int.from_bytes(h[8:16], "big") % n
         out.update(hash=h, source_id=self._maps[2][doc.source], doc_key=doc.key)

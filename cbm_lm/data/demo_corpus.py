@@ -20,6 +20,7 @@ import sys
 from etils import epath
 
 from cbm_lm.data import demo_sources, planted_facts, wordnet
+from cbm_lm.data import inputs
 from cbm_lm.data import tokenizer as tokenizer_lib
 from cbm_lm.data.concepts import ConceptVocab
 from cbm_lm.data.corpus_build import BuildConfig, build_corpus
@@ -106,8 +107,9 @@ def build_demo_corpus(cfg: DemoConfig, pipeline_args=None, log=print) -> dict:
         ConceptVocab.from_names(ordered, meta).save(work / "concepts.json")
         log(f"demo corpus: {len(docs)} documents, {sum(len(d['text']) for d in docs) / 1e6:.1f} "
             f"MB of text, {len(ordered)} concepts; training a {cfg.vocab_size}-token BPE")
-        tok = tokenizer_lib.train_bpe((d["text"] for d in docs if d.get("split") != "heldout"),
-                                      cfg.vocab_size)
+        # The tokenizer learns from the training split only (the build's own split rule).
+        tok = tokenizer_lib.train_bpe(
+            inputs.training_texts([work / "input.jsonl"], cfg.heldout_fraction), cfg.vocab_size)
         tok_path = tok.save(work / "tokenizer")
         manifest = build_corpus(BuildConfig(
             out=str(out), jsonl=[str(work / "input.jsonl")], tokenizer=str(tok_path),

@@ -60,6 +60,17 @@ class LabelledDoc:
     def error(self, reason: str) -> DataError:
         return DataError(self.path, self.where, reason)
 
+    def split_for(self, heldout_fraction: float) -> str:
+        """Its own ``split`` field, else 'heldout' for a content-hash fraction of documents.
+
+        The one rule the corpus build and the tokenizer's training texts share,
+        so the tokenizer never sees a held-out document.
+        """
+        if self.split is not None:
+            return self.split
+        return "heldout" if int.from_bytes(self.hash()[:8], "big") < heldout_fraction * 2**64 \
+            else "train"
+
     def hash(self) -> bytes:
         """Content hash: decides the split and the shard; independent of input order."""
         h = hashlib.sha256()
@@ -155,6 +166,30 @@ def iter_jsonl_lines(path) -> Iterator[tuple[int, bytes]]:
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
                 yield n, raw
+
+
+def training_texts(paths, heldout_fraction: float, max_chars: int = 0) -> Iterator[str]:
+    """Texts of the documents the corpus build puts in the training split.
+
+    JSONL files (parsed and split as build_corpus does with the same
+    ``heldout_fraction``); any other file is one training text. Stops after
+    ``max_chars`` characters (0 = no limit).
+    """
+    total = 0
+    for path in paths:
+        path = str(path)
+        if path.endswith((".jsonl", ".jsonl.gz")):
+            source = default_source_for(path)
+            texts = (doc.text for doc in (parse_jsonl_line(raw, path, n, source)
+                                          for n, raw in iter_jsonl_lines(path))
+                     if doc.split_for(heldout_fraction) == "train")
+        else:
+            texts = [epath.Path(path).read_text(encoding="utf-8")]
+        for text in texts:
+            total += len(text)
+            yield text
+            if max_chars and total >= max_chars:
+                return
 
 
 def default_source_for(path) -> str:
