@@ -72,3 +72,32 @@ def test_packed_documents_do_not_interact():
     alone = model(tokens[:, 6:]).logits
     packed = model(tokens, positions=pos, segment_ids=seg).logits[:, 6:]
     np.testing.assert_allclose(packed, alone, atol=1e-5)
+
+
+def test_two_stream_mask_by_hand():
+    """[noisy | clean] copies, block size 2. Row 0: one 4-token document. Row 1: a
+    3-token and a 1-token document packed (positions restart). A noisy token sees the
+    noisy tokens of its own block and the clean tokens of earlier blocks of its
+    document; a clean token sees clean tokens block-causally."""
+    pos = jnp.array([[0, 1, 2, 3] * 2, [0, 1, 2, 0] * 2], jnp.int32)
+    seg = jnp.array([[1, 1, 1, 1] * 2, [1, 1, 1, 2] * 2], jnp.int32)
+    stream = jnp.array([[0] * 4 + [1] * 4] * 2, jnp.int32)
+    #               n0 n1 n2 n3  c0 c1 c2 c3
+    one_doc = [[1, 1, 0, 0, 0, 0, 0, 0],   # n0
+               [1, 1, 0, 0, 0, 0, 0, 0],   # n1
+               [0, 0, 1, 1, 1, 1, 0, 0],   # n2: own noisy block + clean block 0
+               [0, 0, 1, 1, 1, 1, 0, 0],   # n3
+               [0, 0, 0, 0, 1, 1, 0, 0],   # c0
+               [0, 0, 0, 0, 1, 1, 0, 0],   # c1
+               [0, 0, 0, 0, 1, 1, 1, 1],   # c2
+               [0, 0, 0, 0, 1, 1, 1, 1]]   # c3
+    packed = [[1, 1, 0, 0, 0, 0, 0, 0],    # n0 (doc 1, block 0)
+              [1, 1, 0, 0, 0, 0, 0, 0],    # n1
+              [0, 0, 1, 0, 1, 1, 0, 0],    # n2 (doc 1, block 1)
+              [0, 0, 0, 1, 0, 0, 0, 0],    # n3 (doc 2, block 0): itself only
+              [0, 0, 0, 0, 1, 1, 0, 0],    # c0
+              [0, 0, 0, 0, 1, 1, 0, 0],    # c1
+              [0, 0, 0, 0, 1, 1, 1, 0],    # c2
+              [0, 0, 0, 0, 0, 0, 0, 1]]    # c3
+    got = np.asarray(attention_mask(pos, seg, "block_causal", 2, stream=stream))[:, 0]
+    np.testing.assert_array_equal(got.astype(int), np.array([one_doc, packed]))
