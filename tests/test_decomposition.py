@@ -23,10 +23,25 @@ def _all_queries(cfg, n_targets=5, seed=0):
     return jnp.asarray(b), jnp.asarray(t), jnp.asarray(y)
 
 
-def _check_identity(model, out, cfg):
+def _residual(out, kept):
+    """The residual from its definition, not as the leftover of composed:
+    epsilon = h - known - unknown where epsilon is kept (``kept`` [B] bool), else 0;
+    without an unknown head, h - known (the prediction's own residual)."""
+    h, k, u = (np.asarray(x, np.float64) for x in (out.hidden, out.known_features,
+                                                    out.unknown_features))
+    if out.unknown is None:
+        return h - k
+    return np.asarray(kept, np.float64)[:, None, None] * (h - k - u)
+
+
+def _check_identity(model, out, cfg, kept=(True, True)):
     b, t, y = _all_queries(cfg)
     dec = decompose_logits(model, out, b, t, y)
-    np.testing.assert_allclose(dec.total(), dec.logit, atol=1e-4, rtol=0)
+    w_y = np.asarray(model.unembedding(), np.float64)[np.asarray(y)]            # [N,D]
+    eps = np.einsum("nd,nd->n", _residual(out, kept)[np.asarray(b), np.asarray(t)], w_y)
+    np.testing.assert_allclose(dec.epsilon_contrib, eps, atol=1e-4, rtol=0)
+    total = np.asarray(dec.known_contrib).sum(-1) + np.asarray(dec.unknown_contrib).sum(-1) + eps
+    np.testing.assert_allclose(total, dec.logit, atol=1e-4, rtol=0)
     # The identity must not be trivially carried by epsilon alone.
     assert float(jnp.abs(dec.known_contrib).sum()) > 1e-2
     return dec
@@ -59,7 +74,7 @@ def test_identity_with_interventions_and_epsilon_dropped():
     unk_ids = jnp.full((B, T, 1), 7)
     unk_vals = jnp.full((B, T, 1), 0.5)
     out = model(tokens, intervene_known=(ids, vals), intervene_unknown=(unk_ids, unk_vals))
-    _check_identity(model, out, cfg)
+    _check_identity(model, out, cfg, kept=(False, False))
     assert float(jnp.abs(out.epsilon).max()) == 0.0   # epsilon dropped while intervening
     assert float(jnp.abs(out.logits - base.logits).max()) > 1e-3
 
@@ -79,7 +94,7 @@ def test_drop_epsilon_per_sequence():
     out = model(random_tokens(cfg, B, T), drop_epsilon=jnp.array([True, False]))
     assert float(jnp.abs(out.epsilon[0]).max()) == 0.0
     assert float(jnp.abs(out.epsilon[1]).max()) > 0.0
-    _check_identity(model, out, cfg)
+    _check_identity(model, out, cfg, kept=(False, True))
     # Kept epsilon: composed equals h exactly in value.
     np.testing.assert_allclose(out.composed[1], out.hidden[1], atol=1e-5)
 

@@ -7,15 +7,23 @@ import sys
 import numpy as np
 import pytest
 
-from cbm_lm.eval.corpus_stats import token_counts, unigram_entropy
+from cbm_lm.eval.corpus_stats import unigram_entropy
 from train_fixtures import ROOT, run, tiny_corpus, train_args
 
 pytestmark = pytest.mark.slow
 
 
 def test_unigram_entropy_by_hand(tmp_path):
+    """Reference counts from the raw training texts run through the corpus's
+    tokenizer, not from the corpus reader the library uses."""
+    from cbm_lm.data.corpus import Corpus
+    from cbm_lm.data.inputs import training_texts
+
     corpus = tiny_corpus(tmp_path / "c")
-    counts = token_counts(str(corpus)).astype(float)
+    tok = Corpus(str(corpus)).tokenizer
+    counts = np.zeros(tok.vocab_size)
+    for text in training_texts([tmp_path / "c" / "input.jsonl"], 0.3):   # tiny_corpus's split
+        np.add.at(counts, tok.encode(text), 1)
     p = counts[counts > 0] / counts.sum()
     assert abs(unigram_entropy(str(corpus)) - float(-(p * np.log(p)).sum())) < 1e-12
     assert 0 < unigram_entropy(str(corpus)) < np.log(len(counts))

@@ -410,3 +410,26 @@ def test_dump_forward_rejects_bad_ids(tmp_path):
     ok = load_ids(str(tmp_path / "ok.npy"), VOCAB)
     assert ok.dtype == np.int32
     np.testing.assert_array_equal(ok, sample_ids(0))
+
+
+@pytest.mark.parity
+def test_steerling_8b_param_count_matches_steerlings_module():
+    """Our planner's count for gin_configs/steerling_8b.py equals the parameter count of
+    Steerling's own module built from that config (on torch's meta device: no memory)."""
+    import pathlib
+
+    from cbm_lm.default_config import load_config_file
+    from cbm_lm.interop.steerling_config import model_to_steerling_config
+    from cbm_lm.train.planning import count_params
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = ModelConfig.from_config(load_config_file(root / "gin_configs" / "steerling_8b.py").model)
+    raw = model_to_steerling_config(cfg)
+    fields = set(CausalDiffusionConfig.model_fields)
+    scfg = CausalDiffusionConfig.model_validate({k: v for k, v in raw.items() if k in fields})
+    with torch.device("meta"):
+        ref = InterpretableCausalDiffusionLM(scfg, ConceptConfig.model_validate(raw["concept"]),
+                                             vocab_size=raw["vocab_size"])
+    want = sum(p.numel() for p in ref.parameters())     # tied lm_head counted once
+    assert want > 8e9
+    assert count_params(cfg) == want
