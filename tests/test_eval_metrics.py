@@ -14,6 +14,7 @@ from cbm_lm.eval.forward import forward
 from cbm_lm.eval.heldout import HeldoutChunk, HeldoutWindows
 from cbm_lm.eval.logit_shares import logit_shares, shares_from_contributions, summarize
 from cbm_lm.eval.perplexity import perplexity
+from data_fixtures import small_corpus  # noqa: F401  (fixture)
 from model_fixtures import make_model, tiny_config
 
 
@@ -143,3 +144,27 @@ def test_diffusion_elbo_of_a_uniform_model_is_the_vocabulary_size():
     got = perplexity(model, windows_of(tokens, [32] * 8), batch=8, num_draws=16, t_min=0.2,
                      clean_context=False)
     assert np.log(got.perplexity) == pytest.approx(np.log(cfg.vocab_size), rel=0.1)
+
+
+def test_steering_success_and_perplexity_ratio_by_hand():
+    from cbm_lm.eval.perplexity import Perplexity
+    from cbm_lm.eval.steering_eval import concept_success, pooled_perplexity_ratio
+    # detected (p >= 0.5) in 2 of 4 steered vs 1 of 4 unsteered generations
+    assert concept_success([0.9, 0.5, 0.1, 0.2], [0.6, 0.4, 0.0, 0.1]) == (0.5, 0.25, True)
+    assert concept_success([0.9, 0.1], [0.7, 0.2])[2] is False       # equal rates: no success
+    # steered runs: 10 tokens at NLL 2 and 30 at NLL 3 -> pooled NLL 2.75; unsteered NLL 2.5
+    runs = [Perplexity(np.exp(2.0), 2.0, 10, ""), Perplexity(np.exp(3.0), 3.0, 30, "")]
+    ratio = pooled_perplexity_ratio(runs, Perplexity(np.exp(2.5), 2.5, 40, ""))
+    assert ratio == pytest.approx(np.exp(0.25))
+
+
+def test_bag_of_words_detector_learns_the_corpus_labels(small_corpus):
+    from cbm_lm.data.corpus import Corpus
+    from cbm_lm.eval.concept_classifier import train_classifier
+    corpus = Corpus(small_corpus)
+    dogs = corpus.concepts.id("topic:dogs")     # 3 of the ~60 training chunks
+    clf = train_classifier(corpus, [dogs])
+    assert clf.train_positives[dogs] == 3
+    p = clf.probability(["The dog barked. A proud dog.", "Filler document number 3.",
+                         "Goldfish swim in small bowls."], dogs)
+    assert p[0] > 0.5 > max(p[1], p[2])

@@ -47,16 +47,17 @@ def two_stream_inputs(noisy, clean, positions, segment_ids):
 
 
 @nnx.jit
-def _ar_nll(model, tokens, positions, segment_ids):
+def _ar_nll(model, tokens, positions, segment_ids, score):
     logits = model(tokens, positions=positions, segment_ids=segment_ids).logits
     ce = token_cross_entropy(logits[:, :-1], tokens[:, 1:])                  # [B,T-1]
-    valid = (segment_ids[:, 1:] > 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    valid = ((segment_ids[:, 1:] > 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
+             & score[:, 1:])
     return {"nll": jnp.sum(jnp.where(valid, ce, 0.0), 1), "count": valid.sum(1)}
 
 
 @nnx.jit(static_argnames=("block_size", "mask_id", "t_min", "clean_context"))
-def _diffusion_elbo(model, tokens, positions, segment_ids, key, *, block_size, mask_id, t_min,
-                    clean_context):
+def _diffusion_elbo(model, tokens, positions, segment_ids, score, key, *, block_size, mask_id,
+                    t_min, clean_context):
     noisy, masked, t = corrupt(key, tokens, segment_ids, positions, block_size=block_size,
                                mask_id=mask_id, t_min=t_min)
     if clean_context:
@@ -65,20 +66,22 @@ def _diffusion_elbo(model, tokens, positions, segment_ids, key, *, block_size, m
     else:
         logits = model(noisy, positions=positions, segment_ids=segment_ids).logits
     ce = token_cross_entropy(logits, tokens)
-    m = masked & (segment_ids > 0)
+    m = masked & (segment_ids > 0) & score
     return {"nll": jnp.sum(jnp.where(m, ce / jnp.where(m, t, 1.0), 0.0), 1),
-            "count": jnp.sum(segment_ids > 0, 1)}
+            "count": jnp.sum((segment_ids > 0) & score, 1)}
 
 
 def perplexity(model: ConceptBottleneckLM, windows: HeldoutWindows, *, seed: int = 0,
                batch: int = 8, num_draws: int = 4, t_min: float = 1e-3,
-               clean_context: bool = True) -> Perplexity:
+               clean_context: bool = True, score_mask=None) -> Perplexity:
+    """score_mask [N,T] bool: score only these tokens (default: every real token)."""
     cfg = model.config
     w = windows
+    score = (w.segment_ids > 0) if score_mask is None else np.asarray(score_mask, bool)
 
     def rows_of(rows):
         return (jnp.asarray(w.tokens[rows]), jnp.asarray(w.positions[rows]),
-                jnp.asarray(w.segment_ids[rows]))
+                jnp.asarray(w.segment_ids[rows]), jnp.asarray(score[rows]))
 
     if cfg.objective == "autoregressive":
         out = map_rows(lambda r: _ar_nll(model, *rows_of(r)), w.num_rows, batch)

@@ -36,6 +36,7 @@ class EvalOptions:
     ig_steps: int = 8             # integrated-gradients Riemann steps
     min_positives: int = 5        # positive chunks a concept needs to count in the macro AUROC
     elbo_draws: int = 4           # mask draws of the diffusion ELBO
+    steering_concepts: int = 6    # concepts amplified in the steering test
 
 
 def _missing_module(e: ImportError) -> str:
@@ -133,10 +134,19 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
             missing[k] = f"input attribution: {_missing_module(e)}"
         progress.finish("skipped: " + missing["random_deletion_auc"])
 
-    progress.start("steering", "steering")
-    for k in STEERING_KEYS:
-        missing[k] = "the steering evaluation (cbm_lm.inference samplers) is not part of this build yet"
-    progress.finish("skipped: " + missing[STEERING_KEYS[0]])
+    progress.start("steering", f"steering test: amplifying {opts.steering_concepts} concepts")
+    try:
+        from cbm_lm.eval.steering_eval import steering_eval
+        st = steering_eval(model, corpus, windows, num_concepts=opts.steering_concepts,
+                           seed=opts.seed, log=lambda m: print(f"      {m}", flush=True))
+        metrics["steering_success"] = st.success
+        metrics["steering_perplexity_ratio"] = st.perplexity_ratio
+        details["steering"] = dataclasses.asdict(st)
+        progress.finish(f"success {st.success:.2f}, perplexity ratio {st.perplexity_ratio:.3f}")
+    except ImportError as e:
+        for k in STEERING_KEYS:
+            missing[k] = f"steering: {_missing_module(e)}"
+        progress.finish("skipped: " + missing[STEERING_KEYS[0]])
 
     progress.start("provenance", "provenance")
     for k in PROVENANCE_KEYS:
