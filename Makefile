@@ -40,6 +40,7 @@ demo: $(STAMP)
 	$(PY) tools/explain.py --checkpoint $(DEMO)/train --corpus_dir $(DEMO)/corpus \
 	  --out $(DEMO)/report.md
 	@echo "demo report: $(DEMO)/report.md"
+	$(PY) launch/attribution_eval.py --workdir $(DEMO)/train --out $(DEMO)/eval
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
