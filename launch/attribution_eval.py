@@ -23,11 +23,13 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "A checkpoint directory (e.g. an
                             "Steerling one); needs --data.")
 _DATA = flags.DEFINE_string("data", None, "Corpus directory (default: the config's data.dir).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for report.json / report.html.")
-_NUM = flags.DEFINE_integer("num_examples", 64, "Held-out documents to evaluate on.")
+_NUM = flags.DEFINE_integer("num_examples", 256, "Held-out documents to evaluate on.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the held-out draw, masks and random orders.")
 _BASE = flags.DEFINE_string("baseline_workdir", None, "A same-size run without the concept "
                             "layer, for baseline_perplexity.")
 _PROMPTS = flags.DEFINE_integer("num_prompts", 3, "Held-out prompts explained in the HTML.")
+_STEER = flags.DEFINE_integer("steering_concepts", 6, "Concepts amplified in the steering test "
+                              "(0 skips it).")
 
 
 def main(argv):
@@ -53,7 +55,7 @@ def main(argv):
               flush=True)
         report = run_eval(target, _OUT.value, EvalOptions(
             num_examples=_NUM.value, seed=_SEED.value, baseline_workdir=_BASE.value,
-            num_prompts=_PROMPTS.value))
+            num_prompts=_PROMPTS.value, steering_concepts=_STEER.value))
     except (EvalInputError, OutputError) as e:
         sys.exit(f"attribution_eval: error: {e}")
     out = os.path.abspath(_OUT.value)

@@ -112,10 +112,13 @@ def test_binary_on_a_trained_checkpoint(tmp_path, corpus):
                                        "model.attention": "causal"}))
     out = tmp_path / "out"
     proc = run([sys.executable, BINARY, "--workdir", str(workdir), "--out", str(out),
-                "--num_examples", "8", "--num_prompts", "1"])
+                "--num_examples", "8", "--num_prompts", "1", "--steering_concepts", "1"])
     assert "eta" in proc.stdout and f"report: {out}/report.html" in proc.stdout
     report = check_report(out, step=4, curves=True)
     assert report["details"]["heldout"]["windows"] == 8
+    steering = report["details"]["steering"]["per_concept"]
+    assert [p["name"] for p in steering] == ["topic:filler0"]   # the one with 20 labelled chunks
+    assert math.isfinite(report["steering_perplexity_ratio"])
 
 
 @pytest.mark.slow
@@ -146,6 +149,9 @@ def test_binary_on_an_imported_steerling_checkpoint(tmp_path, corpus):
          "--out", str(ckpt)])
     out = tmp_path / "out"
     run([sys.executable, BINARY, "--checkpoint", str(ckpt), "--data", str(corpus),
-         "--out", str(out), "--num_examples", "6", "--num_prompts", "1"])
+         "--out", str(out), "--num_examples", "6", "--num_prompts", "1",
+         "--steering_concepts", "0"])
     report = check_report(out, step=0, curves=False)
     assert "ELBO" in report["details"]["perplexity"]["method"]
+    assert report["details"]["missing"]["steering_success"] == \
+        "steering: disabled (steering_concepts=0)"

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cbm_lm.attribution.integrated_gradients import LogitQuery, integrated_gradients
 from cbm_lm.eval.deletion import DeletionResult, deletion_auc
 from cbm_lm.eval.heldout import HeldoutWindows
 from cbm_lm.model import ConceptBottleneckLM
@@ -60,7 +61,6 @@ def explained_tokens(model_cfg, windows: HeldoutWindows, num: int, seed: int,
 
 def input_deletion(model: ConceptBottleneckLM, windows: HeldoutWindows, *, num_tokens: int = 24,
                    num_steps: int = 10, ig_steps: int = 8, seed: int = 0) -> DeletionResult:
-    from cbm_lm.attribution.integrated_gradients import LogitQuery, integrated_gradients
     cfg = model.config
     inputs, read, targets, context = explained_tokens(cfg, windows, num_tokens, seed)
     q = LogitQuery(jnp.asarray(inputs), jnp.asarray(read), jnp.asarray(targets))

@@ -15,9 +15,13 @@ import os
 from cbm_lm.eval import plots, report as report_lib, report_html
 from cbm_lm.eval.concept_detection import concept_detection
 from cbm_lm.eval.heldout import heldout_windows
+from cbm_lm.eval.input_faithfulness import input_deletion
 from cbm_lm.eval.logit_shares import logit_shares
+from cbm_lm.eval.panels import generation_panels
 from cbm_lm.eval.perplexity import perplexity
 from cbm_lm.eval.progress import Progress
+from cbm_lm.eval.provenance_eval import ProvenanceUnavailable, provenance_eval
+from cbm_lm.eval.steering_eval import SteeringUnavailable, steering_eval
 from cbm_lm.eval.target import EvalTarget, load_target
 
 PROVENANCE_KEYS = ("provenance_recall_at_10", "provenance_mrr", "bm25_recall_at_10",
@@ -27,7 +31,7 @@ STEERING_KEYS = ("steering_success", "steering_perplexity_ratio")
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
-    num_examples: int = 64        # held-out windows (documents)
+    num_examples: int = 256       # held-out windows (documents)
     seed: int = 0
     batch: int = 8                # rows per forward pass
     baseline_workdir: str | None = None
@@ -37,10 +41,6 @@ class EvalOptions:
     min_positives: int = 5        # positive chunks a concept needs to count in the macro AUROC
     elbo_draws: int = 4           # mask draws of the diffusion ELBO
     steering_concepts: int = 6    # concepts amplified in the steering test
-
-
-def _missing_module(e: ImportError) -> str:
-    return f"{e.name or e} is not part of this build yet"
 
 
 def run_eval(target: EvalTarget, out_dir: str, opts: EvalOptions = EvalOptions()) -> dict:
@@ -119,49 +119,50 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
 
     figures = {}
     progress.start("deletion", f"deletion test on {opts.deletion_tokens} explained tokens")
-    try:
-        from cbm_lm.eval.input_faithfulness import input_deletion
-        dl = input_deletion(model, windows, num_tokens=opts.deletion_tokens,
-                            ig_steps=opts.ig_steps, seed=opts.seed)
-        metrics["input_attribution_deletion_auc"] = dl.attribution_auc
-        metrics["random_deletion_auc"] = dl.random_auc
-        details["deletion"] = dataclasses.asdict(dl)
-        figures["deletion curves"] = plots.deletion_curves(dl.fractions, dl.attribution_curve,
-                                                           dl.random_curve)
-        progress.finish(f"AUC attribution {dl.attribution_auc:.3f} vs random {dl.random_auc:.3f}")
-    except ImportError as e:
-        for k in ("input_attribution_deletion_auc", "random_deletion_auc"):
-            missing[k] = f"input attribution: {_missing_module(e)}"
-        progress.finish("skipped: " + missing["random_deletion_auc"])
+    dl = input_deletion(model, windows, num_tokens=opts.deletion_tokens, ig_steps=opts.ig_steps,
+                        seed=opts.seed)
+    metrics["input_attribution_deletion_auc"] = dl.attribution_auc
+    metrics["random_deletion_auc"] = dl.random_auc
+    details["deletion"] = dataclasses.asdict(dl)
+    figures["deletion curves"] = plots.deletion_curves(dl.fractions, dl.attribution_curve,
+                                                       dl.random_curve)
+    progress.finish(f"AUC attribution {dl.attribution_auc:.3f} vs random {dl.random_auc:.3f}")
 
     progress.start("steering", f"steering test: amplifying {opts.steering_concepts} concepts")
     try:
-        from cbm_lm.eval.steering_eval import steering_eval
+        if not opts.steering_concepts:
+            raise SteeringUnavailable("disabled (steering_concepts=0)")
         st = steering_eval(model, corpus, windows, num_concepts=opts.steering_concepts,
                            seed=opts.seed, log=lambda m: print(f"      {m}", flush=True))
         metrics["steering_success"] = st.success
         metrics["steering_perplexity_ratio"] = st.perplexity_ratio
         details["steering"] = dataclasses.asdict(st)
         progress.finish(f"success {st.success:.2f}, perplexity ratio {st.perplexity_ratio:.3f}")
-    except ImportError as e:
+    except SteeringUnavailable as e:
         for k in STEERING_KEYS:
-            missing[k] = f"steering: {_missing_module(e)}"
+            missing[k] = f"steering: {e}"
         progress.finish("skipped: " + missing[STEERING_KEYS[0]])
 
-    progress.start("provenance", "provenance")
-    for k in PROVENANCE_KEYS:
-        missing[k] = "chunk provenance (cbm_lm.provenance index and query) is not part of this build yet"
-    progress.finish("skipped: " + missing[PROVENANCE_KEYS[0]])
-
-    progress.start("panels", f"explaining {opts.num_prompts} held-out prompts")
+    provenance_panel = None
+    progress.start("provenance", "provenance: planted-fact recall, BM25, source accuracy")
     try:
-        from cbm_lm.eval.panels import heldout_panels
-        panels = heldout_panels(model, corpus, windows, num_prompts=opts.num_prompts,
-                                ig_steps=opts.ig_steps)
-    except ImportError as e:
-        panels = []
-        details["panels_missing"] = _missing_module(e)
-    progress.finish(f"{len(panels)} panels")
+        pm, provenance_panel = provenance_eval(
+            target.checkpoint_dir, model, cfg, corpus, target.step,
+            log=lambda m: print(f"      {m}", flush=True))
+        metrics.update(pm)
+        progress.finish("  ".join(f"{k} {v:.3f}" for k, v in pm.items()))
+    except ProvenanceUnavailable as e:
+        for k in PROVENANCE_KEYS:
+            missing[k] = f"provenance: {e}"
+        progress.finish("skipped: " + missing[PROVENANCE_KEYS[0]])
+
+    progress.start("panels", f"generating and explaining {opts.num_prompts} held-out prompts")
+    panels, gen_err = generation_panels(model, corpus, windows, num_prompts=opts.num_prompts,
+                                        ig_steps=opts.ig_steps, seed=opts.seed,
+                                        provenance=provenance_panel)
+    details["logit_shares"]["generated_tokens_max_error"] = gen_err
+    metrics["decomposition_max_error"] = max(metrics["decomposition_max_error"], gen_err)
+    progress.finish(f"{len(panels)} panels; identity error on generated tokens {gen_err:.2e}")
 
     progress.start("write", f"writing the report")
     records = plots.read_metrics(target.checkpoint_dir)

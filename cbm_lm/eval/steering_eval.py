@@ -29,6 +29,10 @@ from cbm_lm.inference.logit_processing import SamplingConfig
 from cbm_lm.inference.steering import amplify
 
 
+class SteeringUnavailable(ValueError):
+    """The corpus or held-out windows cannot support the test (reported, not fatal)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SteeringResult:
     success: float
@@ -73,14 +77,15 @@ def _texts(trace, tok) -> list[str]:
 
 
 def steering_eval(model, corpus: Corpus, windows: HeldoutWindows, *, num_concepts: int = 6,
-                  num_prompts: int = 4, prompt_len: int = 16, max_new_tokens: int = 32,
+                  num_prompts: int = 8, prompt_len: int = 16, max_new_tokens: int = 32,
                   min_train_chunks: int = 20, seed: int = 0, log=lambda s: None
                   ) -> SteeringResult:
     tok = corpus.tokenizer
     n_known = model.config.concepts.n_known
     pool = [j for j in trainable_concepts(corpus, min_train_chunks) if j < n_known]
     if not pool:
-        raise ValueError(f"{corpus.dir}: no concept labels {min_train_chunks} training chunks")
+        raise SteeringUnavailable(f"no concept of {corpus.dir} labels {min_train_chunks} training "
+                                  f"chunks, too few to train its detector")
     rng = np.random.default_rng(seed)
     concepts = sorted(rng.choice(pool, size=min(num_concepts, len(pool)), replace=False).tolist())
     log(f"training the bag-of-words detector for {len(concepts)} concepts")
@@ -89,7 +94,7 @@ def steering_eval(model, corpus: Corpus, windows: HeldoutWindows, *, num_concept
     rows = [r for r in range(windows.num_rows) if windows.segment_ids[r].sum() >= prompt_len]
     prompts = [windows.tokens[r, :prompt_len].tolist() for r in rows[:num_prompts]]
     if not prompts:
-        raise ValueError(f"no held-out window has {prompt_len} tokens for a prompt")
+        raise SteeringUnavailable(f"no held-out window has {prompt_len} tokens for a prompt")
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, seed=seed,
                          banned_ids=(tok.mask_id, tok.pad_id, tok.bos_id))
 
@@ -106,10 +111,12 @@ def steering_eval(model, corpus: Corpus, windows: HeldoutWindows, *, num_concept
         log(f"generating with {corpus.concepts.name(j)} amplified")
         _, texts, ppl = run(amplify(model, j))
         runs.append(ppl)
-        steered, unsteered, ok = concept_success(clf.probability(texts, j),
-                                                 clf.probability(base_texts, j))
+        p_steered, p_unsteered = clf.probability(texts, j), clf.probability(base_texts, j)
+        steered, unsteered, ok = concept_success(p_steered, p_unsteered)
         per.append({"id": j, "name": corpus.concepts.name(j), "steered_rate": steered,
                     "unsteered_rate": unsteered, "success": ok,
+                    "steered_mean_p": float(p_steered.mean()),
+                    "unsteered_mean_p": float(p_unsteered.mean()),
                     "steered_perplexity": ppl.perplexity,
                     "detector_heldout_auroc": clf.heldout_auroc[j],
                     "detector_train_positives": clf.train_positives[j]})

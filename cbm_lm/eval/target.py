@@ -78,6 +78,17 @@ def check_corpus_matches(corpus: Corpus, model_cfg: ModelConfig) -> None:
             f"trained on")
 
 
+def _corpus_of(config, ckpt_dir: str) -> str:
+    """The run's corpus: config data.dir as given, else its namesake beside the workdir
+    (a relative data.dir written by a run started from another directory)."""
+    d = (config.get("data", {}) or {}).get("dir", "")
+    if not d:
+        raise EvalInputError(f"{os.path.join(ckpt_dir, CONFIG_FILE)}: names no corpus (data.dir); "
+                             f"pass --data CORPUS_DIR")
+    sibling = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), os.path.basename(d.rstrip("/")))
+    return d if os.path.exists(d) or not os.path.exists(sibling) else sibling
+
+
 def load_target(*, workdir: str | None = None, checkpoint: str | None = None,
                 data: str | None = None) -> EvalTarget:
     """Restores params and opens the corpus; exactly one of workdir / checkpoint."""
@@ -98,10 +109,7 @@ def load_target(*, workdir: str | None = None, checkpoint: str | None = None,
         model_cfg = ModelConfig.from_config(config.model)
     except (CheckpointError, ValueError) as e:
         raise EvalInputError(f"{os.path.join(ckpt_dir, CONFIG_FILE)}: {e}") from e
-    data = data or (config.get("data", {}) or {}).get("dir", "")
-    if not data:
-        raise EvalInputError(f"{os.path.join(ckpt_dir, CONFIG_FILE)}: names no corpus (data.dir); "
-                             f"pass --data CORPUS_DIR")
+    data = data or _corpus_of(config, ckpt_dir)
     try:
         corpus = Corpus(data)
     except (FileNotFoundError, ValueError) as e:
