@@ -105,6 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
         teacher_forcing_start=1.0,      # alpha(step): linear from start to end
         teacher_forcing_end=0.0,
         teacher_forcing_steps=100,
+        # optional steering training (objectives/steering_loss.py); 0 = off
+        steering_weight=0.0,
+        steering_period=10,     # every this many steps
+        steering_target=8.0,    # injection strength, logit units
+        steering_layer=-1,      # inject from this layer on; -1 = n_layers // 2
         ce_chunk_tokens=0,              # >0: LM cross-entropy this many positions at a time,
                                         # never [B,T,V] whole (objectives/chunked_ce.py)
     ))

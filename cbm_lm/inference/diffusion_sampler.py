@@ -77,8 +77,8 @@ def _run(graphdef, state, x0, seg, prompt_lens, sched, keys, arrays, *,
         is_mask = (x == mask_id) & (seg > 0)
         alpha = None
         if static.inject_layer is not None:
-            n_done = jnp.sum(is_mask, -1)       # masked left; committed = N - masked
-            alpha = steered_call.injection_alpha(static, arrays, cfg.max_new_tokens - n_done)
+            masked_left = jnp.sum(is_mask, -1)          # committed = N - masked left
+            alpha = steered_call.injection_alpha(static, arrays, cfg.max_new_tokens - masked_left)
         if cfg.cfg_scale <= 0:
             out = steered_call.call(model, x, seg, static, arrays, steered=is_mask, alpha=alpha)
             return out, out.logits

@@ -56,9 +56,15 @@ class SteeringEval:
         base = np.mean([c.base_rate for c in self.concepts])
         steered = np.mean([c.steered_rate for c in self.concepts])
         ppl = [c.steered_ppl for c in self.concepts if c.steered_ppl is not None]
+        # concepts the base generations rarely express: where amplifying can show at all
+        rare = [c for c in self.concepts if c.base_rate < 0.5]
         return {"concepts": len(self.concepts), "prompts": self.n_prompts,
                 "mean_base_rate": float(base), "mean_steered_rate": float(steered),
                 "concepts_lifted": int(sum(c.steered_rate > c.base_rate for c in self.concepts)),
+                "rare_concepts": len(rare),
+                "rare_mean_base_rate": float(np.mean([c.base_rate for c in rare])) if rare else None,
+                "rare_mean_steered_rate":
+                    float(np.mean([c.steered_rate for c in rare])) if rare else None,
                 "base_ppl": self.base_ppl,
                 "mean_steered_ppl": float(np.mean(ppl)) if ppl else None,
                 "ppl_ratio": float(np.mean(ppl) / self.base_ppl) if ppl and self.base_ppl else None,

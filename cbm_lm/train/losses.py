@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cbm_lm import objectives as obj
+from cbm_lm.objectives.steering_loss import steering_loss
 
 
 def _logit_shares(out, unembedding, targets, valid):
@@ -41,6 +42,24 @@ def _dead_fraction(indices, valid, n_concepts):
     hits = jnp.zeros((n_concepts,), jnp.int32).at[indices.reshape(-1)].add(
         jnp.broadcast_to(valid[..., None], indices.shape).reshape(-1).astype(jnp.int32))
     return jnp.mean((hits == 0).astype(jnp.float32))
+
+
+def _steering_term(model, batch, rng, step, loss_cfg, model_cfg):
+    """The steering loss every loss.steering_period steps (zeros in between)."""
+    layer = loss_cfg.get("steering_layer", -1)
+    layer = model_cfg.n_layers // 2 if layer < 0 else layer
+
+    def run():
+        return steering_loss(model, batch["tokens"], batch["segment_ids"], batch["positions"],
+                             batch["concept_ids"], rng,
+                             diffusion=model_cfg.objective == "diffusion",
+                             mask_id=model_cfg.resolved_mask_token_id,
+                             target=loss_cfg.get("steering_target", 8.0), layer=layer)
+
+    shapes = jax.eval_shape(run)
+    on = jnp.asarray(step) % max(int(loss_cfg.get("steering_period", 1)), 1) == 0
+    return jax.lax.cond(on, run, lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                      shapes))
 
 
 def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool = True):
@@ -119,6 +138,12 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
              "concept_loss": (loss_cfg.concept_weight, concept_loss),
              "reconstruction_loss": (loss_cfg.reconstruction_weight, rec),
              "independence_loss": (loss_cfg.independence_weight, ind)}
+    steer_w = loss_cfg.get("steering_weight", 0.0)
+    if train and steer_w:    # optional steering training (objectives/steering_loss.py)
+        st, st_metrics = _steering_term(model, batch, jax.random.fold_in(rng, 11), step,
+                                        loss_cfg, model_cfg)
+        terms["steering_loss"] = (steer_w, st)
+        metrics.update(st_metrics)
     total = sum(w * v for w, v in terms.values())
     for name, (w, v) in terms.items():
         metrics[name] = v
