@@ -79,7 +79,7 @@ def _chunk(i: int, chunk: dict) -> str:
             f"<div class='chunk-text'>{html.escape(chunk['text'])}</div>"
             f"<div>input attribution (context that caused this chunk; red raises, blue lowers):"
             f"</div><div class='heatmap'>{heat}</div>"
-            f"<table class='concepts'><tr><th>top concepts</th><th>share</th></tr>{rows}"
+            f"<table class='concepts'><tr><th>top concepts</th><th>share (signed)</th></tr>{rows}"
             f"<tr><td><i>unknown concepts (all)</i></td><td>{chunk['unknown_share']:.1%}</td></tr>"
             f"<tr><td><i>epsilon</i></td><td>{chunk['epsilon_share']:.1%}</td></tr></table></div>")
 
