@@ -66,4 +66,6 @@ def test_training_on_the_steering_loss_makes_injection_steer():
     for _ in range(30):
         last = train_step(model, opt)
     assert float(last["steering_head_prob"]) > float(first["steering_head_prob"]) + 0.1
+    # ... without learning to fire for the concept where it is neither injected nor labelled
+    assert float(last["steering_head_prob_elsewhere"]) < float(last["steering_head_prob"]) - 0.1
     assert float(last["steering_out_loss"]) < float(first["steering_out_loss"])
