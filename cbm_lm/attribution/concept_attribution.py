@@ -14,8 +14,9 @@ and the identity logit_y = sum C_k + sum C_u + eps holds exactly
 logit the model produced, so a wrong table, target or position shows up as
 an error instead of being absorbed into epsilon.
 
-The passes are replayed from the trace (cbm_lm/attribution/replay.py): a
-jitted forward over each unique model input (one per diffusion step and
+The contributions are taken in the pass that committed the token when the
+sampler was given ``commit_capture`` (trace.capture), or that pass is
+replayed from the trace (cbm_lm/attribution/replay.py): a jitted forward over each unique model input (one per diffusion step and
 sequence; one per sequence for autoregressive models, whose causal mask makes
 the full sequence equivalent to every prefix), decomposed at the tokens that
 step committed.
@@ -136,6 +137,18 @@ def concept_attribution(model: ConceptBottleneckLM, trace_or_replay, *,
     return replay_concepts(model, replay)
 
 
+def commit_capture(model, out, batch_idx, pos_idx, token) -> dict:
+    """``capture_fn`` for cbm_lm.inference.generate: decomposes, inside the sampler's jitted
+    loop, the logit of each token committed by this pass (out: its LMOutput; batch_idx,
+    pos_idx, token [N]: rows, read positions in ``out``, committed ids). Returns [N,...]
+    arrays that the sampler stores per position in ``trace.capture``."""
+    dec = decompose_logits(model, out, batch_idx, pos_idx, token)
+    return dict(logit=dec.logit, known_ids=dec.known_ids, known_contrib=dec.known_contrib,
+                known_weights=dec.known_weights, unknown_ids=dec.unknown_ids,
+                unknown_contrib=dec.unknown_contrib, unknown_weights=dec.unknown_weights,
+                epsilon_contrib=dec.epsilon_contrib)
+
+
 def from_capture(replay: ReplaySet, capture: dict) -> ConceptAttribution:
     """ConceptAttribution of replay's tokens from a trace's capture dict of [B,L,...] arrays
     (logit, known_ids, known_contrib, unknown_ids, unknown_contrib, epsilon_contrib)."""
@@ -144,10 +157,13 @@ def from_capture(replay: ReplaySet, capture: dict) -> ConceptAttribution:
     def at(name, dtype):
         return np.asarray(capture[name])[b, p].astype(dtype)
 
+    weights = [at(k, np.float32) if k in capture else None
+               for k in ("known_weights", "unknown_weights")]
     return ConceptAttribution(b, p, replay.step, replay.targets,
                               at("known_ids", np.int32), at("known_contrib", np.float32),
                               at("unknown_ids", np.int32), at("unknown_contrib", np.float32),
-                              at("epsilon_contrib", np.float32), at("logit", np.float32))
+                              at("epsilon_contrib", np.float32), at("logit", np.float32),
+                              *weights)
 
 
 def replay_concepts(model: ConceptBottleneckLM, replay: ReplaySet, *,
