@@ -196,6 +196,31 @@ class Explainer:
             prompts = [prompts]
         return [np.asarray(self.encode(p) if isinstance(p, str) else p, np.int32) for p in prompts]
 
+    def teacher_forced(self, ids, n_explain: int) -> Generation:
+        """The last ``n_explain`` tokens of ``ids`` [T] as if the model had generated them:
+        a trace whose prompt is ids[:T - n] and whose "generated" tokens are the true ones,
+        committed all at once from a fully masked window (diffusion) or one per step
+        (autoregressive). Explaining it explains the model's prediction of real text."""
+        ids = np.asarray(ids, np.int32).reshape(-1)
+        n = int(n_explain)
+        if not 0 < n < len(ids):
+            raise ValueError(f"n_explain={n}: expected 1..{len(ids) - 1} (the prompt keeps >= 1 "
+                             f"of the {len(ids)} tokens)")
+        diffusion = self.model.config.attention != "causal"
+        steps = np.zeros(n, np.int32) if diffusion else np.arange(n, dtype=np.int32)
+        committed = np.full((1, len(ids)), -1, np.int32)
+        committed[0, len(ids) - n:] = steps
+        special = self.special_ids()
+        trace = GenerationTrace(
+            tokens=ids[None], prompt_lens=np.asarray([len(ids) - n], np.int32),
+            gen_lens=np.asarray([n], np.int32), committed_step=committed,
+            objective="diffusion" if diffusion else "autoregressive", mask_id=special["mask"],
+            pad_id=special.get("pad", special["mask"]), max_new_tokens=n,
+            num_steps=int(steps.max()) + 1)
+        start = len(ids) - n
+        return Generation(trace, [[(start, len(ids))]], [self.decode(ids[start:])],
+                          [self.decode(ids[:start])])
+
     # -- explanation --------------------------------------------------------------------
     def attribute(self, gen: Generation, *, n_steps: int = 16, baseline: str = "mask",
                   batch_size: int = 16) -> tuple[InputAttribution, ConceptAttribution]:

@@ -55,7 +55,7 @@ def test_identity_on_every_generated_token(objective, steer):
     if steer == "intervene":          # concept 3 is forced to 0.9 at every position
         w = np.where(attr.known_ids == 3, attr.known_weights, 0).sum(-1)
         np.testing.assert_allclose(w, 0.9, atol=1e-6)
-        assert np.all(attr.epsilon == 0.0)
+        assert np.abs(attr.epsilon).max() < 1e-6       # dropped (zero up to rounding)
 
 
 def test_verify_fails_when_the_decomposition_is_wrong(diffusion_attr):

@@ -1,6 +1,9 @@
-"""tools/explain.py on a freshly trained checkpoint writes the demo report:
-the training summary against the unigram baseline and an exact decomposition."""
+"""tools/explain.py and tools/generate.py on a freshly trained checkpoint: the
+demo report (training summary against the unigram baseline, exact
+decomposition) and generation with per-chunk explanations; generate.py also
+on an imported Steerling checkpoint, which has no tokenizer."""
 
+import json
 import re
 import sys
 
@@ -11,6 +14,19 @@ from cbm_lm.eval.corpus_stats import unigram_entropy
 from train_fixtures import ROOT, run, tiny_corpus, train_args
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    corpus = tiny_corpus(tmp / "c")
+    workdir = tmp / "run"
+    run(train_args(corpus, workdir, **{"train.num_steps": 4, "train.eval_every": 4}))
+    return corpus, workdir
+
+
+def _tool(name, *args, check=True):
+    return run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], check=check)
 
 
 def test_unigram_entropy_by_hand(tmp_path):
@@ -29,13 +45,11 @@ def test_unigram_entropy_by_hand(tmp_path):
     assert 0 < unigram_entropy(str(corpus)) < np.log(len(counts))
 
 
-def test_report_on_trained_checkpoint(tmp_path):
-    corpus = tiny_corpus(tmp_path / "c")
-    workdir = tmp_path / "run"
-    run(train_args(corpus, workdir, **{"train.num_steps": 4, "train.eval_every": 4}))
+def test_report_on_trained_checkpoint(trained, tmp_path):
+    corpus, workdir = trained
     report = tmp_path / "report.md"
-    run([sys.executable, str(ROOT / "tools" / "explain.py"), "--checkpoint", str(workdir),
-         "--corpus_dir", str(corpus), "--out", str(report), "--positions", "3"])
+    _tool("explain.py", "--checkpoint", workdir, "--corpus_dir", corpus, "--out", report,
+          "--positions", 3)
     text = report.read_text()
     assert "- steps: 4" in text and "unigram entropy of the training split" in text
     pattern = r"max \|known \+ unknown \+ epsilon - logit\| = ([0-9.e+-]+?)\.?$"
@@ -43,3 +57,62 @@ def test_report_on_trained_checkpoint(tmp_path):
     assert err < 1e-4
     assert len(re.findall(r"^### position \d+", text, re.M)) == 3
     assert re.search(r"known topic:\w+: [+-]\d", text)      # concept names from concepts.json
+    assert len(re.findall(r"^- context tokens \(integrated gradients\): \S", text, re.M)) == 3
+
+
+def test_generate_json_on_trained_checkpoint(trained):
+    corpus, workdir = trained
+    from cbm_lm.data.corpus import Corpus
+    c = Corpus(corpus)
+    names = {x.name: x.group for x in c.concepts.concepts}
+    out = _tool("generate.py", "--checkpoint", workdir, "--corpus_dir", corpus,
+                "--prompt", "The king", "--max_new_tokens", 12, "--seed", 2, "--json",
+                "--amplify", f"{c.concepts.name(0)}=4").stdout
+    d = json.loads(out)
+    assert d["prompt_ids"] == c.tokenizer.encode("The king")
+    assert len(d["tokens"]) == 12 and d["text"] == c.tokenizer.decode(d["tokens"])
+    p = len(d["prompt_ids"])
+    assert d["chunks"] and d["chunks"][0]["start"] == p
+    for ch in d["chunks"]:
+        assert ch["text"] == c.tokenizer.decode(d["tokens"][ch["start"] - p: ch["end"] - p])
+        assert -1 <= ch["epsilon_share"] <= 1
+        for e in ch["top_concepts"]:
+            if e["type"] == "known" and e["id"] < len(c.concepts):
+                assert e["name"] == c.concepts.name(e["id"]) and names[e["name"]] == e["group"]
+            elif e["type"] == "known":                       # an id concepts.json leaves unnamed
+                assert e["name"] == f"k{e['id']}"
+            else:
+                assert e["name"] == f"u{e['id']}"
+        assert ch["top_input_tokens"] and all(t["position"] < ch["end"]
+                                              for t in ch["top_input_tokens"])
+    plain = _tool("generate.py", "--checkpoint", workdir, "--corpus_dir", corpus,
+                  "--prompt", "The king", "--max_new_tokens", 12, "--seed", 2,
+                  "--amplify", f"{c.concepts.name(0)}=4").stdout
+    assert plain.startswith("The king") and "--- chunk 0 [" in plain
+    assert d["text"].split(c.tokenizer.decode([c.tokenizer.endofchunk_id]))[0] in plain
+    bad = _tool("generate.py", "--checkpoint", workdir, "--corpus_dir", corpus, "--prompt", "x",
+                "--amplify", "topic", check=False)
+    assert bad.returncode != 0 and "--amplify='topic': expected NAME=VALUE" in bad.stderr
+
+
+@pytest.mark.parity
+def test_generate_on_imported_steerling_checkpoint(tmp_path):
+    from test_steerling_parity import make_steerling, save_steerling
+    model, cfg, ccfg = make_steerling({}, {}, seed=0)
+    save_steerling(model, cfg, ccfg, str(tmp_path / "src"))
+    _tool("import_steerling.py", "--src", tmp_path / "src", "--out", tmp_path / "ckpt")
+    ids = np.asarray([[5, 17, 33, 2], [9, 8, 7, 6]])
+    np.save(tmp_path / "ids.npy", ids)
+    out = _tool("generate.py", "--checkpoint", tmp_path / "ckpt", "--prompt_ids",
+                tmp_path / "ids.npy", "--max_new_tokens", 8, "--json", "--n_steps", 4,
+                "--amplify", "3=4").stdout
+    rows = json.loads(out)
+    assert [r["prompt_ids"] for r in rows] == ids.tolist()
+    for r in rows:
+        assert len(r["tokens"]) == 8 and r["text"] is None
+        assert r["chunks"][0]["start"] == 4 and r["chunks"][-1]["end"] == 12
+        assert all(e["name"] in (f"k{e['id']}", f"u{e['id']}")
+                   for ch in r["chunks"] for e in ch["top_concepts"])
+    bad = _tool("generate.py", "--checkpoint", tmp_path / "ckpt", "--prompt", "hello",
+                check=False)
+    assert bad.returncode != 0 and "no tokenizer found" in bad.stderr
