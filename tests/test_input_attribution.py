@@ -163,3 +163,20 @@ def test_integrated_function_equals_the_model_logit(concepts):
         np.testing.assert_allclose(got, ref, atol=1e-5)
         if iv is not None:
             assert float(jnp.abs(ref - model(tokens).logits[jnp.arange(3), read, tgt]).max()) > 1e-3
+
+
+@pytest.mark.slow
+def test_straight_through_clip_is_integrated_with_its_true_gradient():
+    """Training's straight-through cap has the values of the hard cap but gradient 1 past
+    it; IG must use the true gradient (0 there) or completeness breaks under steering."""
+    results = {}
+    for mode in ("hard", "straight_through"):
+        cfg = tiny_config(init_std=0.6, concepts=dict(clip_mode=mode, logit_clip=1.0))
+        model = make_model(cfg)
+        trace = hand_trace(cfg, "diffusion", steerings(cfg)["intervene"])
+        results[mode] = input_attribution(model, trace, n_steps=128)
+    np.testing.assert_allclose(results["straight_through"].attributions,
+                               results["hard"].attributions, atol=1e-5)
+    gap = np.abs(results["straight_through"].completeness_gap())
+    delta = np.abs(results["hard"].f_input - results["hard"].f_baseline)
+    assert np.all(gap <= 0.05 * (1 + delta)), gap.max()

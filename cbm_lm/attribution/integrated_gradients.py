@@ -177,6 +177,10 @@ def _logit(model, composed, targets):
 
 def _ig_rows(graphdef, state, q: LogitQuery, baseline, n_steps, inject_layer):
     model = nnx.merge(graphdef, state)
+    for head in (model.rewrite.known_head, model.rewrite.unknown_head):
+        # Same values; the true (zero) gradient past the cap, which completeness needs.
+        if head is not None and head.clip_mode == "straight_through":
+            head.clip_mode = "hard"
     e = model.backbone.embed(q.tokens).astype(jnp.float32)               # [Q,L,D]
     b = jnp.broadcast_to(baseline, e.shape).astype(jnp.float32)
     delta = e - b
