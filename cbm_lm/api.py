@@ -3,7 +3,7 @@
     from cbm_lm import Explainer
     ex = Explainer.load("runs/demo/train")                 # trained or imported checkpoint
     gen = ex.generate("The king said to his daughter", max_new_tokens=64, seed=1,
-                      steering=ex.steer(amplify={"topic:kings": 8.0}))
+                      steering=ex.steer(amplify={"play:king-lear": 8.0}))
     for chunk in ex.explain(gen):
         print(chunk.text, chunk.top_concepts[:3], chunk.epsilon_share, chunk.top_input_tokens[:3])
 
