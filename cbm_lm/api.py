@@ -30,6 +30,7 @@ from cbm_lm.attribution.chunk_aggregation import ChunkConcepts, ConceptLabels, c
 from cbm_lm.attribution.concept_attribution import (ConceptAttribution, commit_capture,
                                                     concept_attribution)
 from cbm_lm.attribution.input_attribution import InputAttribution, input_attribution
+from cbm_lm.attribution.replay import replay_for
 from cbm_lm.inference import steering as steering_lib
 from cbm_lm.inference.chunks import trace_chunks
 from cbm_lm.inference.generate import generate as run_sampler
@@ -223,38 +224,55 @@ class Explainer:
 
     # -- explanation --------------------------------------------------------------------
     def attribute(self, gen: Generation, *, n_steps: int = 16, baseline: str = "mask",
-                  batch_size: int = 16) -> tuple[InputAttribution, ConceptAttribution]:
-        """The per-token views: IG [Q,L] over every generated token and its concept
-        contributions (from the commit-time capture when the trace has one)."""
-        inputs = input_attribution(self.model, gen.trace, n_steps=n_steps, baseline=baseline,
+                  batch_size: int = 16, spans: Sequence[tuple[int, int, int]] | None = None
+                  ) -> tuple[InputAttribution, ConceptAttribution]:
+        """The per-token views: IG [Q,L] over the generated tokens and their concept
+        contributions (from the commit-time capture when the trace has one).
+        spans: only the tokens inside these (batch, start, end) spans (default all)."""
+        replay = replay_for(self.model, gen.trace)
+        if spans is not None:
+            keep = np.zeros(replay.num, bool)
+            for b, start, end in spans:
+                keep |= (replay.batch == b) & (replay.position >= start) & (replay.position < end)
+            replay = replay.select(keep)
+        inputs = input_attribution(self.model, replay, n_steps=n_steps, baseline=baseline,
                                    batch_size=batch_size, mesh=self.mesh)
-        concepts = concept_attribution(self.model, gen.trace)
+        concepts = concept_attribution(self.model, replay)
         return inputs, concepts
 
-    def explain(self, gen: Generation, batch: int | None = None, *, n_steps: int = 16,
-                top_k: int = 5, input_scope: str = "all",
+    def explain(self, gen: Generation, batch: int | None = None, chunk: int | None = None, *,
+                n_steps: int = 16, top_k: int = 5, input_scope: str = "all",
                 views: tuple[InputAttribution, ConceptAttribution] | None = None
                 ) -> list[ChunkExplanation]:
-        """Every output chunk of sequence ``batch`` (default: all sequences), three views.
+        """Output chunks with their three views: chunk ``chunk`` of sequence ``batch`` (then
+        only its tokens are attributed), every chunk of ``batch``, or of every sequence.
 
         n_steps: IG Riemann steps (1 = gradient x input). top_k: concepts and input tokens
         listed per chunk. input_scope: "prompt" | "generated" | "all" input positions.
         views: precomputed ``attribute(gen)`` results to reuse.
         """
-        inputs, concepts = views or self.attribute(gen, n_steps=n_steps)
         seqs = range(gen.trace.batch_size) if batch is None else [batch]
+        wanted = [(b, s, e) for b in seqs for s, e in gen.chunks[b]]
+        if chunk is not None:
+            b = 0 if batch is None else batch
+            if not 0 <= chunk < len(gen.chunks[b]):
+                raise IndexError(f"chunk {chunk}: sequence {b} has {len(gen.chunks[b])} chunks")
+            wanted = [(b, *gen.chunks[b][chunk])]
+        if not wanted:
+            return []
+        inputs, concepts = views or self.attribute(
+            gen, n_steps=n_steps, spans=wanted if chunk is not None else None)
         out = []
-        for b in seqs:
-            for start, end in gen.chunks[b]:
-                cc: ChunkConcepts = chunk_concepts(concepts, b, start, end, self.labels)
-                tops = inputs.top_tokens(b, start, end, k=top_k, scope=input_scope)
-                for t in tops:
-                    t["text"] = self.decode([t["token_id"]])
-                ex = ChunkExplanation(b, start, end, self.decode(gen.trace.tokens[b, start:end]),
-                                      cc.top(top_k), cc.epsilon_share, tops)
-                if self.provenance is not None:
-                    ex.training_chunks = self.provenance(self, gen, ex)
-                out.append(ex)
+        for b, start, end in wanted:
+            cc: ChunkConcepts = chunk_concepts(concepts, b, start, end, self.labels)
+            tops = inputs.top_tokens(b, start, end, k=top_k, scope=input_scope)
+            for t in tops:
+                t["text"] = self.decode([t["token_id"]])
+            ex = ChunkExplanation(b, start, end, self.decode(gen.trace.tokens[b, start:end]),
+                                  cc.top(top_k), cc.epsilon_share, tops)
+            if self.provenance is not None:
+                ex.training_chunks = self.provenance(self, gen, ex)
+            out.append(ex)
         return out
 
     def to_json(self, gen: Generation, explanations: list[ChunkExplanation] | None = None

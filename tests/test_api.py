@@ -102,3 +102,17 @@ def test_bad_requests_fail_clearly(explainer):
         explainer.steer(amplify={"topic:nope": 4.0})
     with pytest.raises(ValueError, match="give one"):
         explainer.steer(amplify={"topic:t1": 4.0}, suppress=["topic:t2"])
+
+
+def test_explaining_one_chunk_attributes_only_its_tokens(explainer, steered):
+    gen, views = steered
+    full = [c for c in explainer.explain(gen, views=views) if c.batch == 1][0]
+    (one,) = explainer.explain(gen, batch=1, chunk=0, n_steps=32)
+    assert (one.start, one.end) == (full.start, full.end)
+    assert one.top_concepts == full.top_concepts and one.epsilon_share == full.epsilon_share
+    assert [t["position"] for t in one.top_input_tokens] == [
+        t["position"] for t in full.top_input_tokens]
+    np.testing.assert_allclose([t["score"] for t in one.top_input_tokens],
+                               [t["score"] for t in full.top_input_tokens], atol=1e-6)
+    with pytest.raises(IndexError, match="chunk 5"):
+        explainer.explain(gen, batch=1, chunk=5)

@@ -86,6 +86,17 @@ def test_positions_the_model_cannot_see_get_exactly_zero():
         assert np.abs(attr.attributions[q]).sum() > 0
 
 
+def test_batched_attribution_equals_one_token_at_a_time():
+    cfg, model = _model("diffusion")
+    trace = hand_trace(cfg, "diffusion", steerings(cfg)["inject"])
+    full = input_attribution(model, trace, n_steps=2)
+    for q in (0, 7):
+        alone = input_attribution(model, full.replay.select(np.arange(full.replay.num) == q),
+                                  n_steps=2)
+        assert alone.replay.num == 1 and len(alone.replay.input_batch) == 1
+        np.testing.assert_allclose(alone.attributions[0], full.attributions[q], atol=1e-6)
+
+
 @pytest.mark.slow
 def test_autoregressive_future_positions_get_exactly_zero():
     cfg, model = _model("autoregressive")

@@ -62,6 +62,14 @@ class ReplaySet:
         """The R unique inputs as a lazy query source (read_pos / targets are 0)."""
         return _Inputs(self)
 
+    def select(self, keep: np.ndarray) -> "ReplaySet":
+        """The tokens where ``keep`` [Q] is True (e.g. one chunk's), with only their inputs."""
+        keep = np.asarray(keep, bool)
+        used, row = np.unique(self.row[keep], return_inverse=True)
+        return ReplaySet(self.trace, self.input_batch[used], self.input_step[used],
+                         row.reshape(-1), self.batch[keep], self.position[keep], self.step[keep],
+                         self.targets[keep], self.read_pos[keep])
+
     def inputs(self, rows: np.ndarray) -> LogitQuery:
         """LogitQuery of the unique inputs ``rows`` [n] (read_pos / targets 0)."""
         return _query(self.trace, self.input_batch[rows], self.input_step[rows],
