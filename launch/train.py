@@ -10,6 +10,7 @@ discovers them itself (--distributed). Every process runs this same command.
 """
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -46,8 +47,12 @@ def main(argv):
         jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     elif _AUTO.value:
         jax.distributed.initialize()
-    from cbm_lm.train.loop import train  # after distributed init
-    train(_CONFIG.value, _WORKDIR.value)
+    from cbm_lm.train.checkpoint import CheckpointError  # after distributed init
+    from cbm_lm.train.loop import train
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except CheckpointError as e:
+        sys.exit(f"train: error: {e}")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,27 @@ def test_corrupted_latest_checkpoint_falls_back(corpus, reference, tmp_path):
     assert "checkpoint step 8" in out and "could not be restored" in out, out[-3000:]
     assert "resumed from step 6" in proc.stdout
     assert losses(workdir) == reference
+
+
+def test_refused_override_then_original_command_resumes(corpus, reference, tmp_path):
+    """A shape-changing override exits non-zero naming the leaves and the flag, moves
+    nothing, and the original command then resumes where it was with its metrics kept."""
+    workdir = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(train_args(corpus, workdir), env=env(), stdout=f,
+                                stderr=subprocess.STDOUT)
+        _wait_for(log, "step 5/8", proc)       # checkpoints exist at steps 2 and 4
+        proc.kill()
+        proc.wait()
+    listing = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    config_json = (workdir / "config.json").read_text()
+    bad = run(train_args(corpus, workdir, **{"model.d_model": 64}), check=False)
+    assert bad.returncode != 0
+    assert "--config.model.d_model=64 (checkpoint: 32)" in bad.stderr, bad.stderr[-3000:]
+    assert "mlp.gate: shape (32, 64) saved vs (64, 64) wanted" in bad.stderr
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == listing
+    assert (workdir / "config.json").read_text() == config_json
+    resumed = run(train_args(corpus, workdir))
+    assert "resumed from step 4" in resumed.stdout, resumed.stdout[-2000:]
+    assert losses(workdir) == reference

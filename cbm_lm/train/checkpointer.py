@@ -6,8 +6,19 @@ One orbax step directory holds three items:
   data         every process's grain iterator state (process_<i>-of-<n>.json)
 
 Saves are async (orbax commits a step by renaming its temporary folder, so a
-crash mid-save leaves the previous step intact). Restore walks the steps
-newest first and falls back past any step that fails to restore, saying why.
+crash mid-save leaves the previous step intact).
+
+Restore never costs a run:
+  1. the newest step's saved tree (orbax metadata: paths, shapes, dtypes) is
+     compared with the target first; a mismatch (a shape-changing --config
+     override) is refused naming the differing leaves and config fields, and
+     nothing is moved;
+  2. a step whose structure matches but whose data fails to read is skipped
+     for an older one; it is moved to WORKDIR/quarantine/ only once an older
+     step has restored from the same storage (proof the failure is the step's,
+     not the storage's); when none restores nothing is moved at all;
+  3. a params-only directory (tools/import_steerling.py, init_checkpoint.py)
+     is refused with a pointer to --init_from.
 """
 
 from __future__ import annotations
@@ -21,17 +32,29 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cbm_lm.train.checkpoint import CHECKPOINTS, PARAMS_ITEM, absolute, write_config
+from cbm_lm.train.checkpoint import (CHECKPOINTS, PARAMS_ITEM, CheckpointError, absolute,
+                                     read_config, write_config)
+from cbm_lm.train.restore_check import config_differences, tree_differences
 from cbm_lm.train.state import TrainState
 
 TRAIN_STATE_ITEM = "train_state"
 DATA_ITEM = "data"
+QUARANTINE = "quarantine"
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(CheckpointError):
+    """The saved tree does not fit the model/optimizer the current config describes."""
+
+
 def _rest_of_state(state: TrainState) -> dict:
     return dict(step=state.step, opt_state=state.opt_state, rng=state.rng, skipped=state.skipped)
+
+
+def _warn(msg: str) -> None:
+    log.error(msg)
+    print(f"WARNING: {msg}", flush=True)
 
 
 class TrainCheckpointer:
@@ -44,9 +67,15 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.workdir / CHECKPOINTS, options=options,
             item_names=(PARAMS_ITEM, TRAIN_STATE_ITEM, DATA_ITEM),
-            item_handlers={DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+            item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler(),
+                           TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           DATA_ITEM: grain.checkpoint.CheckpointHandler()})
+
+    def write_config(self) -> None:
+        """Records this run's config; called only once the restore decision is made,
+        so a refused run never overwrites the config of the run it refused."""
         if jax.process_index() == 0:
-            write_config(self.workdir, config)
+            write_config(self.workdir, self.config)
 
     def save(self, step: int, state: TrainState, data_iter) -> None:
         args = {PARAMS_ITEM: ocp.args.StandardSave(state.params),
@@ -62,52 +91,104 @@ class TrainCheckpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def _step_dir(self, step: int):
+        return self.workdir / CHECKPOINTS / str(step)
+
     def _quarantine(self, steps) -> None:
-        """Moves unrestorable steps to WORKDIR/quarantine/ so training can redo them."""
+        """Moves steps proven unreadable to WORKDIR/quarantine/ so training can redo them."""
         if not steps:
             return
         if jax.process_index() == 0:
-            qdir = self.workdir / "quarantine"
+            qdir = self.workdir / QUARANTINE
             qdir.mkdir(parents=True, exist_ok=True)
             for step in steps:
                 dst = qdir / f"{step}-{int(time.time())}"
-                (self.workdir / CHECKPOINTS / str(step)).rename(dst)
-                print(f"moved unrestorable checkpoint step {step} to {dst}", flush=True)
+                self._step_dir(step).rename(dst)
+                print(f"moved unreadable checkpoint step {step} to {dst}", flush=True)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("cbm_lm_checkpoint_quarantine")
         self.manager.reload()
+
+    def _refuse_params_only(self, step: int) -> None:
+        if not (self._step_dir(step) / TRAIN_STATE_ITEM).exists():
+            raise CheckpointError(
+                f"{self._step_dir(step)} holds params only (no {TRAIN_STATE_ITEM}: e.g. written "
+                f"by tools/import_steerling.py or tools/init_checkpoint.py), so it cannot be "
+                f"resumed. To fine-tune from it, pass --init_from={self.workdir} with a new, "
+                f"empty --workdir.")
+
+    def _check_fits(self, step: int, abstract_state: TrainState) -> None:
+        """Raises CheckpointMismatchError if step's saved tree differs from the target."""
+        meta = self.manager.item_metadata(step)
+        target = {PARAMS_ITEM: abstract_state.params,
+                  TRAIN_STATE_ITEM: _rest_of_state(abstract_state)}
+        saved = {name: getattr(meta[name], "tree", meta[name]) for name in target}
+        diffs = tree_differences(saved, target)
+        if not diffs:
+            return
+        try:
+            fields = config_differences(read_config(self.workdir), self.config)
+        except CheckpointError as e:
+            fields = [f"(cannot compare configs: {e})"]
+        shown = "\n  ".join(diffs[:20]) + (f"\n  ... and {len(diffs) - 20} more"
+                                           if len(diffs) > 20 else "")
+        cause = ("\n  ".join(fields) if fields else
+                 "(no config field differs from the saved config.json)")
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.workdir / CHECKPOINTS} does not fit the model and "
+            f"optimizer this config describes; refusing to restore (nothing was moved or "
+            f"deleted).\nDiffering leaves (saved vs wanted):\n  {shown}\n"
+            f"Config fields that differ from {self.workdir / 'config.json'} (the likely cause; "
+            f"drop the override to resume, or use a new --workdir, with --init_from for the "
+            f"params):\n  {cause}")
 
     def restore_latest(self, abstract_state: TrainState, data_iter):
         """Restores the newest usable step into ``abstract_state``'s shardings.
 
         Returns (state, step) or (None, None) when there is no checkpoint.
         ``abstract_state`` leaves are ShapeDtypeStructs with NamedShardings.
+        Raises CheckpointMismatchError / CheckpointError (see the module
+        docstring), leaving the directory as it was.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
-        bad = []
-        for step in steps:
+        unreadable = {}
+        for i, step in enumerate(steps):
+            self._refuse_params_only(step)
+            try:
+                self._check_fits(step, abstract_state)
+            except CheckpointMismatchError:
+                if i == 0 or not unreadable:
+                    raise
+                # An older step of another shape: the newer ones are not proven bad.
+                break
+            except Exception as e:  # noqa: BLE001 - metadata unreadable: try an older step
+                unreadable[step] = f"metadata: {type(e).__name__}: {str(e)[:300]}"
+                _warn(f"checkpoint step {step} in {self.workdir / CHECKPOINTS} could not be "
+                      f"restored ({unreadable[step]}); trying an older step")
+                continue
             args = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_state.params),
                     TRAIN_STATE_ITEM: ocp.args.StandardRestore(_rest_of_state(abstract_state))}
             if data_iter is not None:
                 args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-            except Exception as e:  # noqa: BLE001 - any failure means: try the previous step
-                msg = (f"checkpoint step {step} in {self.workdir / CHECKPOINTS} could not be "
-                       f"restored ({type(e).__name__}: {str(e)[:300]}); trying an older step")
-                log.error(msg)
-                print(f"WARNING: {msg}", flush=True)
-                bad.append(step)
+            except Exception as e:  # noqa: BLE001 - any read failure: try the previous step
+                unreadable[step] = f"{type(e).__name__}: {str(e)[:300]}"
+                _warn(f"checkpoint step {step} in {self.workdir / CHECKPOINTS} could not be "
+                      f"restored ({unreadable[step]}); trying an older step")
                 continue
-            self._quarantine(bad)
+            # An older step restored from the same storage: the newer failures are the steps'.
+            self._quarantine(sorted(unreadable))
             rest = restored[TRAIN_STATE_ITEM]
             state = TrainState(step=rest["step"], params=restored[PARAMS_ITEM],
                                opt_state=rest["opt_state"], rng=rest["rng"],
                                skipped=rest["skipped"])
             return state, step
-        self._quarantine(bad)
         if steps:
-            raise RuntimeError(f"none of the checkpoints {steps} in {self.workdir / CHECKPOINTS} "
-                               f"could be restored; see the warnings above")
+            reasons = "\n  ".join(f"step {s}: {r}" for s, r in unreadable.items())
+            raise CheckpointError(
+                f"none of the checkpoints {steps} in {self.workdir / CHECKPOINTS} could be "
+                f"restored; nothing was moved or deleted (if the storage was unavailable, rerun "
+                f"the same command):\n  {reasons}")
         return None, None

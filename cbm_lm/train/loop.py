@@ -11,12 +11,12 @@ checkpoint and exits 0.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -26,10 +26,11 @@ from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.devices import peak_flops_per_device
 from cbm_lm.train.planning import train_flops_per_token
 from cbm_lm.parallel.sharding import logical_to_spec
+from cbm_lm.train.checkpoint import absolute
 from cbm_lm.train.checkpointer import TrainCheckpointer
 from cbm_lm.train.data_feed import RowSliceIterator
 from cbm_lm.train.corpus_check import check_corpus_fits_model, read_manifest, resolve_mask_token
-from cbm_lm.train.metrics import MetricsLogger, measured_matmul_flops
+from cbm_lm.train.metrics import METRICS_FILE, MetricsLogger, measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
 from cbm_lm.train.step import make_eval_step, make_train_step
@@ -61,16 +62,26 @@ def _global_batch(local: dict, sharding: NamedSharding) -> dict:
             for k in DEVICE_FIELDS}
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Drops metrics.jsonl lines past ``last_step`` (written before a crash, redone on resume)."""
-    if not os.path.exists(path):
+def _truncate_metrics(path: epath.Path, last_step: int) -> None:
+    """Drops metrics.jsonl lines past ``last_step`` (written before a crash, redone on resume).
+
+    Called only after a checkpoint of ``last_step`` restored."""
+    if not path.exists():
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    keep = [line + "\n" for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+
+
+def _set_aside_metrics(path: epath.Path) -> None:
+    """A fresh start keeps an earlier metrics.jsonl (e.g. of a run killed before its first
+    checkpoint) as metrics.jsonl.<time>, so nothing logged is ever lost."""
+    if path.exists() and path.read_text().strip():
+        dst = path.parent / f"{path.name}.{int(time.time())}"
+        path.rename(dst)
+        print(f"no checkpoint to resume: kept the earlier {path.name} as {dst}", flush=True)
 
 
 def _pipeline(config, split, per_process_batch, *, eval_mode=False):
@@ -105,7 +116,7 @@ def _evaluate(eval_step, params, config, per_process_batch, batch_sharding) -> d
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     validate_config(config)   # refuses a config that cannot train well before anything is written
-    os.makedirs(workdir, exist_ok=True)
+    absolute(workdir).mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(config.data.dir)
     resolve_mask_token(config, manifest)
     model_cfg = ModelConfig.from_config(config.model)
@@ -132,9 +143,14 @@ def train(config, workdir: str) -> dict:
     else:
         start = int(restored_step)
         print(f"resumed from step {start} in {workdir}", flush=True)
-    logger = MetricsLogger(workdir, config.train.num_steps, enabled=jax.process_index() == 0)
+    ckpt.write_config()
+    metrics_path = absolute(workdir) / METRICS_FILE
     if jax.process_index() == 0:
-        _truncate_metrics(logger.path, start)
+        if state is None:
+            _set_aside_metrics(metrics_path)
+        else:
+            _truncate_metrics(metrics_path, start)
+    logger = MetricsLogger(absolute(workdir), config.train.num_steps, enabled=jax.process_index() == 0)
 
     # Two-stream diffusion runs the model on [noisy | clean]: 2 model tokens per data token.
     streams = 2 if (model_cfg.objective == "diffusion" and config.loss.diffusion_clean_context) else 1

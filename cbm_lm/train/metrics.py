@@ -4,16 +4,23 @@ metrics.jsonl holds one JSON object per logged step (``step``, ``loss``, every
 loss term and weight, ``tokens_per_sec``, ``mfu``, concept health, eval
 losses when run). Only process 0 writes. The console line shows progress and
 an ETA from the recent step rate.
+
+Files go through etils.epath (local disk, gs://, s3://, ...). Object stores
+have no append, so there each record rewrites metrics.jsonl whole (tmp +
+rename); local disks append. TensorBoard's own gfile reaches URL workdirs
+through fsspec, the same library epath uses for them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
+from etils import epath
 from tensorboard.summary import Writer
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -26,11 +33,12 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True):
+    def __init__(self, workdir, total_steps: int, *, enabled: bool = True):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = Writer(os.path.join(workdir, "tensorboard")) if enabled else None
+        self.path = epath.Path(workdir) / METRICS_FILE
+        self._local = "://" not in str(self.path)
+        self._tb = Writer(str(epath.Path(workdir) / "tensorboard")) if enabled else None
         self._t0 = time.time()
         self._last = None  # (time, step) of the previous console line
 
@@ -40,8 +48,15 @@ class MetricsLogger:
         record = {"step": int(step)}
         record.update({k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
                        for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True) + "\n"
+        if self._local:
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            old = self.path.read_text() if self.path.exists() else ""
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text(old + line)
+            tmp.replace(self.path)
         for k, v in record.items():
             if k != "step" and isinstance(v, float) and math.isfinite(v):
                 self._tb.add_scalar(k, v, step=int(step))
