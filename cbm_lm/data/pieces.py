@@ -13,8 +13,9 @@ Documents longer than T are split at chunk boundaries (a chunk longer than T,
 possible only when max_chunk_tokens > T, is cut at T); every piece is packed
 as its own segment, so positions restart at 0 in each piece.
 
-``FlattenIterDataset`` turns a dataset of piece lists into a dataset of
-pieces with an exact iterator state (parent state + offset in the list).
+``PiecesOf`` is the grain flat-map transform that turns a dataset of piece
+lists into a dataset of pieces (grain.experimental.FlatMapIterDataset keeps
+the exact iterator state: parent state + index in the list).
 """
 
 from __future__ import annotations
@@ -79,38 +80,10 @@ def to_pieces(rec: DocumentRecord, seq_len: int, k: int) -> list[dict[str, Any]]
     return pieces
 
 
-class _FlattenIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator):
-        super().__init__(parent)
-        self._buffer: list = []
-        self._offset = 0
-        self._buffer_parent_state = self._parent.get_state()
+class PiecesOf(grain.experimental.FlatMapTransform):
+    """A document's piece list (built by ``to_pieces`` in the read threads) -> its pieces."""
 
-    def __next__(self):
-        while self._offset >= len(self._buffer):
-            self._buffer_parent_state = self._parent.get_state()
-            self._buffer = next(self._parent)
-            self._offset = 0
-        item = self._buffer[self._offset]
-        self._offset += 1
-        return item
+    max_fan_out = 1 << 20   # only MapDataset flat maps use it; pieces are listed, not indexed
 
-    def get_state(self) -> dict[str, Any]:
-        if self._offset >= len(self._buffer):  # between lists: no need to replay
-            return {"parent": self._parent.get_state(), "offset": 0}
-        return {"parent": self._buffer_parent_state, "offset": self._offset}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._buffer, self._offset = [], 0
-        if state["offset"]:
-            self._buffer_parent_state = state["parent"]
-            self._buffer = next(self._parent)
-            self._offset = state["offset"]
-
-
-class FlattenIterDataset(grain.IterDataset):
-    """Flattens a dataset of lists into a dataset of their items."""
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _FlattenIterator(self._parent.__iter__())
+    def flat_map(self, pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return pieces

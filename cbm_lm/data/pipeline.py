@@ -35,7 +35,7 @@ import grain
 import numpy as np
 
 from cbm_lm.data.corpus import Corpus
-from cbm_lm.data.pieces import FlattenIterDataset, to_pieces
+from cbm_lm.data.pieces import PiecesOf, to_pieces
 from cbm_lm.data.source import ShardedArrayRecordSource, Subset
 
 _FEATURES = ("tokens", "concept_ids", "chunk_ids", "chunk_local", "source_ids")
@@ -111,7 +111,7 @@ def make_dataset(data_dir, split: str, batch_size: int, seq_len: int, seed: int 
         ds = ds.repeat(num_epochs)
     ds = ds.map(functools.partial(to_pieces, seq_len=seq_len, k=max_chunk_concepts))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
-    ds = FlattenIterDataset(ds)
+    ds = grain.experimental.FlatMapIterDataset(ds, PiecesOf())
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={k: seq_len for k in _FEATURES},
         num_packing_bins=packing_bins or max(batch_size, 8), seed=seed, shuffle_bins=shuffle,

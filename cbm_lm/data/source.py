@@ -1,3 +1,5 @@
+# Kept instead of grain.sources.ArrayRecordDataSource: that source holds one open reader per
+# shard for its lifetime (no bound), while a corpus may have thousands of shards.
 """Random access over many ArrayRecord shards, opening few at a time.
 
 ``ShardedArrayRecordSource`` is a grain ``RandomAccessDataSource`` of decoded
