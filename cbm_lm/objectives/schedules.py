@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def linear_schedule(step, start: float, end: float, steps: int) -> jax.Array:
-    """start -> end linearly over ``steps`` steps, then held at end (float32 scalar)."""
+    """start -> end linearly over ``steps`` steps, then held at end (float32 scalar).
+
+    optax.linear_schedule, except that steps <= 0 means "already at end" (optax
+    would hold ``start``).
+    """
     step = jnp.asarray(step, jnp.float32)
     if steps <= 0:
         return jnp.asarray(end, jnp.float32) + 0.0 * step
-    frac = jnp.clip(step / steps, 0.0, 1.0)
-    return (start + (end - start) * frac).astype(jnp.float32)
+    return jnp.asarray(optax.linear_schedule(start, end, steps)(step), jnp.float32)
 
 
 def teacher_forcing_alpha(step, start: float, end: float, decay_steps: int) -> jax.Array:
