@@ -67,25 +67,6 @@ def load_ids(path: str, vocab_size: int):
     return ids.astype(np.int32)
 
 
-def float32_model(model, config):
-    """The same params in a module whose compute dtype is float32."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from cbm_lm.config import ModelConfig
-    from cbm_lm.model import ConceptBottleneckLM
-
-    cfg = ModelConfig.from_config(config.model)
-    if cfg.dtype == "float32" and cfg.param_dtype == "float32":
-        return model
-    cfg32 = cfg.replace(dtype="float32", param_dtype="float32")
-    fresh = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg32, rngs=nnx.Rngs(0)))
-    params = nnx.state(model, nnx.Param)
-    nnx.update(fresh, jax.tree.map(lambda x: x.astype(jnp.float32), params))
-    return fresh
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -112,10 +93,9 @@ def main(argv):
         if "model" not in read_config(ckpt):
             _fail(f"{ckpt}/config.json has no 'model' section: not a cbm_lm checkpoint (a Steerling "
                   "checkpoint must first go through tools/import_steerling.py)")
-        model, config = load_model(ckpt, step=_STEP.value, param_dtype=jnp.float32)
+        model, _ = load_model(ckpt, step=_STEP.value, dtype="float32")
     except (CheckpointError, ConfigError) as e:
         _fail(str(e))
-    model = float32_model(model, config)
     cfg = model.config
     ids = load_ids(_IDS.value, cfg.vocab_size)
     b, t = ids.shape

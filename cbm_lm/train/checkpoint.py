@@ -92,14 +92,19 @@ def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
 
 
 def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
-               step: int | None = None, param_dtype=None):
+               step: int | None = None, param_dtype=None, dtype: str | None = None):
     """Restores (ConceptBottleneckLM, ConfigDict) from ``ckpt_dir``.
 
     mesh/rules: restore straight into those shardings (default: first device).
     step: which checkpoint (default: the latest). param_dtype: cast on restore.
+    dtype: run the model in this dtype whatever it was trained in (params are
+    cast to it, the module computes in it), e.g. "float32" to compare with a
+    reference implementation; the returned model.config says so.
     """
     config = read_config(ckpt_dir)
     model_cfg = ModelConfig.from_config(config.model)
+    if dtype is not None:
+        model_cfg = model_cfg.replace(dtype=dtype, param_dtype=dtype)
     graphdef, abs_params = abstract_lm(model_cfg)
     if mesh is None:
         dev = SingleDeviceSharding(jax.devices()[0])
