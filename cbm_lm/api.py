@@ -114,7 +114,7 @@ class Explainer:
         corpus the config names (data.dir) or a ``corpus`` folder beside or inside the
         checkpoint, else from tokenizer/concepts files in the checkpoint itself."""
         from cbm_lm.train.checkpoint import load_model  # restore needs no training loop
-        model, config = load_model(checkpoint, step=step)
+        model, config = load_model(checkpoint, step=step, mesh=kw.get("mesh"))
         tokenizer, concepts = load_vocabularies(checkpoint, config, corpus_dir)
         return cls(model, tokenizer, concepts, source=checkpoint, **kw)
 
