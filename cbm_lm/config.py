@@ -411,6 +411,7 @@ def validate_config(config: Any) -> None:
 
 PROVENANCE_HEADS = ("fixed", "learned")
 REKEY_CONTEXTS = ("chunk", "document")
+POOL_WEIGHTS = ("surprisal", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,12 +422,14 @@ class ProvenanceConfig:
     saved config.json predates with their defaults, so checkpoints written
     before this section existed still build an index.
     """
-    d_p: int = 128
+    d_p: int = 256
     head: str = "fixed"
     seed: int = 0
-    known_weight: float = 1.0
-    unknown_weight: float = 1.0
-    hidden_weight: float = 1.0
+    known_weight: float = 0.2
+    unknown_weight: float = 0.2
+    hidden_weight: float = 0.2
+    lexical_weight: float = 1.0
+    pool_weights: str = "surprisal"
     max_chunks_per_row: int = 64
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.05
@@ -454,10 +457,12 @@ class ProvenanceConfig:
     def check(self, p: Problems, prefix: str = "provenance") -> None:
         p.check(self.d_p >= 1, f"{prefix}.d_p", f"must be >= 1, got {self.d_p}")
         p.choice(self.head, f"{prefix}.head", PROVENANCE_HEADS)
-        weights = (self.known_weight, self.unknown_weight, self.hidden_weight)
+        weights = (self.known_weight, self.unknown_weight, self.hidden_weight,
+                   self.lexical_weight)
         p.check(min(weights) >= 0 and sum(weights) > 0,
-                f"{prefix}.known_weight/unknown_weight/hidden_weight",
+                f"{prefix}.known_weight/unknown_weight/hidden_weight/lexical_weight",
                 f"must be >= 0 with a positive sum, got {weights}")
+        p.choice(self.pool_weights, f"{prefix}.pool_weights", POOL_WEIGHTS)
         p.check(self.max_chunks_per_row >= 1, f"{prefix}.max_chunks_per_row", "must be >= 1")
         p.check(self.contrastive_weight >= 0, f"{prefix}.contrastive_weight", "must be >= 0")
         p.check(self.contrastive_weight == 0 or self.head == "learned",

@@ -120,10 +120,12 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # Chunk provenance (DESIGN.md section 7; typed view: config.ProvenanceConfig).
     c.provenance = ml_collections.ConfigDict(dict(
-        d_p=128,                 # key dimension (logical axis `keys`)
+        d_p=256,                 # key dimension (logical axis `keys`)
         head="fixed",            # fixed (seeded projection) | learned (contrastive head)
         seed=0,                  # seed of the fixed projections
-        known_weight=1.0, unknown_weight=1.0, hidden_weight=1.0,   # key = sum of parts
+        # key = sum of the normalized parts (model/provenance.py), pooled with pool_weights
+        known_weight=0.2, unknown_weight=0.2, hidden_weight=0.2, lexical_weight=1.0,
+        pool_weights="surprisal",  # surprisal (the model's -log p per token) | uniform
         max_chunks_per_row=64,   # chunk slots per packed row; extra chunks get no key
         contrastive_weight=0.0,  # learned head: in-batch InfoNCE weight (0 = off)
         contrastive_temperature=0.05,
@@ -131,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
         log_keys=False,          # training-time key logging to WORKDIR/provenance/keys
         max_sources=64,          # rows of the concept x source mass (source ids must fit)
         exact_max_keys=262144,   # faiss: exact inner product up to this many keys, IVF-PQ above
-        ivf_nlist=0,             # IVF lists; 0 = 4 sqrt(N)
+        ivf_nlist=0,             # IVF lists; 0 = sqrt(N)
         pq_m=16,                 # PQ sub-quantizers (must divide d_p)
         nprobe=16,
         rekey_batch_size=32,     # rows per re-keying batch

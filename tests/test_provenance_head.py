@@ -33,7 +33,7 @@ def _jit_keys(model, head, batch):
 def _eager_keys(model, head, batch):
     out = model(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
                 segment_ids=jnp.asarray(batch["segment_ids"]))
-    return head(out, jnp.asarray(batch["chunk_segment_ids"]))
+    return head(out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"])
 
 
 def _units(cfg, n=5, seed=0):
@@ -51,7 +51,7 @@ def _by_id(batch, ck):
 
 
 def test_keys_are_unit_deterministic_and_independent_of_packing():
-    cfg = tiny_config(max_seq_len=32)
+    cfg = tiny_config(max_seq_len=32, objective="autoregressive", attention="causal")
     model = make_model(cfg)
     head = ChunkProvenanceHead(PROV, cfg, rngs=nnx.Rngs(0))
     units = (_units(cfg))
@@ -72,35 +72,56 @@ def test_keys_are_unit_deterministic_and_independent_of_packing():
 
 
 def test_fixed_key_is_the_weighted_sum_of_normalized_projected_parts():
-    """Independent numpy reference of the module docstring's equations for one chunk."""
-    cfg = tiny_config(max_seq_len=16)
+    """Independent numpy reference of the module docstring's equations (surprisal pooling)."""
+    cfg = tiny_config(max_seq_len=16, objective="autoregressive", attention="causal")
     model = make_model(cfg)
-    prov = dataclasses.replace(PROV, known_weight=1.0, unknown_weight=0.5, hidden_weight=2.0)
+    prov = dataclasses.replace(PROV, known_weight=1.0, unknown_weight=0.5, hidden_weight=2.0,
+                               lexical_weight=0.7)
     head = ChunkProvenanceHead(prov, cfg, rngs=nnx.Rngs(0))
     toks = np.arange(1, 9, dtype=np.int32)[None]
-    chunk = np.array([[1, 1, 1, 2, 2, 2, 2, 0]], np.int32)
-    out = model(jnp.asarray(toks))
-    ck = head(out, jnp.asarray(chunk))
+    seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]], np.int32)      # two documents + padding
+    chunk = np.array([[1, 1, 2, 2, 3, 3, 3, 0]], np.int32)    # chunk 3 starts document 2
+    out = model(jnp.asarray(toks), segment_ids=jnp.asarray(seg))
+    ck = head(out, jnp.asarray(toks), jnp.asarray(seg), jnp.asarray(chunk))
     d_p = prov.d_p
     tables = [np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(prov.seed), p),
                                            (rows, d_p))) / np.sqrt(d_p)
               for p, rows in enumerate((cfg.concepts.n_known_padded,
-                                        cfg.concepts.n_unknown_padded, cfg.d_model))]
+                                        cfg.concepts.n_unknown_padded, cfg.d_model,
+                                        cfg.vocab_size))]
+    logits = np.asarray(out.logits, np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                             keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    pi = np.array([-logp[t - 1, toks[0, t]] if t and seg[0, t] == seg[0, t - 1] else np.nan
+                   for t in range(8)])
     unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
-    for slot, sel in ((0, chunk[0] == 1), (1, chunk[0] == 2)):
+    for slot in range(3):
+        sel = chunk[0] == slot + 1
+        w = pi[sel]
+        w = np.where(np.isnan(w), np.nanmean(w) if np.isfinite(w).any() else 1.0, w)
+        mean = lambda y: (w[:, None] * y).sum(0) / w.sum()  # noqa: E731
         parts = []
         for acts, table in ((out.known, tables[0]), (out.unknown, tables[1])):
-            idx, w = np.asarray(acts.indices)[0][sel], np.asarray(acts.weights)[0][sel]
-            parts.append(unit(np.einsum("ts,tsd->d", w, table[idx]) / sel.sum()))
-        parts.append(unit(np.asarray(out.hidden)[0][sel].mean(0) @ tables[2]))
-        want = unit(1.0 * parts[0] + 0.5 * parts[1] + 2.0 * parts[2])
-        np.testing.assert_allclose(np.asarray(ck.keys)[0, slot], want, atol=1e-5)
-    assert np.asarray(ck.valid)[0].tolist() == [True, True] + [False] * 4
-    assert not np.asarray(ck.keys)[0, 2:].any()
+            idx, wt = np.asarray(acts.indices)[0][sel], np.asarray(acts.weights)[0][sel]
+            parts.append(unit(mean(np.einsum("ts,tsd->td", wt, table[idx]))))
+        parts.append(unit(mean(np.asarray(out.hidden)[0][sel]) @ tables[2]))
+        base = jax.random.fold_in(jax.random.key(prov.seed), 4)
+        bigram = [np.asarray(jax.random.normal(jax.random.fold_in(base, toks[0, t - 1] * cfg.vocab_size
+                                                                  + toks[0, t]), (d_p,)))
+                  / np.sqrt(d_p) if t and seg[0, t] == seg[0, t - 1] else np.zeros(d_p)
+                  for t in range(8)]
+        lex = tables[3][toks[0]] + np.asarray(bigram)
+        parts.append(unit(mean(lex[sel])))
+        want = unit(1.0 * parts[0] + 0.5 * parts[1] + 2.0 * parts[2] + 0.7 * parts[3])
+        np.testing.assert_allclose(np.asarray(ck.keys)[0, slot], want, atol=2e-5)
+    assert np.asarray(ck.valid)[0].tolist() == [True] * 3 + [False] * 3
+    assert not np.asarray(ck.keys)[0, 3:].any()
 
 
 def test_sharded_keys_equal_single_device_keys():
-    cfg = tiny_config(vocab_size=96, max_seq_len=32, concepts=dict(n_known=64, n_unknown=64))
+    cfg = tiny_config(vocab_size=96, max_seq_len=32, objective="autoregressive",
+                      attention="causal", concepts=dict(n_known=64, n_unknown=64))
     units = (_units(cfg, n=16, seed=3))
     batch = next(pack_batches(units, 8, 32, 6, pad_id=0))
     model = make_model(cfg)
@@ -153,6 +174,6 @@ def test_learned_head_starts_at_the_fixed_key():
     fixed = ChunkProvenanceHead(PROV, cfg, rngs=nnx.Rngs(0))
     learned = ChunkProvenanceHead(dataclasses.replace(PROV, head="learned"), cfg,
                                   rngs=nnx.Rngs(0))
-    assert learned.mix[...].shape == (3 * PROV.d_p, PROV.d_p)
+    assert learned.mix[...].shape == (4 * PROV.d_p, PROV.d_p)
     np.testing.assert_allclose(np.asarray(_keys(model, learned, batch).keys),
                                np.asarray(_keys(model, fixed, batch).keys), atol=1e-6)

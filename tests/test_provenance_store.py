@@ -110,3 +110,20 @@ def test_index_finds_each_key_itself(tmp_path, n, exact_max):
 def test_index_build_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="cannot index 3 ids"):
         KeyIndex.build(np.arange(3), np.zeros((2, 4), np.float32), ProvenanceConfig(d_p=4, pq_m=4))
+
+
+def test_bm25_ranks_the_chunk_sharing_the_rare_word_first(tmp_path):
+    from cbm_lm.provenance.bm25 import BM25Retriever
+    texts = ["The town of Glorand lies on the river Vesk.", "The cat sat on the mat.",
+             "A river runs through the old town.", "Nothing relevant here."]
+    r = BM25Retriever.build(np.array([11, 12, 13, 14]), texts)
+    r.save(tmp_path / "bm25")
+    scores, ids = r.search_texts(["Which river flows past Glorand?", "zzz qqq"], k=2)
+    assert ids[0, 0] == 11 and scores[0, 0] > scores[0, 1] > 0
+    assert (ids[1] == -1).all()                    # no shared term: no match, not a random one
+
+
+def test_rank_summary_by_hand():
+    from cbm_lm.provenance.evaluate import rank_summary
+    s = rank_summary(np.array([1, 3, 12, np.inf]))
+    assert s == {"recall@1": 0.25, "recall@10": 0.5, "mrr": (1 + 1 / 3 + 1 / 12) / 4, "n": 4}

@@ -1,27 +1,41 @@
 """ChunkProvenanceHead: one unit key per chunk, from what the model holds about it.
 
-For one packed row with chunk segments c(t) in {0 (padding), 1..m} and the
-tokens T_j of chunk j (DESIGN.md section 7):
+For one packed row with chunk segments c(t) in {0 (padding), 1..m}, the tokens
+T_j of chunk j, and pooling weights pi_t (uniform, or the model's surprisal):
 
-  a_j^known   = 1/|T_j| sum_{t in T_j} sum_s w^k_{t,s} R_k[i^k_{t,s}]    pooled sparse known
-  a_j^unknown = 1/|T_j| sum_{t in T_j} sum_s w^u_{t,s} R_u[i^u_{t,s}]    pooled sparse unknown
-  a_j^hidden  = (1/|T_j| sum_{t in T_j} h_t) R_h                          pooled hidden state
-  u_j = lambda_k n(a^k) + lambda_u n(a^u) + lambda_h n(a^h)               [d_p]
+  pi_t        = -log p(x_t | x_<t)   from the same forward pass's logits (``surprisal``);
+                a segment's first token, which has no prediction, gets its chunk's mean.
+                Autoregressive models only: a diffusion model's clean pass predicts
+                no token from its past, so it pools uniformly (pi_t = 1)
+  mean_j(y)   = sum_{t in T_j} pi_t y_t / sum_{t in T_j} pi_t
+  a_j^known   = mean_j( sum_s w^k_{t,s} R_k[i^k_{t,s}] )     pooled sparse known concepts
+  a_j^unknown = mean_j( sum_s w^u_{t,s} R_u[i^u_{t,s}] )     pooled sparse unknown concepts
+  a_j^hidden  = mean_j( h_t ) R_h                            pooled final hidden state
+  a_j^lexical = mean_j( R_x[x_t] + g(x_{t-1}, x_t) )         pooled input tokens and bigrams
+  u_j = sum_p lambda_p n(a_j^p)                              p in (known, unknown, hidden, lexical)
   (a) fixed:   key_j = n(u_j)
-  (b) learned: key_j = n(u_j + [n(a^k), n(a^u), n(a^h)] W)                W [3 d_p, d_p], init 0
+  (b) learned: key_j = n(u_j + [n(a^k), n(a^u), n(a^h), n(a^x)] W)      W [4 d_p, d_p], init 0
 
-n(x) = x / max(|x|, 1e-6). R_k [C_k, d_p], R_u [C_u, d_p], R_h [D, d_p] are
-Gaussian, drawn from ``provenance.seed`` (the same for every checkpoint and
-every sharding: threefry is partitionable), so the fixed key is a
-Johnson-Lindenstrauss sketch of the concatenated normalized parts and its
-inner products approximate the weighted sum of the parts' cosines. The
-learned map starts at the fixed key (W = 0) and is trained with the in-batch
-contrastive loss of ``contrastive_loss``.
+n(x) = x / max(|x|, 1e-6). R_k [C_k, d_p], R_u [C_u, d_p], R_h [D, d_p] and
+R_x [V, d_p] are Gaussian, and so is g(a, b), drawn per token from the key
+fold_in(seed, a V + b) (zero for a segment's first token), all from
+``provenance.seed`` (the same for every
+checkpoint and every sharding: threefry is partitionable), so the fixed key
+is a Johnson-Lindenstrauss sketch of the concatenated normalized parts: its
+inner products approximate the lambda-weighted sum of the parts' cosines.
+The lexical part is the embedding layer's input with a fixed random table
+in place of the learned one (learned sub-word embeddings of different rare
+names are too alike to tell facts apart); with surprisal weights it is a
+sketch of the chunk's token and bigram bag weighted by how much each token
+told the model, so names and numbers dominate it (bigrams keep a name that
+spans several sub-word tokens together). The learned map starts at the
+fixed key (W = 0) and is trained with ``contrastive_loss``.
 
 Shapes: w, i [B,T,S] (the heads' active sets, never [B,T,C]); h [B,T,D];
-chunk slots M = ``max_chunks_per_row``: chunk j of a row fills slot j-1,
-chunks past M get no key (``valid`` False). Pooling is a one-hot [B,T,M]
-contraction, which shards over the batch like the rest of the model.
+x, segment ids [B,T]; logits [B,T,V]; chunk slots M = ``max_chunks_per_row``:
+chunk j of a row fills slot j-1, chunks past M get no key (``valid`` False).
+Pooling is a one-hot [B,T,M] contraction, which shards over the batch like
+the rest of the model.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from cbm_lm.model.layers import param
 from cbm_lm.parallel.sharding import constrain
 
 _EPS = 1e-6
+N_PARTS = 4   # known, unknown, hidden, lexical
 
 
 class ChunkKeys(NamedTuple):
@@ -56,11 +71,33 @@ def chunk_onehot(chunk_segment_ids: jax.Array, max_chunks: int) -> jax.Array:
     return (chunk_segment_ids[..., None].astype(jnp.int32) == slots).astype(jnp.float32)
 
 
-def pool_mean(onehot: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean of x [B,T,F] over each chunk slot -> ([B,M,F], token counts [B,M])."""
+def pool_mean(onehot: jax.Array, x: jax.Array, weights: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+    """pi-weighted mean of x [B,T,F] over each chunk slot -> ([B,M,F], token counts [B,M])."""
     counts = onehot.sum(axis=1)
-    total = jnp.einsum("btm,btf->bmf", onehot, x.astype(jnp.float32))
-    return total / jnp.maximum(counts, 1.0)[..., None], counts
+    w = onehot if weights is None else onehot * weights[..., None]
+    total = jnp.einsum("btm,btf->bmf", w, x.astype(jnp.float32))
+    return total / jnp.maximum(w.sum(axis=1), 1e-6)[..., None], counts
+
+
+def surprisal(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
+              onehot: jax.Array) -> jax.Array:
+    """pi [B,T]: -log p(x_t | x_<t) from logits [B,T,V] (position t-1 predicts t).
+
+    A token without a prediction (first of its segment) gets the mean pi of
+    the predicted tokens of its chunk (1 if none); padding gets 0.
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    s = -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    s = jnp.pad(s, ((0, 0), (1, 0)))
+    has = jnp.pad((segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0),
+                  ((0, 0), (1, 0)))
+    hf = has.astype(jnp.float32)
+    mean = (jnp.einsum("btm,bt->bm", onehot, s * hf)
+            / jnp.maximum(jnp.einsum("btm,bt->bm", onehot, hf), 1.0))
+    mean = jnp.where(jnp.einsum("btm,bt->bm", onehot, hf) > 0, mean, 1.0)
+    fill = jnp.einsum("btm,bm->bt", onehot, mean)
+    return jax.lax.stop_gradient(jnp.where(has, s, fill) * (segment_ids > 0))
 
 
 def projection(seed: int, part: int, rows: int, d_p: int, axes) -> jax.Array:
@@ -68,6 +105,21 @@ def projection(seed: int, part: int, rows: int, d_p: int, axes) -> jax.Array:
     key = jax.random.fold_in(jax.random.key(seed), part)
     r = jax.random.normal(key, (rows, d_p), jnp.float32) / jnp.sqrt(jnp.float32(d_p))
     return constrain(r, axes)
+
+
+def bigram_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, vocab: int,
+                   d_p: int) -> jax.Array:
+    """g(x_{t-1}, x_t) [B,T,d_p]: a Gaussian vector per bigram, 0 at a segment's first token."""
+    prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+    has = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0))) & (segment_ids > 0)
+    code = prev.astype(jnp.uint32) * jnp.uint32(vocab) + tokens.astype(jnp.uint32)
+    base = jax.random.fold_in(jax.random.key(seed), 4)
+
+    def draw(c):
+        return jax.random.normal(jax.random.fold_in(base, c), (d_p,), jnp.float32)
+
+    g = jax.vmap(draw)(code.reshape(-1)).reshape(*tokens.shape, d_p) / jnp.sqrt(jnp.float32(d_p))
+    return jnp.where(has[..., None], g, 0.0)
 
 
 def sparse_project(indices: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
@@ -82,13 +134,18 @@ class ChunkProvenanceHead(nnx.Module):
     def __init__(self, cfg: ProvenanceConfig, model_cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg, self.model_cfg = cfg, model_cfg
         if cfg.head == "learned":
-            self.mix = param(rngs, nnx.initializers.zeros, (3 * cfg.d_p, cfg.d_p),
+            self.mix = param(rngs, nnx.initializers.zeros, (N_PARTS * cfg.d_p, cfg.d_p),
                              (None, "keys"), jnp.dtype(model_cfg.param_dtype))
 
-    def parts(self, out, chunk_segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Normalized pooled parts [B,M,3,d_p] (known, unknown, hidden) and counts [B,M]."""
+    def parts(self, out, tokens: jax.Array, segment_ids: jax.Array,
+              chunk_segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Normalized pooled parts [B,M,4,d_p] (known, unknown, hidden, lexical), counts [B,M]."""
         c, mc = self.cfg, self.model_cfg.concepts
         onehot = chunk_onehot(chunk_segment_ids, c.max_chunks_per_row)
+        pi = None
+        if (c.pool_weights == "surprisal" and out.logits is not None
+                and self.model_cfg.objective == "autoregressive"):
+            pi = surprisal(out.logits, tokens, segment_ids, onehot)
         r_k = projection(c.seed, 0, mc.n_known_padded, c.d_p, ("known_concepts", "keys"))
         per_token = [sparse_project(out.known.indices, out.known.weights, r_k)]
         if out.unknown is not None:
@@ -98,16 +155,23 @@ class ChunkProvenanceHead(nnx.Module):
             per_token.append(jnp.zeros_like(per_token[0]))
         r_h = projection(c.seed, 2, self.model_cfg.d_model, c.d_p, ("embed", "keys"))
         per_token.append(jnp.einsum("btd,dk->btk", out.hidden.astype(jnp.float32), r_h))
-        x = jnp.stack(per_token, axis=2)                                          # [B,T,3,d_p]
+        r_x = projection(c.seed, 3, self.model_cfg.vocab_size, c.d_p, ("vocab", "keys"))
+        per_token.append(jnp.take(r_x, tokens.astype(jnp.int32), axis=0)
+                         + bigram_project(c.seed, tokens, segment_ids,
+                                          self.model_cfg.vocab_size, c.d_p))
+        x = jnp.stack(per_token, axis=2)                                          # [B,T,4,d_p]
         b, t = x.shape[:2]
-        pooled, counts = pool_mean(onehot, x.reshape(b, t, -1))
-        pooled = normalize(pooled.reshape(b, -1, 3, c.d_p))
+        pooled, counts = pool_mean(onehot, x.reshape(b, t, -1), pi)
+        pooled = normalize(pooled.reshape(b, -1, N_PARTS, c.d_p))
         return constrain(pooled, ("batch", None, None, "keys")), counts
 
-    def __call__(self, out, chunk_segment_ids: jax.Array) -> ChunkKeys:
+    def __call__(self, out, tokens: jax.Array, segment_ids: jax.Array,
+                 chunk_segment_ids: jax.Array) -> ChunkKeys:
+        """out: the LMOutput of ``tokens`` [B,T] (logits may be None: uniform pooling)."""
         c = self.cfg
-        parts, counts = self.parts(out, chunk_segment_ids)
-        lam = jnp.asarray([c.known_weight, c.unknown_weight, c.hidden_weight], jnp.float32)
+        parts, counts = self.parts(out, tokens, segment_ids, chunk_segment_ids)
+        lam = jnp.asarray([c.known_weight, c.unknown_weight, c.hidden_weight, c.lexical_weight],
+                          jnp.float32)
         u = jnp.einsum("bmpd,p->bmd", parts, lam)
         if c.head == "learned":
             b, m = parts.shape[:2]

@@ -1,8 +1,9 @@
 """A faiss inner-product index over unit keys, saved beside the checkpoints.
 
   N <= provenance.exact_max_keys:  IndexFlatIP (exact cosine top-k)
-  N  > provenance.exact_max_keys:  IndexIVFPQ (nlist = ivf_nlist or 4 sqrt(N) lists,
-                                   pq_m sub-quantizers of 8 bits, nprobe lists searched)
+  N  > provenance.exact_max_keys:  IndexIVFPQ (nlist = ivf_nlist or sqrt(N) lists,
+                                   pq_m sub-quantizers of 8 bits, nprobe lists searched),
+                                   trained on a seeded sample of 64 keys per list
 
 Keys are centred before indexing: mu = mean of the stored keys, and both the
 stored keys and every query use n(k - mu). Pooled LM states share a large
@@ -52,11 +53,11 @@ class KeyIndex:
             index, kind = faiss.IndexFlatIP(d), "flat"
             index.add(x)
         else:
-            nlist = prov.ivf_nlist or int(4 * np.sqrt(n))
+            nlist = prov.ivf_nlist or int(np.sqrt(n))
             quantizer = faiss.IndexFlatIP(d)
             index = faiss.IndexIVFPQ(quantizer, d, nlist, prov.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-            train = x if n <= 256 * nlist else x[np.random.default_rng(0).choice(
-                n, 256 * nlist, replace=False)]
+            train = x if n <= 64 * nlist else x[np.random.default_rng(0).choice(
+                n, 64 * nlist, replace=False)]
             index.train(train)
             index.add(x)
             index.nprobe = prov.nprobe

@@ -1,6 +1,6 @@
 """Opening a workdir's provenance for queries: model + index (or a reference) + mass.
 
-  q = open_query(workdir, model, config, method="provenance" | "bm25" | "gradient")
+  q = open_query(workdir, model, config, method="provenance" | "bm25")
   answers = q.answer(["some generated text"], k=10)
 
 The model comes from the caller (tools/ restore it with cbm_lm.train.checkpoint;
@@ -14,7 +14,8 @@ from cbm_lm.provenance import build
 from cbm_lm.provenance.index import KeyIndex
 from cbm_lm.provenance.query import IndexRetriever, ProvenanceQuery
 
-METHODS = ("provenance", "bm25", "gradient")
+# The projected-gradient reference (TRAK/TracIn style) of DESIGN.md section 7 is not built yet.
+METHODS = ("provenance", "bm25")
 
 
 def make_retriever(method: str, workdir, model, config, corpus: Corpus, index: str | None = None):
@@ -24,9 +25,6 @@ def make_retriever(method: str, workdir, model, config, corpus: Corpus, index: s
     if method == "bm25":
         from cbm_lm.provenance.bm25 import BM25Retriever
         return BM25Retriever.open(workdir, corpus)
-    if method == "gradient":
-        from cbm_lm.provenance.gradient import GradientRetriever
-        return GradientRetriever.open(workdir, model, config)
     raise ValueError(f"unknown provenance method {method!r}; expected one of {METHODS}")
 
 
@@ -37,3 +35,29 @@ def open_query(workdir, model, config, method: str = "provenance", index: str | 
     retriever = make_retriever(method, workdir, model, config, corpus, index)
     return ProvenanceQuery(model, prov, corpus, retriever, build.load_mass(workdir),
                            config.data.seq_len)
+
+
+def training_chunk_view(workdir, model, config, k: int = 10, corpus_dir: str | None = None):
+    """The training-chunk view of cbm_lm.api.Explainer.explain, or None without an index.
+
+    Returns provenance(explainer, generation, chunk) -> the top-k training chunks of the
+    chunk's text, best first: [{"chunk_id", "source", "score", "text"}]. The index and
+    model pass are opened on first use.
+    """
+    try:
+        build.default_index(workdir)
+    except FileNotFoundError:
+        return None
+    state = {}
+
+    def provenance(explainer, generation, chunk) -> list[dict]:
+        del explainer, generation
+        if "query" not in state:
+            state["query"] = open_query(workdir, model, config, corpus_dir=corpus_dir)
+        if not chunk.text or not chunk.text.strip():
+            return []
+        parts = state["query"].answer([chunk.text], k=k)[0]["chunks"]
+        matches = sorted((m for c in parts for m in c["matches"]), key=lambda m: -m["score"])
+        return matches[:k]
+
+    return provenance

@@ -9,8 +9,8 @@ answer has the shape of tools/provenance_query.py --json:
 
 ``sources`` is the chunk's concept shares times the normalized concept x
 source mass (cbm_lm/provenance/source_mass.py). The matches come from a
-*retriever*: the provenance index (default), BM25 or the projected-gradient
-reference, all answering ``search(chunks, k) -> (scores [N,k], ids [N,k])``.
+*retriever*: the provenance index (default) or BM25, both answering
+``search(chunks, k) -> (scores [N,k], ids [N,k])``.
 """
 
 from __future__ import annotations

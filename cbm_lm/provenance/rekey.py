@@ -54,7 +54,7 @@ def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None) -> Callable:
     def run(state, batch, mass):
         lm, hd = nnx.merge(graphdef, state)
         out = lm(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        ck = hd(out, batch["chunk_segment_ids"])
+        ck = hd(out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"])
         delta = mass_update(out.known.indices, out.known.weights, batch["source_ids"], n_rows,
                             prov.max_sources)
         res = {"keys": ck.keys, "valid": ck.valid, "mass": delta}
