@@ -116,6 +116,10 @@ class Explainer:
         from cbm_lm.train.checkpoint import load_model  # restore needs no training loop
         model, config = load_model(checkpoint, step=step, mesh=kw.get("mesh"))
         tokenizer, concepts = load_vocabularies(checkpoint, config, corpus_dir)
+        if "provenance" not in kw:   # the training-chunk view, when the run has an index
+            from cbm_lm.provenance.open import training_chunk_view
+            kw["provenance"] = training_chunk_view(checkpoint, model, config,
+                                                   corpus_dir=corpus_dir)
         return cls(model, tokenizer, concepts, source=checkpoint, **kw)
 
     # -- text -----------------------------------------------------------------------------

@@ -109,3 +109,14 @@ def test_query_cli_json_one_object_per_query(run_dir, tmp_path):
                           "--workdir", str(workdir), "--queries", str(tmp_path / "missing.txt")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "missing.txt" in bad.stderr
+
+
+def test_training_chunk_view_for_the_explainer(run_dir, tmp_path):
+    import types
+    from cbm_lm.provenance.open import training_chunk_view
+    workdir, model, config = run_dir
+    view = training_chunk_view(workdir, model, config, k=2)
+    got = view(None, None, types.SimpleNamespace(text="Rust borrows are checked at compile"))
+    assert len(got) == 2 and got[0]["text"] == "Rust borrows are checked at compile"
+    assert got[0]["score"] >= got[1]["score"] and got[0]["source"] == "code"
+    assert training_chunk_view(tmp_path, model, config) is None     # no index: no view
