@@ -155,3 +155,10 @@ def test_binary_on_an_imported_steerling_checkpoint(tmp_path, corpus):
     assert "ELBO" in report["details"]["perplexity"]["method"]
     assert report["details"]["missing"]["steering_success"] == \
         "steering: disabled (steering_concepts=0)"
+
+
+def test_provenance_needs_planted_facts(tmp_path, corpus):
+    from cbm_lm.data.corpus import Corpus
+    from cbm_lm.eval.provenance_eval import ProvenanceUnavailable, provenance_eval
+    with pytest.raises(ProvenanceUnavailable, match=r"has no planted_facts.json"):
+        provenance_eval(str(tmp_path), None, base_config(), Corpus(corpus), 0)

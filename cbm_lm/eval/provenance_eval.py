@@ -19,6 +19,10 @@ import os
 
 from etils import epath
 
+from cbm_lm.provenance import build
+from cbm_lm.provenance.evaluate import PLANTED_FACTS, provenance_metrics
+from cbm_lm.provenance.open import open_query
+
 KEYS = {"provenance_recall_at_10": "recall@10", "provenance_mrr": "mrr",
         "bm25_recall_at_10": "bm25_recall@10", "source_accuracy": "source_accuracy"}
 
@@ -37,12 +41,6 @@ def _config_for(config, corpus_dir: str):
 def provenance_eval(workdir: str, model, config, corpus, step: int, *, source_chunks: int = 500,
                     log=print):
     """(metrics {report key: value}, answer(text) -> panel dict) for a workdir."""
-    try:
-        from cbm_lm.provenance import build
-        from cbm_lm.provenance.evaluate import PLANTED_FACTS, provenance_metrics
-        from cbm_lm.provenance.open import open_query
-    except ImportError as e:
-        raise ProvenanceUnavailable(f"{e.name} is not part of this build yet") from e
     if not (epath.Path(corpus.dir) / PLANTED_FACTS).exists():
         raise ProvenanceUnavailable(f"{corpus.dir} has no {PLANTED_FACTS} (planted facts with "
                                     f"known source chunks) to score provenance against")
