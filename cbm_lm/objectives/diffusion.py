@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def block_ids(positions: jax.Array, block_size: int) -> jax.Array:
@@ -62,10 +63,8 @@ def corrupt(rng: jax.Array, tokens: jax.Array, segment_ids: jax.Array, positions
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """CE_i = logsumexp(logits_i) - logits_i[target_i]; logits [...,V], targets [...] -> [...]."""
-    logits = logits.astype(jnp.float32)
-    idx = targets[..., None].astype(jnp.int32)
-    target_logit = jnp.take_along_axis(logits, idx, axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           targets.astype(jnp.int32))
 
 
 def diffusion_loss(logits: jax.Array, tokens: jax.Array, masked: jax.Array, t: jax.Array,
