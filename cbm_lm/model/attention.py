@@ -13,7 +13,10 @@ at the same positions. A noisy token sees the noisy tokens of its own block
 and the clean tokens of earlier blocks, which is exactly what it sees at
 generation time, when earlier blocks are committed; clean tokens see clean
 tokens block-causally. One pass then trains every block against a clean
-context.
+context. The row must be [noisy | clean] halves with the clean half repeating
+the noisy half's positions and segment ids (train/losses.py builds it so);
+``attention_mask(..., stream)`` is the dense reference of what
+attention_kernels.two_stream_attention computes without the masked quarters.
 
 Decoding with a KV cache (``cache`` given, causal only): ``cache`` = (k, v),
 each [B,S,G,hd], where slot s holds the key/value of position s. The new
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cbm_lm.model.attention_kernels import dense_attention, two_stream_attention
 from cbm_lm.model.layers import RMSNorm, apply_rope, normal, param, rope_angles
 from cbm_lm.parallel.sharding import constrain
 
@@ -113,18 +117,18 @@ class Attention(nnx.Module):
             k = cache[0].at[rows, positions].set(k.astype(cache[0].dtype))
             v = cache[1].at[rows, positions].set(v.astype(cache[1].dtype))
             cache = (k, v)
-            mask = cache_mask(positions, k.shape[1])[:, :, None]
+            mask = cache_mask(positions, k.shape[1])
+        elif stream is not None:
+            if self.kind != "block_causal":
+                raise ValueError("two-stream attention is defined for block_causal only")
+            mask = None
         else:
-            mask = attention_mask(positions, segment_ids, self.kind, self.block_size,
-                                  stream)[:, :, None]
+            mask = attention_mask(positions, segment_ids, self.kind, self.block_size)
 
-        reps = self.n_heads // self.n_kv_heads
-        q = q.reshape(b, t, self.n_kv_heads, reps, self.head_dim)
-        scores = jnp.einsum("btgrk,bsgk->bgrts", q.astype(jnp.float32), k.astype(jnp.float32))
-        scores = scores * (self.head_dim ** -0.5)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bgrts,bsgk->btgrk", probs, v.astype(jnp.float32)).astype(dt)
-        out = out.reshape(b, t, self.n_heads, self.head_dim)
-        out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if mask is None:   # rows [noisy | clean]: the masked quarters are never computed
+            out = two_stream_attention(q, k, v, positions, segment_ids, self.block_size)
+        else:
+            out = dense_attention(q, k, v, mask)
+        out = jnp.einsum("bthk,hkd->btd", out.astype(dt), self.o_proj[...].astype(dt))
         return out if cache is None else (out, cache)
