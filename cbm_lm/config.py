@@ -91,6 +91,9 @@ class ConceptConfig:
         a saturated concept can still be corrected by its loss), soft (c tanh(z/c)).
     epsilon_correction: add epsilon = h - known - unknown so logits equal the
         backbone's when not intervening (Steerling's default).
+    scoring: how the top-k rows are read: "gather" (row gathers; cheap on CPU)
+        or "blockwise" (dense blocks of the table, no [N,k,D] gathers; for
+        TPU/GPU at scale, model/sparse_rows.py).
     """
     n_known: int = 64
     known_topk: int = 8
@@ -105,6 +108,7 @@ class ConceptConfig:
     epsilon_correction: bool = True
     logit_clip: float = 15.0
     clip_mode: str = "straight_through"   # hard (Steerling) | straight_through | soft
+    scoring: str = "gather"
 
     @property
     def n_known_padded(self) -> int:
@@ -133,6 +137,8 @@ class ConceptConfig:
                 f"must be None or in [1, known_topk={self.known_topk}] (the reported concepts are "
                 f"taken from the kept ones), got {self.known_report_topk}")
         p.check(self.n_unknown >= 0, f"{prefix}.n_unknown", f"must be >= 0, got {self.n_unknown}")
+        p.check(self.scoring in ("gather", "blockwise"), f"{prefix}.scoring",
+                f"must be 'gather' or 'blockwise', got {self.scoring!r}")
         if self.n_unknown:
             p.check(self.unknown_rank >= 0, f"{prefix}.unknown_rank", "must be >= 0")
             p.check(self.unknown_topk is None or 0 < self.unknown_topk <= self.n_unknown,

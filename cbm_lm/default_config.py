@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Steerling's values with a gradient past the clip (model/concepts.py cap_logits);
         # imported Steerling checkpoints use "hard".
         clip_mode="straight_through",
+        scoring="gather",       # gather | blockwise (no [N,k,D] row gathers; TPU/GPU scale)
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(

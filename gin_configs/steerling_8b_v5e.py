@@ -4,7 +4,10 @@ Topology v5e:16x16: 256 chips with 16 GiB HBM each (a sixth of a v5p chip's),
 as fsdp=64 x tensor=4, one 4096-token sequence (8192 model tokens, two-stream)
 per chip per micro-step (1024 / (64 x 16) = 1). Activations must shrink about
 4x from steerling_8b.py's: every block is rematerialized from its input
-(model.remat=full). Checked on this CPU with XLA's TPU compiler:
+(model.remat=full), the concept heads read their top-k rows blockwise instead
+of gathering [tokens, k, 4096] fp32 rows (model.concepts.scoring=blockwise),
+and the LM cross-entropy runs in chunks (loss.ce_chunk_tokens, from
+steerling_8b.py). Checked on this CPU with XLA's TPU compiler:
     python tools/aot_compile.py --config gin_configs/steerling_8b_v5e.py --topology v5e:16x16
 """
 
@@ -19,6 +22,7 @@ def get_config():
     spec.loader.exec_module(base)
     c = base.get_config()
     c.model.remat = "full"
+    c.model.concepts.scoring = "blockwise"
     c.mesh.fsdp, c.mesh.tensor = -1, 4
     c.train.grad_accum_steps = 16
     return c

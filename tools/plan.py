@@ -81,6 +81,10 @@ _COMPILE_LAYERS = flags.DEFINE_integer("compile_layers", 2, "model.n_layers for 
 _COMPILE_BATCH = flags.DEFINE_integer("compile_batch", None, "Global batch (sequences) for "
                                       "--compile (default: min(data.batch_size, 8), rounded up to "
                                       "the batch shards x grad_accum_steps).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "Also compile the full step for this TPU topology (e.g. v5p:4x4x4) with "
+    "XLA's TPU compiler and print its per-device memory beside the estimate: the compiler's "
+    "answer is authoritative (tools/aot_compile.py; needs the .[tpu] extra).")
 _COMPILE_SEQ_LEN = flags.DEFINE_integer("compile_seq_len", None, "data.seq_len for --compile "
                                         "(default: min(data.seq_len, 256)).")
 
@@ -237,6 +241,24 @@ def print_compile(config, planned_devices: int) -> None:
     print("  compile: OK (state, optimizer and batch shardings are consistent with the step)")
 
 
+def print_topology(config, topology: str) -> None:
+    from cbm_lm.train.aot import aot_compile
+    r = aot_compile(config, topology)
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for k in ("data", "fsdp", "tensor"):
+            c.mesh[k] = getattr(r.mesh, k)
+        c.mesh.dcn_data = c.mesh.dcn_fsdp = c.mesh.dcn_tensor = 1
+    est = memory_plan(c, r.n_devices, r.device_kind).total
+    print()
+    print(f"XLA's TPU compiler, {topology} ({r.n_devices} x {r.device_kind}):")
+    row("compiled total per device (argument+output-alias+temp)", fmt_bytes(r.total_bytes))
+    row("analytic estimate above, same mesh", fmt_bytes(est),
+        f"{100 * (est / r.total_bytes - 1):+.0f}% vs XLA")
+    word = "FITS" if r.fits else "DOES NOT FIT"
+    print(f"  compiler verdict: {word} ({fmt_bytes(r.total_bytes)} of {fmt_bytes(r.hbm_bytes)})")
+
+
 def main(argv):
     del argv
     if _CONFIG.value is None:
@@ -255,6 +277,8 @@ def main(argv):
     print(f"hardware: {n_devices} x {kind}  ({source})")
     print_memory(config, n_devices, kind, hbm)
     print_compute(config, n_devices, kind)
+    if _TOPOLOGY.value:
+        print_topology(config, _TOPOLOGY.value)
     if _COMPILE.value:
         print_compile(config, n_devices)
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cbm_lm.model.layers import normal, param
+from cbm_lm.model.sparse_rows import mix, pick
 
 
 class ConceptActivations(NamedTuple):
@@ -123,12 +124,13 @@ class ConceptHead(nnx.Module):
     def __init__(self, *, n_concepts: int, n_padded: int, d_model: int, rank: int,
                  topk: int | None, report_topk: int | None, block_size: int,
                  dense_threshold: int, clip: float, axis_name: str, init_std: float,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32, clip_mode: str = "hard"):
+                 rngs: nnx.Rngs, param_dtype=jnp.float32, clip_mode: str = "hard",
+                 scoring: str = "gather"):
         self.n_concepts, self.rank, self.topk = n_concepts, rank, topk
         self.report_topk = report_topk if report_topk is not None else (topk or 64)
         self.report_topk = min(self.report_topk, n_concepts)
         self.block_size, self.dense_threshold, self.clip = block_size, dense_threshold, clip
-        self.clip_mode = clip_mode
+        self.clip_mode, self.scoring = clip_mode, scoring
         init = normal(init_std)
         c = axis_name
         if rank:
@@ -184,6 +186,8 @@ class ConceptHead(nnx.Module):
 
     def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:
         """Capped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""
+        if self.scoring == "blockwise":
+            return self.cap(pick(q, self.keys(), ids, self.block_size))
         rows = jnp.take(self.keys(), ids, axis=0).astype(jnp.float32)          # [N,S,Q]
         return self.cap(jnp.einsum("nq,nsq->ns", q, rows))
 
@@ -229,8 +233,11 @@ class ConceptHead(nnx.Module):
             ids = jnp.concatenate([ids, jnp.where(valid, iv_ids, 0)], axis=-1)
             weights = jnp.concatenate([weights, jnp.where(valid, iv_vals, 0.0)], axis=-1)
 
-        rows = jnp.take(self.values(), ids, axis=0).astype(jnp.float32)          # [N,S,V]
-        mixed = jnp.einsum("ns,nsv->nv", weights, rows)
+        if self.scoring == "blockwise":
+            mixed = mix(weights, ids, self.values(), self.block_size)
+        else:
+            rows = jnp.take(self.values(), ids, axis=0).astype(jnp.float32)      # [N,S,V]
+            mixed = jnp.einsum("ns,nsv->nv", weights, rows)
         features = self.out_proj(mixed).astype(h.dtype)
 
         def shape(x):
