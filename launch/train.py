@@ -1,7 +1,7 @@
 """Cluster entry point for training.
 
   python launch/train.py --config gin_configs/tiny.py --workdir runs/tiny \
-      [--config.train.num_steps=1000] [--config.data.dir=...]
+      [--config.train.num_steps=1000] [--config.data.dir=...] [--init_from CKPT_DIR]
 
 Multi-host (JAX's multi-controller runtime): pass --coordinator_address,
 --num_processes and --process_id (or set JAX_COORDINATOR_ADDRESS,
@@ -10,6 +10,7 @@ discovers them itself (--distributed). Every process runs this same command.
 """
 
 import os
+import socket
 import sys
 
 import jax
@@ -30,7 +31,17 @@ _PID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "
                             "This process's index.")
 _AUTO = flags.DEFINE_bool("distributed", False,
                           "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Checkpoint directory (e.g. from tools/import_steerling.py) whose params "
+    "start a fresh run: fine-tuning. Shapes must fit --config; ignored when --workdir already "
+    "holds a checkpoint to resume.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulate this many CPU devices (testing).")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv):
@@ -47,10 +58,14 @@ def main(argv):
         jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     elif _AUTO.value:
         jax.distributed.initialize()
+    else:
+        # One process still starts the runtime: its preemption service is what turns
+        # SIGTERM into an agreed save step (cbm_lm/train/loop.py).
+        jax.distributed.initialize(f"127.0.0.1:{_free_port()}", 1, 0)
     from cbm_lm.train.checkpoint import CheckpointError  # after distributed init
     from cbm_lm.train.loop import train
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
     except CheckpointError as e:
         sys.exit(f"train: error: {e}")
 

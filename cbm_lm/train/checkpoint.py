@@ -28,6 +28,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from cbm_lm.config import ModelConfig, logical_rules_from_config
 from cbm_lm.model import abstract_lm
 from cbm_lm.parallel.sharding import state_shardings
+from cbm_lm.train.restore_check import config_differences, tree_differences
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -67,7 +68,40 @@ def params_manager(ckpt_dir: str | os.PathLike, **options: Any) -> ocp.Checkpoin
     return ocp.CheckpointManager(
         absolute(ckpt_dir) / CHECKPOINTS,
         options=ocp.CheckpointManagerOptions(create=True, **options),
-        item_names=(PARAMS_ITEM,))
+        item_names=(PARAMS_ITEM,),
+        item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler()})
+
+
+def restore_params(ckpt_dir: str | os.PathLike, targets: dict, *, step: int | None = None,
+                   config: ml_collections.ConfigDict | None = None) -> tuple[dict, int]:
+    """Restores the ``params`` item of ``ckpt_dir`` into ``targets`` -> (params, step).
+
+    targets: pure dict of ShapeDtypeStructs (with shardings); dtypes are cast.
+    The saved shapes are compared with the targets first; a mismatch raises
+    CheckpointError naming the differing leaves and, given ``config`` (the
+    config the targets come from), the model fields that differ from the
+    checkpoint's config.json.
+    """
+    with params_manager(ckpt_dir, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{absolute(ckpt_dir) / CHECKPOINTS}: no checkpoint steps found")
+        try:
+            saved = mngr.item_metadata(step)[PARAMS_ITEM]
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{ckpt_dir}: step {step} has no readable params: {e}") from e
+        diffs = tree_differences(getattr(saved, "tree", saved), targets, dtypes=False)
+        if diffs:
+            fields = ([f for f in config_differences(read_config(ckpt_dir), config)
+                       if f.startswith("--config.model.")] if config is not None else [])
+            raise CheckpointError(
+                f"{ckpt_dir}: the params of step {step} do not fit the model "
+                f"({len(diffs)} differing leaves, saved vs wanted):\n  " + "\n  ".join(diffs[:20])
+                + (f"\nmodel fields that differ from {ckpt_dir}/{CONFIG_FILE}:\n  "
+                   + "\n  ".join(fields) if fields else ""))
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            **{PARAMS_ITEM: ocp.args.StandardRestore(targets)}))[PARAMS_ITEM]
+    return restored, step
 
 
 def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
@@ -117,16 +151,6 @@ def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=N
         return jax.ShapeDtypeStruct(var.shape, param_dtype or var.dtype, sharding=sharding)
 
     targets = jax.tree.map(target, abs_params.to_pure_dict(), shardings.to_pure_dict())
-    with params_manager(ckpt_dir, read_only=True) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{epath.Path(ckpt_dir) / CHECKPOINTS}: no checkpoint steps found")
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                **{PARAMS_ITEM: ocp.args.StandardRestore(targets)}))[PARAMS_ITEM]
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(
-                f"{ckpt_dir}: step {step} does not restore into the model its config.json "
-                f"describes: {e}") from e
+    restored, _ = restore_params(ckpt_dir, targets, step=step)
     nnx.replace_by_pure_dict(abs_params, restored)
     return nnx.merge(graphdef, abs_params), config

@@ -4,14 +4,21 @@
 
 Resumes from the newest usable checkpoint in DIR (params, optimizer, rng and
 every process's data-iterator state), so a resumed run continues the exact
-batch stream and reproduces the uninterrupted losses bitwise. SIGTERM saves a
-checkpoint and exits 0.
+batch stream and reproduces the uninterrupted losses bitwise.
+
+SIGTERM (a preemption notice) goes through JAX's preemption service
+(multihost_utils.reached_preemption_sync_point, asked via orbax's
+CheckpointManager.reached_preemption): the hosts agree on one step, all save
+it, and exit 0. launch/train.py starts the distributed runtime even for one
+process so the service exists. The loop reads nothing from the device per
+step: non-finite steps are checked at log and checkpoint steps
+(cbm_lm/train/nonfinite.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import signal
 import time
 
 import jax
@@ -21,15 +28,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config, validate_config
-from cbm_lm.data.pipeline import make_pipeline
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.devices import peak_flops_per_device
 from cbm_lm.train.planning import train_flops_per_token
 from cbm_lm.parallel.sharding import logical_to_spec
-from cbm_lm.train.checkpoint import absolute
+from cbm_lm.train.checkpoint import absolute, restore_params
 from cbm_lm.train.checkpointer import TrainCheckpointer
-from cbm_lm.train.data_feed import RowSliceIterator
+from cbm_lm.train.data_feed import agreed_eval_batches, process_pipeline
 from cbm_lm.train.corpus_check import check_corpus_fits_model, read_manifest, resolve_mask_token
+from cbm_lm.train.nonfinite import NonFiniteLossError, NonFiniteWatch  # noqa: F401
 from cbm_lm.train.metrics import METRICS_FILE, MetricsLogger, measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
@@ -37,24 +44,6 @@ from cbm_lm.train.step import make_eval_step, make_train_step
 
 # The batch fields the step reads; chunk/source ids stay on the host (64-bit).
 DEVICE_FIELDS = ("tokens", "segment_ids", "positions", "concept_ids", "chunk_segment_ids")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class _Sigterm:
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        print("SIGTERM received: saving a checkpoint, then exiting", flush=True)
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _global_batch(local: dict, sharding: NamedSharding) -> dict:
@@ -84,37 +73,24 @@ def _set_aside_metrics(path: epath.Path) -> None:
         print(f"no checkpoint to resume: kept the earlier {path.name} as {dst}", flush=True)
 
 
-def _pipeline(config, split, per_process_batch, *, eval_mode=False):
-    """This process's batch iterator (see cbm_lm/train/data_feed.py for process_split)."""
-    rows = config.data.process_split == "rows"
-    p, n = jax.process_index(), jax.process_count()
-    it = make_pipeline(
-        config.data.dir, split, per_process_batch * (n if rows else 1), config.data.seq_len,
-        seed=config.data.shuffle_seed, process_index=0 if rows else p,
-        process_count=1 if rows else n, max_chunk_concepts=config.data.max_chunk_concepts,
-        mixture=dict(config.data.mixture) or None,
-        worker_count=0 if eval_mode else config.data.worker_count,
-        packing_bins=config.data.packing_bins or None,
-        **({"num_epochs": 1, "shuffle": False, "drop_remainder": True} if eval_mode else {}))
-    if rows and n > 1:
-        it = RowSliceIterator(it, p * per_process_batch, (p + 1) * per_process_batch)
-    return it
-
-
-def _evaluate(eval_step, params, config, per_process_batch, batch_sharding) -> dict:
-    totals, n = {}, 0
-    for local in _pipeline(config, config.data.eval_split, per_process_batch, eval_mode=True):
+def _evaluate(eval_step, params, config, per_process_batch, batch_sharding, n_batches) -> dict:
+    """Mean eval metrics over exactly ``n_batches`` (agreed by every process)."""
+    totals = {}
+    it = process_pipeline(config, config.data.eval_split, per_process_batch, eval_mode=True)
+    for local in itertools.islice(it, n_batches):
         m = jax.device_get(eval_step(params, _global_batch(local, batch_sharding)))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-        n += 1
-        if n >= config.train.eval_batches:
-            break
-    return {f"eval_{k}": v / max(n, 1) for k, v in totals.items()}
+    return {f"eval_{k}": v / max(n_batches, 1) for k, v in totals.items()}
 
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+def train(config, workdir: str, init_from: str | None = None) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics.
+
+    init_from: a checkpoint directory (e.g. tools/import_steerling.py's output)
+    whose params start a fresh run (optimizer, step and data start anew);
+    ignored when ``workdir`` already holds a checkpoint to resume.
+    """
     validate_config(config)   # refuses a config that cannot train well before anything is written
     absolute(workdir).mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(config.data.dir)
@@ -132,21 +108,27 @@ def train(config, workdir: str) -> dict:
     shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
-    data_iter = _pipeline(config, config.data.split, per_process_batch)
+    data_iter = process_pipeline(config, config.data.split, per_process_batch)
     ckpt = TrainCheckpointer(workdir, config)
     targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            abs_state, shardings)
     state, restored_step = ckpt.restore_latest(targets, data_iter)
-    if state is None:
+    fresh = state is None
+    if fresh:
         graphdef, state, _ = init_train_state(model_cfg, tx, config.seed, mesh, rules)
         start = 0
+        if init_from:
+            params, from_step = restore_params(init_from, targets.params, config=config)
+            state = state.replace(params=params)
+            print(f"initialized the params from {init_from} (step {from_step})", flush=True)
     else:
         start = int(restored_step)
-        print(f"resumed from step {start} in {workdir}", flush=True)
+        print(f"resumed from step {start} in {workdir}"
+              + (f" (--init_from={init_from} not used)" if init_from else ""), flush=True)
     ckpt.write_config()
     metrics_path = absolute(workdir) / METRICS_FILE
     if jax.process_index() == 0:
-        if state is None:
+        if fresh:
             _set_aside_metrics(metrics_path)
         else:
             _truncate_metrics(metrics_path, start)
@@ -160,7 +142,8 @@ def train(config, workdir: str) -> dict:
     else:
         peak = peak_flops_per_device(jax.devices()[0].device_kind,
                                      config.hardware.peak_flops_per_device) * jax.device_count()
-    sigterm = _Sigterm()
+    n_eval = (agreed_eval_batches(config, per_process_batch) if config.train.eval_every else 0)
+    watch = NonFiniteWatch(config.train.nan_policy, config.train.max_skipped_steps)
     last = {}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         train_step = make_train_step(graphdef, tx, schedule, config, model_cfg, shardings,
@@ -174,21 +157,15 @@ def train(config, workdir: str) -> dict:
                 state, metrics = train_step(state, _global_batch(local, batch_sharding))
                 step += 1
                 tokens_since += config.data.batch_size * config.data.seq_len
-                finite = bool(jax.device_get(metrics["finite"]))
-                if not finite and config.train.nan_policy == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at step {step} "
-                        f"(loss={float(jax.device_get(metrics['loss']))}); stopping. "
-                        f"Set --config.train.nan_policy=skip to skip such steps.")
-                skipped = int(jax.device_get(state.skipped))
-                if skipped > config.train.max_skipped_steps:
-                    raise NonFiniteLossError(
-                        f"{skipped} steps skipped for non-finite loss by step {step}, more than "
-                        f"train.max_skipped_steps={config.train.max_skipped_steps}")
+                watch.record(step, metrics)
+                # Every process asks at every step; all see True at the same step.
+                preempted = ckpt.manager.reached_preemption(step)
                 is_last = step == config.train.num_steps
                 log_now = step % config.train.log_every == 0 or is_last
-                eval_now = bool(config.train.eval_every) and (
-                    step % config.train.eval_every == 0 or is_last)
+                eval_now = n_eval > 0 and (step % config.train.eval_every == 0 or is_last)
+                save_now = step % config.checkpoint.every_steps == 0 or is_last or preempted
+                if log_now or eval_now or save_now:
+                    watch.check(state.skipped)      # the only host syncs: log / save steps
                 if log_now or eval_now:
                     now = time.time()
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -196,17 +173,17 @@ def train(config, workdir: str) -> dict:
                     last.update(tokens_per_sec=tps, mfu=tps * flops_per_token / peak)
                     if eval_now:
                         last.update(_evaluate(eval_step, state.params, config, per_process_batch,
-                                              batch_sharding))
+                                              batch_sharding, n_eval))
                     t_last, tokens_since = time.time(), 0
                     logger.write(step, last)
                     logger.console(step, last)
-                if (step % config.checkpoint.every_steps == 0 or step == config.train.num_steps
-                        or sigterm.requested):
+                if save_now:
                     ckpt.save(step, state, data_iter)
-                if sigterm.requested:
+                if preempted:
+                    print(f"preemption notice (SIGTERM): all {jax.process_count()} processes "
+                          f"saved step {step}; exiting", flush=True)
                     break
         finally:
             ckpt.close()
             logger.close()
-            sigterm.restore()
     return last

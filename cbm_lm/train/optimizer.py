@@ -5,12 +5,15 @@
 
 Weight decay applies to matrices only: norm scales (1-D params) are exempt.
 Gradient accumulation happens in the train step (a scan over micro-batches),
-not here, so the optimizer sees one update per step.
+not here, so the optimizer sees one update per step. optax.apply_if_finite
+drops a non-finite update (params and moments untouched), however many in a
+row; the train loop decides whether to stop (train.nan_policy).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -36,4 +39,5 @@ def make_optimizer(opt_cfg, num_steps: int) -> tuple[optax.GradientTransformatio
         optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                     weight_decay=opt_cfg.weight_decay, mask=decay_mask),
     )
-    return tx, schedule
+    never_apply = int(jnp.iinfo(jnp.int32).max)   # consecutive non-finite updates to drop
+    return optax.apply_if_finite(tx, max_consecutive_errors=never_apply), schedule

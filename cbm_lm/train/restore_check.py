@@ -36,8 +36,10 @@ def _flat_leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def tree_differences(saved: Any, target: Any) -> list[str]:
-    """Human-readable differences between two trees, one line per leaf ([] = they fit)."""
+def tree_differences(saved: Any, target: Any, *, dtypes: bool = True) -> list[str]:
+    """Human-readable differences between two trees, one line per leaf ([] = they fit).
+
+    dtypes=False compares structure and shapes only (a restore that casts)."""
     have, want = _flat_leaves(saved), _flat_leaves(target)
     lines = []
     for key in sorted(set(have) | set(want)):
@@ -47,7 +49,7 @@ def tree_differences(saved: Any, target: Any) -> list[str]:
             lines.append(f"{key}: wanted {want[key][0]}, not in the checkpoint")
         elif have[key][0] != want[key][0]:
             lines.append(f"{key}: shape {have[key][0]} saved vs {want[key][0]} wanted")
-        elif "?" not in (have[key][1], want[key][1]) and have[key][1] != want[key][1]:
+        elif dtypes and "?" not in (have[key][1], want[key][1]) and have[key][1] != want[key][1]:
             lines.append(f"{key}: dtype {have[key][1]} saved vs {want[key][1]} wanted")
     return lines
 

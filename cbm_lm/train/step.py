@@ -4,9 +4,11 @@ train_step(state, batch) -> (state, metrics):
   rng_s   = fold_in(state.rng, state.step)
   grads   = mean over A micro-batches of d loss / d params     (lax.scan, A = grad_accum_steps)
   params <- AdamW(clip(grads))                                  (optax)
-A non-finite loss or gradient norm either stops the run (the loop raises,
-naming the step) or, with nan_policy=skip, leaves params and optimizer
-untouched for that step and counts it in state.skipped.
+A non-finite update never reaches the params: make_optimizer wraps it in
+``optax.apply_if_finite``, which leaves params and moments
+untouched for that step. The step counts it in state.skipped and reports
+``finite`` (update and loss finite); the loop then stops naming the step
+(nan_policy=stop) or goes on (skip) up to train.max_skipped_steps.
 
 ``make_train_step`` returns the function jitted with explicit in/out
 shardings and the state donated, to be called under ``jax.set_mesh``.
@@ -36,7 +38,9 @@ def _split_micro(batch, n: int):
 
 def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
     model_cfg, loss_cfg = config["model_cfg"], config["loss_cfg"]
-    accum, skip_nan = config["grad_accum_steps"], config["nan_policy"] == "skip"
+    accum = config["grad_accum_steps"]
+    if not isinstance(state.opt_state, optax.ApplyIfFiniteState):
+        raise TypeError("train_step needs an optax.apply_if_finite optimizer (make_optimizer)")
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params, micro, key):
@@ -66,13 +70,10 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
 
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    if skip_nan:
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
+    new_params = optax.apply_updates(state.params, updates)   # zero updates when not finite
+    finite = new_opt.last_finite & jnp.isfinite(metrics["loss"])
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt,
-                              skipped=state.skipped + (~finite).astype(jnp.int32))
+                              skipped=state.skipped + (~new_opt.last_finite).astype(jnp.int32))
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    finite=finite.astype(jnp.float32),
                    skipped_steps=new_state.skipped.astype(jnp.float32))
