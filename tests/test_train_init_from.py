@@ -37,7 +37,7 @@ def _steerling_dir(path) -> str:
                                 diff_block_size=8, intermediate_size=64)
     ccfg = ConceptConfig(n_concepts=16, n_unknown_concepts=32, concept_dim=32, topk_known=4,
                          topk_known_features=4, use_unknown=True, factorize_unknown=True,
-                         factorize_rank=4, unknown_topk=4, block_size=16, pad_multiple=16)
+                         factorize_rank=16, unknown_topk=4, block_size=16, pad_multiple=16)
     torch.manual_seed(0)
     model = InterpretableCausalDiffusionLM(cfg, ccfg, vocab_size=VOCAB).eval()
     with torch.no_grad():
