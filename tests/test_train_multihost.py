@@ -77,7 +77,7 @@ def test_uneven_eval_and_sigterm_to_one_process(tmp_path):
     files = [open(p, "w") for p in paths]
     procs = _start(corpus, workdir, overrides, files)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 900
         while "step 4/200" not in paths[0].read_text():
             assert time.time() < deadline, paths[0].read_text()[-3000:]
             assert all(p.poll() is None for p in procs), paths[0].read_text()[-3000:]
