@@ -99,10 +99,21 @@ def base_config() -> ml_collections.ConfigDict:
         concept_neg_weight=1.0,
         concept_negatives=64,           # sampled negative concepts per batch
         reconstruction_weight=1.0,
+        reconstruction_target="predicted",  # sg(h - k_pred) | "labels": sg(h - k_gt) (report)
         independence_weight=0.1,
+        independence_normalization="population",  # ||Cov||^2/D^2 | "report": /(D^2 (n-1))
         diffusion_t_min=1e-3,
+        diffusion_t_max=1.0,            # training only; eval scores uniform t in [t_min, 1]
+        diffusion_noise="uniform",      # per-block t: uniform | gaussian (moving curriculum)
+        diffusion_noise_center_start=0.2,   # gaussian: centre moves start -> end over training
+        diffusion_noise_center_end=0.8,
+        diffusion_noise_sigma=0.3,
+        diffusion_weighting="elbo",     # masked CE weighted 1/t (ELBO) | uniform
         diffusion_clean_context=True,   # two-stream [noisy | clean] diffusion training
-        epsilon_dropout=0.5,            # P(drop epsilon) per sequence
+        epsilon_dropout=0.5,            # P(drop epsilon) per sequence (report: 0.1)
+        cfg_dropout=0.0,                # P(feed no known features) per sequence (report: 0.1)
+        teacher_forcing="soft",         # soft: pred + alpha (k_gt - pred) | hard: k_gt w.p. alpha
+        teacher_forcing_schedule="linear",  # linear (start/end/steps) | report (hold-cosine-0.5)
         teacher_forcing_start=1.0,      # alpha(step): linear from start to end
         teacher_forcing_end=0.0,
         teacher_forcing_steps=100,
@@ -113,7 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
         steering_layer=-1,      # inject from this layer on; -1 = n_layers // 2
         ce_chunk_tokens=0,              # >0: LM cross-entropy this many positions at a time,
                                         # never [B,T,V] whole (objectives/chunked_ce.py)
+        unknown_teacher_forcing=False,  # unknown slot -> h - k_gt in epsilon-dropped sequences
+        unknown_teacher_forcing_hold=0.25,   # beta = 1 up to this fraction of training,
+        unknown_teacher_forcing_until=1.0,   # linear to floor by this fraction
+        unknown_teacher_forcing_floor=0.0,
     ))
+    # Fractional schedules (report teacher forcing, noise curriculum) follow train.num_steps.
+    c.loss.schedule_steps = c.train.get_ref("num_steps")
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=50,
         keep=3,

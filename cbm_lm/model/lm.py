@@ -59,6 +59,11 @@ class ConceptBottleneckLM(nnx.Module):
             return self.backbone.embedding[...]
         return self.lm_head[...]
 
+    def logits_from(self, composed: jax.Array) -> jax.Array:
+        """composed [B,T,D] -> logits [B,T,V] fp32 (the tied LM head)."""
+        w = self.unembedding().astype(composed.dtype)
+        return jnp.einsum("btd,vd->btv", composed, w).astype(jnp.float32)
+
     def __call__(self, tokens: jax.Array | None = None, *, positions=None, segment_ids=None,
                  stream=None, input_embeds=None, intervene_known=None, intervene_unknown=None,
                  drop_epsilon=False, teacher_features=None, teacher_alpha=0.0,
@@ -82,9 +87,7 @@ class ConceptBottleneckLM(nnx.Module):
         rw = self.rewrite(h, intervene_known=intervene_known,
                           intervene_unknown=intervene_unknown, drop_epsilon=drop_epsilon,
                           teacher_features=teacher_features, teacher_alpha=teacher_alpha)
-        w = self.unembedding().astype(rw.composed.dtype)
-        logits = jnp.einsum("btd,vd->btv", rw.composed, w).astype(jnp.float32)
-        return LMOutput(logits, h, rw.known, rw.unknown, rw.known_features,
+        return LMOutput(self.logits_from(rw.composed), h, rw.known, rw.unknown, rw.known_features,
                         rw.unknown_features, rw.epsilon, rw.composed, kv_cache)
 
 

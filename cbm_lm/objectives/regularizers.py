@@ -4,11 +4,16 @@ Reconstruction (trains the unknown head to explain what the known head misses):
 
   L_rec = sum_{valid i} ||u_i - sg(h_i - k_i)||^2 / (n_valid * D)
 
+with k the predicted known features, or (the technical report's target) the pooled
+ground-truth label embeddings k_gt: the caller passes which.
+
 Independence (keeps the unknown features from re-encoding the known ones):
 
   u~ = u - mean_valid(u),  k~ = sg(k) - mean_valid(sg(k))       (centred over valid tokens)
   Cov = u~^T k~ / n_valid                                       [D,D]
-  L_ind = ||Cov||_F^2 / D^2
+  L_ind = ||Cov||_F^2 / D^2                       (normalization="population")
+  L_ind = ||u~^T k~||_F^2 / (D^2 (n_valid - 1))   (normalization="report": the technical
+                                                 report's form, n^2/(n-1) times the above)
 
 Shapes: unknown_features u, hidden h, known_features k [B,T,D]; valid [B,T]
 bool (e.g. segment_ids > 0). Statistics pool all valid tokens of the batch;
@@ -36,13 +41,20 @@ def reconstruction_loss(unknown_features: jax.Array, hidden: jax.Array,
 
 
 def independence_loss(unknown_features: jax.Array, known_features: jax.Array,
-                      valid: jax.Array) -> jax.Array:
-    """||Cov(unknown, stop_grad(known))||_F^2 / D^2 over valid tokens -> scalar."""
+                      valid: jax.Array, normalization: str = "population") -> jax.Array:
+    """||Cov(unknown, stop_grad(known))||_F^2 / D^2 over valid tokens -> scalar
+    (or the report's normalization, see the module docstring)."""
+    if normalization not in ("population", "report"):
+        raise ValueError(f"independence normalization must be 'population' or 'report', "
+                         f"got {normalization!r}")
     u = _flat(unknown_features)
     k = jax.lax.stop_gradient(_flat(known_features))
     w = valid.reshape(-1).astype(jnp.float32)[:, None]
     n = jnp.maximum(jnp.sum(w), 1.0)
     uc = (u - jnp.sum(w * u, axis=0) / n) * w
     kc = (k - jnp.sum(w * k, axis=0) / n) * w
+    d2 = u.shape[-1] * k.shape[-1]
+    if normalization == "report":
+        return jnp.sum(jnp.square(uc.T @ kc)) / (d2 * jnp.maximum(n - 1.0, 1.0))
     cov = uc.T @ kc / n                                                            # [D,D]
-    return jnp.sum(jnp.square(cov)) / (u.shape[-1] * k.shape[-1])
+    return jnp.sum(jnp.square(cov)) / d2

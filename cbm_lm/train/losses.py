@@ -3,13 +3,26 @@
   loss = w_lm * L_lm + w_c * L_concept + w_rec * L_reconstruction + w_ind * L_independence
 
 L_lm is masked diffusion (block-causal) or next-token CE (causal), per
-``model.objective``. With ``loss.diffusion_clean_context`` the diffusion loss
-runs two streams in one pass, [noisy | clean], so every noised block is
-predicted from clean earlier blocks, as at generation time; the concept terms
-then read the clean stream. Per step, each sequence drops epsilon with probability
-``loss.epsilon_dropout`` (so the LM loss trains the concept paths) and the
-known features are teacher-forced with strength alpha(step) towards the
-pooled label embeddings. Concept health is measured on the same batch.
+``model.objective``. With ``loss.diffusion_clean_context`` the diffusion loss runs
+two streams in one pass, [noisy | clean], so every noised block is predicted from
+clean earlier blocks, as at generation time. Only the stream whose loss is used is
+unembedded (the noisy one); the concept terms read the clean stream, the
+representation of the text itself.
+
+Training-time routing of the concept rewrite (all config switches, section ``loss``):
+  epsilon dropout       per sequence, P = epsilon_dropout: composed = known + unknown
+  known teacher forcing alpha(step) ("linear" or the report's schedule); "soft" mixes
+                        pred + alpha (k_gt - pred), "hard" substitutes k_gt for a whole
+                        sequence with probability alpha
+  CFG dropout           per sequence, P = cfg_dropout: the known features fed forward are 0
+  unknown teacher forcing  in epsilon-dropped sequences the unknown slot becomes
+                        sg(u) + beta (h - k_gt - sg(u)), beta held then decayed
+k_gt is the pooled ground-truth label embedding of the token each position predicts
+(objectives/label_alignment.py). Eval (train=False) uses none of these, uniform t, and
+also reports the loss of the concept path alone (``lm_loss_no_epsilon``).
+
+Logit shares are measured where the LM loss is: at the noisy stream's masked positions
+(diffusion) or the next-token positions (AR), against the token predicted there.
 """
 
 from __future__ import annotations
@@ -20,28 +33,54 @@ import jax.numpy as jnp
 from cbm_lm import objectives as obj
 from cbm_lm.objectives.steering_loss import steering_loss
 
+_CHOICES = {"diffusion_noise": ("uniform", "gaussian"), "diffusion_weighting": ("elbo", "uniform"),
+            "teacher_forcing": ("soft", "hard"), "teacher_forcing_schedule": ("linear", "report"),
+            "reconstruction_target": ("predicted", "labels"),
+            "independence_normalization": ("population", "report")}
 
-def _logit_shares(out, unembedding, targets, valid):
-    """Mean share of |logit_y| carried by known / unknown / epsilon at real tokens.
 
-    contribution_x = x . W_y for x in (known, unknown, residual); share_x =
-    |c_x| / (|c_known| + |c_unknown| + |c_eps|), averaged over valid tokens.
+def check_loss_config(loss_cfg) -> None:
+    """Raises ValueError naming every ``loss.*`` field with a value compute_losses cannot use."""
+    bad = [f"loss.{k}={loss_cfg[k]!r} (allowed: {', '.join(v)})"
+           for k, v in _CHOICES.items() if loss_cfg[k] not in v]
+    for k in ("epsilon_dropout", "cfg_dropout"):
+        if not 0.0 <= loss_cfg[k] <= 1.0:
+            bad.append(f"loss.{k}={loss_cfg[k]!r} (allowed: a probability in [0, 1])")
+    if not 0.0 <= loss_cfg.diffusion_t_min < loss_cfg.diffusion_t_max <= 1.0:
+        bad.append(f"loss.diffusion_t_min={loss_cfg.diffusion_t_min}, loss.diffusion_t_max="
+                   f"{loss_cfg.diffusion_t_max} (allowed: 0 <= t_min < t_max <= 1)")
+    if bad:
+        raise ValueError("invalid loss config: " + "; ".join(bad))
+
+
+def _logit_shares(known, unknown, residual, unembedding, targets, where):
+    """Mean share of |logit_y| carried by known / unknown / residual at ``where`` tokens.
+
+    contribution_x = x . W_y for x in (known, unknown, residual) [B,T,D]; share_x =
+    |c_x| / (|c_known| + |c_unknown| + |c_eps|), averaged over the tokens in ``where`` [B,T].
     """
     w_y = jnp.take(unembedding, targets, axis=0).astype(jnp.float32)           # [B,T,D]
-    parts = [jnp.abs(jnp.sum(x.astype(jnp.float32) * w_y, -1))
-             for x in (out.known_features, out.unknown_features, out.residual)]
+    parts = [jnp.abs(jnp.sum(x.astype(jnp.float32) * w_y, -1)) for x in (known, unknown, residual)]
     total = parts[0] + parts[1] + parts[2] + 1e-12
-    vf = valid.astype(jnp.float32)
-    n = jnp.maximum(vf.sum(), 1.0)
-    return {name: jnp.sum(vf * p / total) / n
+    wf = where.astype(jnp.float32)
+    n = jnp.maximum(wf.sum(), 1.0)
+    return {name: jnp.sum(wf * p / total) / n
             for name, p in zip(("share_known", "share_unknown", "share_epsilon"), parts)}
 
 
 def _dead_fraction(indices, valid, n_concepts):
-    """Fraction of concepts never in any valid token's active set in this batch."""
+    """Fraction of the n_concepts real concepts never in any valid token's top-k in this batch."""
     hits = jnp.zeros((n_concepts,), jnp.int32).at[indices.reshape(-1)].add(
         jnp.broadcast_to(valid[..., None], indices.shape).reshape(-1).astype(jnp.int32))
     return jnp.mean((hits == 0).astype(jnp.float32))
+
+
+def _predicted_positions(tokens, seg, masked, diffusion):
+    """(targets [B,T], where [B,T] bool): the token each scored position predicts."""
+    if diffusion:
+        return tokens, masked & (seg > 0)
+    pairs = obj.next_token_pairs(seg)
+    return jnp.roll(tokens, -1, axis=1), jnp.concatenate([pairs, jnp.zeros_like(pairs[:, :1])], 1)
 
 
 def _steering_term(model, batch, rng, step, loss_cfg, model_cfg):
@@ -64,75 +103,125 @@ def _steering_term(model, batch, rng, step, loss_cfg, model_cfg):
 
 def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool = True):
     """Returns (total loss, metrics dict of scalars). ``batch`` follows the data contract."""
+    check_loss_config(loss_cfg)
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     valid = seg > 0
-    b = tokens.shape[0]
-    rng_mask, rng_eps, rng_neg = jax.random.split(rng, 3)
+    b, seq_len = tokens.shape
+    rng_mask, rng_eps, rng_neg, rng_tf, rng_cfg = jax.random.split(rng, 5)
+    frac = obj.training_fraction(step, loss_cfg.schedule_steps)
+    concept_ids, chunk_ids = obj.align_labels_to_predictions(
+        batch["concept_ids"], batch["chunk_segment_ids"], seg, model_cfg.objective)
 
     diffusion = model_cfg.objective == "diffusion"
     two_stream = diffusion and loss_cfg.diffusion_clean_context
+    masked = t = None
     if diffusion:
-        inputs, masked, t = obj.corrupt(rng_mask, tokens, seg, pos,
-                                        block_size=model_cfg.diffusion_block_size,
-                                        mask_id=model_cfg.resolved_mask_token_id,
-                                        t_min=loss_cfg.diffusion_t_min)
+        centre = (loss_cfg.diffusion_noise_center_start + frac
+                  * (loss_cfg.diffusion_noise_center_end - loss_cfg.diffusion_noise_center_start))
+        inputs, masked, t = obj.corrupt(
+            rng_mask, tokens, seg, pos, block_size=model_cfg.diffusion_block_size,
+            mask_id=model_cfg.resolved_mask_token_id, t_min=loss_cfg.diffusion_t_min,
+            # Eval always scores uniform t over [t_min, 1], whatever the training curriculum.
+            t_max=loss_cfg.diffusion_t_max if train else 1.0,
+            noise=loss_cfg.diffusion_noise if train else "uniform",
+            center=centre, sigma=loss_cfg.diffusion_noise_sigma)
     else:
         inputs = tokens
     stream = None
     if two_stream:   # [noisy | clean] at the same positions (model/attention.py)
-        seq_len = tokens.shape[1]
         inputs = jnp.concatenate([inputs, tokens], axis=1)
         stream = jnp.concatenate([jnp.zeros_like(seg), jnp.ones_like(seg)], axis=1)
         pos_in, seg_in = jnp.concatenate([pos, pos], 1), jnp.concatenate([seg, seg], 1)
     else:
         pos_in, seg_in = pos, seg
 
+    def lm_part(x):       # the stream the LM loss reads
+        return x[:, :seq_len] if two_stream else x
+
+    def concept_part(x):  # the stream the concept terms read
+        return x[:, seq_len:] if two_stream else x
+
     head = model.rewrite.known_head
-    teacher, alpha = None, 0.0
-    drop_eps = False
+    k_gt = obj.pooled_label_features(head, concept_ids)                             # [B,T,D]
+    f32 = jnp.float32
+    teacher, alpha_in, drop_eps = None, 0.0, jnp.zeros((b,), bool)
+    alpha = beta = cfg_drop = jnp.zeros((), f32)
     if train:
-        p_drop = obj.epsilon_dropout_prob(step, loss_cfg.epsilon_dropout)
-        drop_eps = obj.sample_epsilon_dropout(rng_eps, b, p_drop)
-        alpha = obj.teacher_forcing_alpha(step, loss_cfg.teacher_forcing_start,
-                                          loss_cfg.teacher_forcing_end,
-                                          loss_cfg.teacher_forcing_steps)
-        teacher = obj.pooled_label_features(head, batch["concept_ids"])
+        drop_eps = obj.sample_epsilon_dropout(
+            rng_eps, b, obj.epsilon_dropout_prob(step, loss_cfg.epsilon_dropout))
+        alpha = obj.teacher_forcing_alpha(
+            step, loss_cfg.teacher_forcing_start, loss_cfg.teacher_forcing_end,
+            loss_cfg.teacher_forcing_steps, schedule=loss_cfg.teacher_forcing_schedule,
+            total_steps=loss_cfg.schedule_steps)
+        if loss_cfg.teacher_forcing == "hard":   # substitute k_gt in a sequence w.p. alpha
+            alpha_in = (jax.random.uniform(rng_tf, (b,)) < alpha).astype(f32)[:, None, None]
+        else:
+            alpha_in = jnp.broadcast_to(alpha, (b, 1, 1))
+        teacher = k_gt
+        if loss_cfg.cfg_dropout > 0:             # feed no known features in a sequence
+            dropped = jax.random.uniform(rng_cfg, (b,)) < loss_cfg.cfg_dropout
+            teacher = jnp.where(dropped[:, None, None], 0.0, teacher)
+            alpha_in = jnp.where(dropped[:, None, None], 1.0, alpha_in)
+            cfg_drop = jnp.mean(dropped.astype(f32))
         if two_stream:
             teacher = jnp.concatenate([teacher, teacher], axis=1)
-    full = model(inputs, positions=pos_in, segment_ids=seg_in, stream=stream,
-                 drop_epsilon=drop_eps, teacher_features=teacher, teacher_alpha=alpha)
-    if two_stream:
-        # The LM loss reads the noisy stream; the concept terms read the clean
-        # stream, the representation of the text itself.
-        noisy_logits = full.logits[:, :seq_len]
-        out = jax.tree.map(lambda x: x[:, seq_len:] if x.ndim >= 2 else x, full)
-    else:
-        noisy_logits, out = full.logits, full
+
+    h = model.backbone(inputs, positions=pos_in, segment_ids=seg_in, stream=stream)
+    rw = model.rewrite(h, drop_epsilon=drop_eps, teacher_features=teacher,
+                       teacher_alpha=alpha_in)
+    composed = lm_part(rw.composed)
+    if train and loss_cfg.unknown_teacher_forcing and rw.unknown is not None:
+        beta = obj.hold_decay(frac, 1.0, loss_cfg.unknown_teacher_forcing_floor,
+                              loss_cfg.unknown_teacher_forcing_hold,
+                              loss_cfg.unknown_teacher_forcing_until, kind="linear")
+        # Only epsilon-dropped sequences route through the unknown slot (elsewhere epsilon
+        # restores h exactly), so that is where its target h - k_gt replaces sg(u).
+        dropped = drop_eps.astype(composed.dtype)[:, None, None]
+        u_sg = jax.lax.stop_gradient(lm_part(rw.unknown_features))
+        composed = composed + dropped * beta * (lm_part(h) - k_gt - u_sg)
+
+    targets_lm = tokens if diffusion else jnp.roll(tokens, -1, axis=1)
+    chunk = loss_cfg.get("ce_chunk_tokens", 0)
+
+    def lm_loss_of(c):
+        """LM loss of composed features c [B,T,D]; only this stream is ever unembedded."""
+        if chunk:   # [B,T,V] never whole (objectives/chunked_ce.py)
+            ce, hit = obj.chunked_token_ce(c, model.unembedding(), targets_lm, chunk)
+        else:
+            logits = model.logits_from(c)
+            ce = obj.token_cross_entropy(logits, targets_lm)
+            hit = jnp.argmax(logits, axis=-1) == targets_lm
+        if diffusion:
+            return obj.diffusion_loss_from_ce(ce, hit, masked, t, seg,
+                                              loss_cfg.diffusion_weighting)
+        return obj.next_token_loss_from_ce(ce[:, :-1], hit[:, :-1], seg)
 
     metrics = {}
-    chunk = loss_cfg.get("ce_chunk_tokens", 0)
-    if chunk:   # [B,T,V] never whole: the model's logits go unused and XLA drops them
-        x = full.composed[:, :seq_len] if two_stream else full.composed
-        targets_lm = tokens if diffusion else jnp.roll(tokens, -1, axis=1)
-        ce, hit = obj.chunked_token_ce(x, model.unembedding(), targets_lm, chunk)
+    lm_loss, lm_aux = lm_loss_of(composed)
     if diffusion:
-        lm_loss, lm_aux = (obj.diffusion_loss_from_ce(ce, hit, masked, t, seg) if chunk else
-                           obj.diffusion_loss(noisy_logits, tokens, masked, t, seg))
-        metrics.update(masked_ce=lm_aux["masked_ce"], masked_acc=lm_aux["masked_acc"])
+        metrics.update({k: v for k, v in lm_aux.items() if k.startswith("masked_")})
     else:
-        lm_loss, lm_aux = (obj.next_token_loss_from_ce(ce[:, :-1], hit[:, :-1], seg) if chunk
-                           else obj.next_token_loss(out.logits, tokens, seg))
         metrics.update(next_token_acc=lm_aux["accuracy"])
+    if not train:   # the concept path alone: what the explanations describe
+        no_eps, no_eps_aux = lm_loss_of(composed - lm_part(rw.epsilon))
+        metrics["lm_loss_no_epsilon"] = no_eps
+        if diffusion:
+            metrics["masked_ce_no_epsilon"] = no_eps_aux["masked_ce"]
 
+    hidden_c = concept_part(h)
+    known_c = jax.tree.map(concept_part, rw.known)
     concept_loss, c_aux = obj.chunk_concept_loss(
-        head, out.hidden, batch["concept_ids"], batch["chunk_segment_ids"],
-        out.known.topk_indices, rng_neg, n_negatives=loss_cfg.concept_negatives,
+        head, hidden_c, concept_ids, chunk_ids, known_c.topk_indices, rng_neg,
+        n_negatives=loss_cfg.concept_negatives,
         pos_weight=loss_cfg.concept_pos_weight, neg_weight=loss_cfg.concept_neg_weight)
-    if out.unknown is not None:
-        rec = obj.reconstruction_loss(out.unknown_features, out.hidden, out.known.features, valid)
-        ind = obj.independence_loss(out.unknown_features, out.known.features, valid)
+    if rw.unknown is not None:
+        unknown_c = concept_part(rw.unknown_features)
+        rec_known = k_gt if loss_cfg.reconstruction_target == "labels" else known_c.features
+        rec = obj.reconstruction_loss(unknown_c, hidden_c, rec_known, valid)
+        ind = obj.independence_loss(unknown_c, known_c.features, valid,
+                                    normalization=loss_cfg.independence_normalization)
     else:
-        rec = ind = jnp.zeros((), jnp.float32)
+        rec = ind = jnp.zeros((), f32)
 
     terms = {"lm_loss": (loss_cfg.lm_weight, lm_loss),
              "concept_loss": (loss_cfg.concept_weight, concept_loss),
@@ -147,16 +236,18 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
     total = sum(w * v for w, v in terms.values())
     for name, (w, v) in terms.items():
         metrics[name] = v
-        metrics[name.replace("_loss", "_weight")] = jnp.asarray(w, jnp.float32)
+        metrics[name.replace("_loss", "_weight")] = jnp.asarray(w, f32)
     metrics.update(loss=total, concept_pos_loss=c_aux["pos_loss"],
                    concept_neg_loss=c_aux["neg_loss"], concept_auroc=c_aux["auroc"],
                    concept_pos_detected=c_aux["pos_detected"],
-                   teacher_alpha=jnp.asarray(alpha, jnp.float32),
-                   epsilon_dropped=jnp.mean(jnp.asarray(drop_eps, jnp.float32)),
-                   real_tokens=valid.sum().astype(jnp.float32))
+                   teacher_alpha=jnp.asarray(alpha, f32), unknown_teacher_beta=beta,
+                   cfg_dropped=cfg_drop, epsilon_dropped=jnp.mean(drop_eps.astype(f32)),
+                   real_tokens=valid.sum().astype(f32))
     sg = jax.lax.stop_gradient
-    targets = tokens if diffusion else jnp.roll(tokens, -1, axis=1)
-    metrics.update(_logit_shares(sg(out), sg(model.unembedding()), targets, valid))
-    metrics["dead_known_fraction"] = _dead_fraction(out.known.topk_indices, valid,
+    targets, where = _predicted_positions(tokens, seg, masked, diffusion)
+    known_lm, unknown_lm = lm_part(rw.known_features), lm_part(rw.unknown_features)
+    metrics.update(_logit_shares(sg(known_lm), sg(unknown_lm), sg(composed - known_lm - unknown_lm),
+                                 sg(model.unembedding()), targets, where))
+    metrics["dead_known_fraction"] = _dead_fraction(known_c.topk_indices, valid,
                                                     model_cfg.concepts.n_known)
     return total, metrics
