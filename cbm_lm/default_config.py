@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_chunk_concepts=8,   # K: concept ids per chunk, -1 padded
         mixture=ml_collections.ConfigDict(),  # source name -> weight; empty = natural
         process_split="documents",  # documents | rows (see cbm_lm/train/data_feed.py)
+        known_concepts_from_corpus=False,  # size model.concepts.n_known to the corpus's concepts
         packing_bins=0,         # first-fit packing bins; 0 = max(per-process batch, 8)
     ))
 
@@ -110,6 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
         diffusion_noise_sigma=0.3,
         diffusion_weighting="elbo",     # masked CE weighted 1/t (ELBO) | uniform
         diffusion_clean_context=True,   # two-stream [noisy | clean] diffusion training
+        context_window=0,               # >0: attention confined to windows of this many
+        context_window_until=0.25,      # positions for this fraction of training (curriculum)
         epsilon_dropout=0.5,            # P(drop epsilon) per sequence (report: 0.1)
         cfg_dropout=0.0,                # P(feed no known features) per sequence (report: 0.1)
         teacher_forcing="soft",         # soft: pred + alpha (k_gt - pred) | hard: k_gt w.p. alpha

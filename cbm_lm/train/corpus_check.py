@@ -45,3 +45,23 @@ def resolve_mask_token(config, manifest: dict) -> None:
         if mask_id is not None:
             with config.unlocked():
                 config.model.mask_token_id = int(mask_id)
+
+
+def resolve_known_concepts(config, manifest: dict) -> None:
+    """With data.known_concepts_from_corpus, sizes the known head to the corpus's concepts.
+
+    model.concepts.n_known becomes the manifest's num_concepts, so every known slot
+    is a real concept: none is dead by construction and the dead-concept metric
+    counts real concepts only (rows are still padded to pad_multiple, and the head
+    never selects a padding row).
+    """
+    if not config.data.get("known_concepts_from_corpus", False):
+        return
+    n = int(manifest.get("num_concepts", 0))
+    if n <= 0:
+        raise ValueError(f"data.known_concepts_from_corpus is set but {config.data.dir}/"
+                         f"manifest.json lists no concepts (num_concepts={n})")
+    with config.unlocked():
+        config.model.concepts.n_known = n
+        topk = config.model.concepts.known_topk
+        config.model.concepts.known_topk = min(topk, n)

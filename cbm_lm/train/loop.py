@@ -35,7 +35,8 @@ from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.train.checkpoint import absolute, restore_params
 from cbm_lm.train.checkpointer import TrainCheckpointer
 from cbm_lm.train.data_feed import agreed_eval_batches, process_pipeline
-from cbm_lm.train.corpus_check import check_corpus_fits_model, read_manifest, resolve_mask_token
+from cbm_lm.train.corpus_check import (check_corpus_fits_model, read_manifest,
+                                      resolve_known_concepts, resolve_mask_token)
 from cbm_lm.train.nonfinite import NonFiniteLossError, NonFiniteWatch  # noqa: F401
 from cbm_lm.train.metrics import METRICS_FILE, MetricsLogger, measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
@@ -95,6 +96,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     absolute(workdir).mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(config.data.dir)
     resolve_mask_token(config, manifest)
+    resolve_known_concepts(config, manifest)
     model_cfg = ModelConfig.from_config(config.model)
     check_corpus_fits_model(manifest, config.data.dir, model_cfg, config.data.seq_len)
     mesh = make_mesh(MeshConfig.from_config(config.mesh))

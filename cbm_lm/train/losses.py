@@ -21,6 +21,9 @@ k_gt is the pooled ground-truth label embedding of the token each position predi
 (objectives/label_alignment.py). Eval (train=False) uses none of these, uniform t, and
 also reports the loss of the concept path alone (``lm_loss_no_epsilon``).
 
+Context-length curriculum (``loss.context_window``): attention is confined to windows of
+that many positions for the first ``context_window_until`` of training (local_windows).
+
 Logit shares are measured where the LM loss is: at the noisy stream's masked positions
 (diffusion) or the next-token positions (AR), against the token predicted there.
 """
@@ -75,6 +78,21 @@ def _dead_fraction(indices, valid, n_concepts):
     return jnp.mean((hits == 0).astype(jnp.float32))
 
 
+def local_windows(seg, pos, window: int, frac, until: float):
+    """Attention segment ids for the context-length curriculum, [B,T] -> [B,T].
+
+    While the training fraction ``frac`` < ``until``, every document is cut into
+    windows of ``window`` positions (pos // window) that attention does not cross;
+    afterwards the ids are ``seg`` unchanged. Only attention reads them: losses and
+    labels keep the real documents. A short context makes the few useful neighbours
+    a large share of what uniform early attention averages, so the model learns to
+    read them (masked diffusion has no other route to its neighbours' tokens).
+    """
+    n_windows = seg.shape[1] // window + 1
+    local = jnp.where(seg > 0, seg * n_windows + pos // window + 1, 0)
+    return jnp.where(jnp.asarray(frac) < until, local, seg).astype(seg.dtype)
+
+
 def _predicted_positions(tokens, seg, masked, diffusion):
     """(targets [B,T], where [B,T] bool): the token each scored position predicts."""
     if diffusion:
@@ -127,13 +145,20 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
             center=centre, sigma=loss_cfg.diffusion_noise_sigma)
     else:
         inputs = tokens
+    seg_attn = seg
+    if diffusion and loss_cfg.context_window % model_cfg.diffusion_block_size:
+        raise ValueError(f"loss.context_window={loss_cfg.context_window} must be a multiple of "
+                         f"model.diffusion_block_size={model_cfg.diffusion_block_size}")
+    if train and loss_cfg.context_window > 0:
+        seg_attn = local_windows(seg, pos, loss_cfg.context_window, frac,
+                                 loss_cfg.context_window_until)
     stream = None
     if two_stream:   # [noisy | clean] at the same positions (model/attention.py)
         inputs = jnp.concatenate([inputs, tokens], axis=1)
         stream = jnp.concatenate([jnp.zeros_like(seg), jnp.ones_like(seg)], axis=1)
-        pos_in, seg_in = jnp.concatenate([pos, pos], 1), jnp.concatenate([seg, seg], 1)
+        pos_in, seg_in = jnp.concatenate([pos, pos], 1), jnp.concatenate([seg_attn, seg_attn], 1)
     else:
-        pos_in, seg_in = pos, seg
+        pos_in, seg_in = pos, seg_attn
 
     def lm_part(x):       # the stream the LM loss reads
         return x[:, :seq_len] if two_stream else x
