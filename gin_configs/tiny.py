@@ -24,12 +24,14 @@ def get_config():
     c.model.max_seq_len = 256
     c.model.objective = "autoregressive"
     c.model.attention = "causal"
-    c.model.concepts.n_known = 256
+    c.model.concepts.n_known = 256          # upper bound; resized to the corpus below
     c.model.concepts.known_topk = 8
     c.model.concepts.n_unknown = 512
     c.model.concepts.unknown_rank = 16
     c.model.concepts.unknown_topk = 16
     c.model.concepts.block_size = 128
+    # Every known slot a real concept of the corpus (no padding slot is ever dead).
+    c.data.known_concepts_from_corpus = True
     c.data.seq_len = 256
     c.data.batch_size = 8
     c.train.num_steps = 1200

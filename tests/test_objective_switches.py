@@ -264,3 +264,31 @@ def test_autoregressive_concept_loss_reads_the_next_tokens_labels():
                                 jax.random.split(jax.random.key(0), 5)[2],
                                 n_negatives=lc.concept_negatives)
     np.testing.assert_allclose(float(m["concept_loss"]), float(ref), rtol=1e-5)
+
+
+def test_context_window_cuts_attention_into_windows():
+    """local_windows: while active, no attention crosses a window or a document boundary;
+    afterwards the real documents are back."""
+    from cbm_lm.model.attention import attention_mask
+    from cbm_lm.train.losses import local_windows
+    seg = jnp.asarray([[1] * 10 + [2] * 6])
+    pos = jnp.asarray([list(range(10)) + list(range(6))])
+    local = local_windows(seg, pos, 4, 0.1, 0.5)
+    mask = np.asarray(attention_mask(pos, local, "causal", 4))[0, 0]
+    window = np.asarray(seg)[0] * 100 + np.asarray(pos)[0] // 4
+    expect = (window[:, None] == window[None, :]) & (np.arange(16)[None] <= np.arange(16)[:, None])
+    np.testing.assert_array_equal(mask, expect)
+    np.testing.assert_array_equal(np.asarray(local_windows(seg, pos, 4, 0.6, 0.5)), np.asarray(seg))
+
+
+def test_known_head_sized_to_the_corpus():
+    from cbm_lm.train.corpus_check import resolve_known_concepts
+    c = base_config()
+    c.model.concepts.n_known, c.model.concepts.known_topk = 256, 8
+    resolve_known_concepts(c, {"num_concepts": 153})
+    assert c.model.concepts.n_known == 256                     # off by default
+    c.data.known_concepts_from_corpus = True
+    resolve_known_concepts(c, {"num_concepts": 153})
+    assert c.model.concepts.n_known == 153
+    with pytest.raises(ValueError, match="num_concepts=0"):
+        resolve_known_concepts(c, {"num_concepts": 0})
