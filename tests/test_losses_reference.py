@@ -86,7 +86,12 @@ def _reference(cfg, loss_cfg, model, batch, rng):
     diffusion = cfg.objective == "diffusion"
     tok, seg, pos = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
     cids, chunk = np.asarray(batch["concept_ids"]), np.asarray(batch["chunk_segment_ids"])
-    rng_mask, _, rng_neg = jax.random.split(rng, 3)     # compute_losses' three draws
+    if not diffusion:   # AR: a position carries the labels of the token it predicts (t+1)
+        same = np.zeros_like(seg, bool)
+        same[:, :-1] = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] > 0)
+        cids = np.where(same[..., None], np.roll(cids, -1, 1), -1)
+        chunk = np.where(same, np.roll(chunk, -1, 1), 0)
+    rng_mask, _, rng_neg, _, _ = jax.random.split(rng, 5)     # compute_losses' draws
     if diffusion:
         noisy, masked, t = map(np.asarray, obj.corrupt(
             rng_mask, batch["tokens"], batch["segment_ids"], batch["positions"],
