@@ -37,15 +37,33 @@ _QUERIES = flags.DEFINE_integer("latency_queries", 200, "Queries timed at scale.
 
 
 def scale_benchmark(prov, n: int, n_queries: int) -> dict:
+    """Latency and bytes of the index kind the config picks for ``n`` random unit keys.
+
+    Built in slices (train on a sample, then add 100k keys at a time), so memory
+    stays at the index's own size, not n x d_p floats.
+    """
+    import dataclasses
+
     rng = np.random.default_rng(0)
-    keys = np.empty((n, prov.d_p), np.float32)
-    for s in range(0, n, 100_000):   # in slices: bounded temporary memory
-        x = rng.standard_normal((min(100_000, n - s), prov.d_p), dtype=np.float32)
-        keys[s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def keys(m):
+        x = rng.standard_normal((m, prov.d_p), dtype=np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    nlist = prov.ivf_nlist or int(np.sqrt(n))
     t0 = time.time()
-    idx = KeyIndex.build(np.arange(n, dtype=np.int64), keys, prov)
+    if n <= prov.exact_max_keys:
+        idx = KeyIndex.build(np.arange(n, dtype=np.int64), keys(n), prov, center=False)
+    else:   # the same IVF-PQ that KeyIndex.build makes for n keys, trained on its sample size
+        sample = keys(min(n, 64 * nlist))
+        idx = KeyIndex.build(np.arange(len(sample), dtype=np.int64), sample,
+                             dataclasses.replace(prov, exact_max_keys=0, ivf_nlist=nlist),
+                             center=False)
+        for s in range(len(sample), n, 100_000):
+            idx.index.add(keys(min(100_000, n - s)))
+        idx.ids = np.arange(n, dtype=np.int64)
     build_s = time.time() - t0
-    queries = keys[rng.choice(n, n_queries, replace=False)]
+    queries = keys(n_queries)
     times = []
     for q in queries:
         t = time.perf_counter()
