@@ -78,16 +78,23 @@ def test_source_distribution_on_a_constructed_two_source_corpus():
     mass = mass_update(idx, w, src, n_rows=4, n_sources=2)
     np.testing.assert_allclose(np.asarray(mass), [[1.5, 0], [0, 1], [1, 1], [0, 0]])
 
-    # Query chunks: slot 0 = pure A concept, slot 1 = c1 (w 0.6) + c2 (w 0.4) -> B 0.6 + 0.4/2,
-    # slot 2 = only c3 (no mass) -> the training prior (2.5, 2) / 4.5.
-    q_idx = jnp.asarray([[[0, 0], [1, 2], [3, 3]]])
-    q_w = jnp.asarray([[[0.7, 0.0], [0.6, 0.4], [1.0, 1.0]]])
-    seg = jnp.asarray([[1, 2, 3]])
-    p = np.asarray(chunk_source_distribution(q_idx, q_w, seg, mass, max_chunks=3))[0]
+    # P(c|A) = (0.6, 0, 0.4, 0), P(c|B) = (0, 0.5, 0.5, 0); p(s) = softmax_s sum_c share_c
+    # log(P(c|s) + 1e-6). Slot 0: only c0 (A's); slot 1: c1 0.6 + c2 0.4; slot 2: only c3,
+    # which no source shows (uniform); slot 3: no weight at all (the prior (2.5, 2) / 4.5).
+    q_idx = jnp.asarray([[[0, 0], [1, 2], [3, 3], [0, 1]]])
+    q_w = jnp.asarray([[[0.7, 0.0], [0.6, 0.4], [1.0, 1.0], [0.0, 0.0]]])
+    seg = jnp.asarray([[1, 2, 3, 4]])
+    p = np.asarray(chunk_source_distribution(q_idx, q_w, seg, mass, max_chunks=4))[0]
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(p[0], [1.0, 0.0], atol=1e-6)
-    np.testing.assert_allclose(p[1], [0.2, 0.8], atol=1e-6)
-    np.testing.assert_allclose(p[2], [2.5 / 4.5, 2 / 4.5], atol=1e-6)
+    e = 1e-6
+    a, b = np.log(0.6 + e), np.log(e)
+    np.testing.assert_allclose(p[0], [1 / (1 + np.exp(b - a)), 1 / (1 + np.exp(a - b))],
+                               rtol=1e-4)
+    sa, sb = 0.6 * np.log(e) + 0.4 * np.log(0.4 + e), np.log(0.5 + e)
+    np.testing.assert_allclose(p[1], np.exp([sa, sb]) / np.exp([sa, sb]).sum(), rtol=1e-4)
+    np.testing.assert_allclose(p[2], [0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(p[3], [2.5 / 4.5, 2 / 4.5], atol=1e-6)
+    assert p[:2].argmax(-1).tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("n,exact_max", [(500, 1000), (4000, 1000)])

@@ -4,13 +4,18 @@ Mass (accumulated over every training token, summed over data-parallel replicas)
 
   M[c, s] = sum_{t : source(t) = s} sum_{k : i_{t,k} = c} w_{t,k}        [C_pad, S]
 
-with (i, w) the known head's active set [B,T,K]. A chunk's source distribution:
+with (i, w) the known head's active set [B,T,K]. A chunk's source distribution
+is naive Bayes over its concept shares (a product of experts):
 
   share_c  = sum_{t in chunk} sum_{k : i_{t,k} = c} w_{t,k} / (sum of all its weights)
-  P(s | c) = M[c, s] / sum_s' M[c, s']            (rows without mass contribute nothing)
-  p(s)     = sum_c share_c P(s | c), renormalized over the covered share
-             (the training source prior when no active concept has mass)
+  P(c | s) = M[c, s] / sum_c' M[c', s]                 (sources with no mass are excluded)
+  p(s)     = softmax_s( sum_c share_c log(P(c | s) + 1e-6) )
+             (the training source prior for a chunk with no active weight)
 
+Measured on the make-demo run (400 held-out chunks): argmax accuracy 0.86 this
+way, against 0.37 for sum_c share_c P(s | c) and 0.38 for sum_c share_c P(c | s):
+the top-k active set is mostly weak, generic concepts, and only the log makes
+a concept that one source never shows count against that source.
 Computed from the [B,T,K] active sets by gathers; no [B,T,C] tensor.
 """
 
@@ -36,9 +41,12 @@ def mass_update(indices: jax.Array, weights: jax.Array, source_ids: jax.Array,
     return m[:-1].reshape(n_rows, n_sources)
 
 
-def source_given_concept(mass: jax.Array) -> jax.Array:
-    """P(s | c) [C,S]: rows normalized to 1; rows without mass are 0."""
-    total = mass.sum(axis=1, keepdims=True)
+_FLOOR = 1e-6
+
+
+def concept_given_source(mass: jax.Array) -> jax.Array:
+    """P(c | s) [C,S]: columns normalized to 1; columns without mass are 0."""
+    total = mass.sum(axis=0, keepdims=True)
     return jnp.where(total > 0, mass / jnp.maximum(total, 1e-30), 0.0)
 
 
@@ -46,11 +54,13 @@ def chunk_source_distribution(indices: jax.Array, weights: jax.Array,
                               chunk_segment_ids: jax.Array, mass: jax.Array,
                               max_chunks: int) -> jax.Array:
     """p(s) per chunk slot [B,M,S] (rows sum to 1; see the module docstring)."""
-    p_sc = source_given_concept(mass)
+    log_p = jnp.log(concept_given_source(mass) + _FLOOR)                     # [C,S]
     w = weights.astype(jnp.float32)
-    per_token = jnp.einsum("btk,btks->bts", w, jnp.take(p_sc, indices, axis=0))
+    per_token = jnp.einsum("btk,btks->bts", w, jnp.take(log_p, indices, axis=0))
     onehot = chunk_onehot(chunk_segment_ids, max_chunks)
-    covered = jnp.einsum("btm,bts->bms", onehot, per_token)
+    total = jnp.einsum("btm,btk->bm", onehot, w)[..., None]                  # [B,M,1]
+    score = jnp.einsum("btm,bts->bms", onehot, per_token) / jnp.maximum(total, 1e-30)
+    has_mass = mass.sum(axis=0) > 0
+    p = jax.nn.softmax(jnp.where(has_mass, score, -jnp.inf), axis=-1)
     prior = mass.sum(axis=0) / jnp.maximum(mass.sum(), 1e-30)
-    z = covered.sum(axis=-1, keepdims=True)
-    return jnp.where(z > 0, covered / jnp.maximum(z, 1e-30), prior)
+    return jnp.where(total > 0, p, prior)
