@@ -34,12 +34,17 @@ import numpy as np
 from flax import nnx
 
 from cbm_lm.inference import steered_call
-from cbm_lm.inference.diffusion_sampler import capture_buffers, row_keys
 from cbm_lm.inference.logit_processing import (SamplingConfig, process_logits, sample_tokens,
                                                token_presence)
 from cbm_lm.inference.prompts import layout
+from cbm_lm.inference.sampler_rows import capture_buffers, kept_tokens, row_keys, write_capture
 from cbm_lm.inference.steer_spec import Steering
 from cbm_lm.inference.trace import GenerationTrace
+
+
+# SamplingConfig fields the decode loop does not read (the seed is in the row keys;
+# the rest are diffusion settings), fixed so that they do not split the jit cache.
+_UNREAD = dict(seed=0, block_size=None, steps_per_block=None, grid="steerling", cfg_scale=0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "static", "p_max", "capture_fn"))
@@ -68,8 +73,7 @@ def _run(graphdef, state, x0, prompt_lens, keys, arrays, *, cfg: SamplingConfig,
         cstep = cstep.at[rows, dest].set(s, mode="drop")
         if capture_fn is not None:
             vals = capture_fn(model, out, rows, out_pos, tok)
-            cap = jax.tree.map(lambda buf, v: buf.at[rows, dest].set(v.astype(buf.dtype),
-                                                                     mode="drop"), cap, vals)
+            cap = write_capture(cap, rows, dest, vals)
         if cfg.stop_ids:
             done = done | jnp.isin(tok, jnp.asarray(cfg.stop_ids))
         return x, cstep, done, cap
@@ -126,13 +130,12 @@ def generate_autoregressive(model, prompts, cfg: SamplingConfig, steering: Steer
     p_max = min(p_max, x0.shape[1])
     graphdef, state = nnx.split(model)
     x, cstep, n_steps, cap = _run(graphdef, state, jnp.asarray(x0), jnp.asarray(plens),
-                                  row_keys(cfg.seed, len(plens), seeds), arrays, cfg=cfg.replace(seed=0),
+                                  row_keys(cfg.seed, len(plens), seeds), arrays,
+                                  cfg=cfg.replace(**_UNREAD),
                                   static=static, p_max=p_max, capture_fn=capture_fn)
     x, cstep = np.asarray(x), np.asarray(cstep)
-    in_prompt = np.arange(x.shape[1])[None] < plens[:, None]
-    tokens = np.where((cstep >= 0) | in_prompt, x, pad_id)
     return GenerationTrace(
-        tokens=tokens.astype(np.int32), prompt_lens=plens,
+        tokens=kept_tokens(x, cstep, plens, pad_id), prompt_lens=plens,
         gen_lens=(cstep >= 0).sum(-1).astype(np.int32), committed_step=cstep,
         objective="autoregressive", mask_id=mask_id, pad_id=pad_id,
         max_new_tokens=cfg.max_new_tokens, num_steps=int(n_steps), steering=steering,

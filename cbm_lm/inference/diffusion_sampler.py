@@ -41,25 +41,14 @@ from cbm_lm.inference.diffusion_schedule import max_commits_per_step, schedule
 from cbm_lm.inference.logit_processing import (SamplingConfig, confidence, process_logits,
                                                sample_tokens, token_presence)
 from cbm_lm.inference.prompts import layout
+from cbm_lm.inference.sampler_rows import capture_buffers, kept_tokens, row_keys, write_capture
 from cbm_lm.inference.steer_spec import Steering
 from cbm_lm.inference.trace import GenerationTrace
 
 
-def row_keys(seed: int, batch: int, seeds=None) -> jax.Array:
-    """One PRNG key per row: fold_in(key(seed), seeds[b]) (seeds default 0..B-1)."""
-    seeds = np.arange(batch) if seeds is None else np.asarray(seeds)
-    if seeds.shape != (batch,):
-        raise ValueError(f"seeds must give one int per prompt ({batch}), got shape {seeds.shape}")
-    base = jax.random.key(seed)
-    return jax.vmap(lambda s: jax.random.fold_in(base, s))(jnp.asarray(seeds, jnp.uint32))
-
-
-def capture_buffers(capture_fn, model, out, batch: int, length: int, n: int):
-    """Zeroed [B,L,...] buffers shaped like capture_fn's per-commit outputs."""
-    shapes = jax.eval_shape(lambda o: capture_fn(model, o, jnp.zeros(n, jnp.int32),
-                                                 jnp.zeros(n, jnp.int32),
-                                                 jnp.zeros(n, jnp.int32)), out)
-    return jax.tree.map(lambda s: jnp.zeros((batch, length) + s.shape[1:], s.dtype), shapes)
+# SamplingConfig fields the loop does not read (the seed is in the row keys, the
+# grid in the schedule arrays), fixed so that they do not split the jit cache.
+_UNREAD = dict(seed=0, grid="steerling")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "static", "mask_id", "capture_fn"))
@@ -114,8 +103,7 @@ def _run(graphdef, state, x0, seg, prompt_lens, sched, keys, arrays, *,
         if capture_fn is not None:
             bi = jnp.repeat(jnp.arange(b), c)
             vals = capture_fn(model, out, bi, p_sel.reshape(-1), tok.reshape(-1))
-            cap = jax.tree.map(lambda buf, v: buf.at[bi, dest.reshape(-1)].set(
-                v.astype(buf.dtype), mode="drop"), cap, vals)
+            cap = write_capture(cap, bi, dest.reshape(-1), vals)
         if cfg.stop_ids:
             stopped = jnp.any(jnp.isin(x, jnp.asarray(cfg.stop_ids)) & (cstep >= 0), -1)
             done = done | (sched["last"][:, s] & stopped)
@@ -158,12 +146,11 @@ def generate_diffusion(model, prompts, cfg: SamplingConfig, steering: Steering |
     graphdef, state = nnx.split(model)
     x, cstep, n_steps, cap = _run(graphdef, state, jnp.asarray(x0), jnp.asarray(seg),
                                   jnp.asarray(plens), sched, row_keys(cfg.seed, len(plens), seeds),
-                                  arrays, cfg=cfg.replace(seed=0), static=static, mask_id=mask_id,
+                                  arrays, cfg=cfg.replace(**_UNREAD), static=static, mask_id=mask_id,
                                   capture_fn=capture_fn)
     x, cstep = np.asarray(x), np.asarray(cstep)
-    tokens = np.where(cstep >= 0, x, np.where(np.arange(x.shape[1])[None] < plens[:, None], x, pad_id))
     return GenerationTrace(
-        tokens=tokens.astype(np.int32), prompt_lens=plens, gen_lens=(cstep >= 0).sum(-1).astype(np.int32),
+        tokens=kept_tokens(x, cstep, plens, pad_id), prompt_lens=plens, gen_lens=(cstep >= 0).sum(-1).astype(np.int32),
         committed_step=cstep, objective="diffusion", mask_id=mask_id, pad_id=pad_id,
         max_new_tokens=cfg.max_new_tokens, num_steps=int(n_steps), block_size=cfg.block_size,
         grid=cfg.grid, steps_per_block=cfg.steps_per_block, cfg_scale=cfg.cfg_scale,
