@@ -22,6 +22,7 @@ import re
 import bm25s
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 EMBEDDING_KINDS = ("hidden", "composed", "known", "unknown")
 POOLINGS = ("mean", "first", "last", "none")
@@ -77,6 +78,14 @@ def concept_top_tokens(model, concept_id: int, k: int = 15, *, unknown: bool = F
     return top.astype(np.int32), align[top]
 
 
+@nnx.jit
+def _features(model, tokens, seg):
+    """{kind: [B,T,*]} per-token features of one forward pass (compiled once per shape)."""
+    out = model(tokens, segment_ids=seg)
+    return {"hidden": out.hidden, "composed": out.composed, "known": out.known_features,
+            "unknown": out.unknown_features if out.unknown is not None else out.residual}
+
+
 def pooled_embedding(model, tokens, kind: str = "composed", pooling: str = "mean",
                      segment_ids=None) -> np.ndarray:
     """Embeddings of tokens [B,T] (segment_ids [B,T]: 0 marks padding to ignore)."""
@@ -86,10 +95,7 @@ def pooled_embedding(model, tokens, kind: str = "composed", pooling: str = "mean
         raise ValueError(f"pooling {pooling!r}: expected one of {POOLINGS}")
     tokens = jnp.asarray(np.atleast_2d(np.asarray(tokens, np.int32)))
     seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    out = model(tokens, segment_ids=seg)
-    h = {"hidden": out.hidden, "composed": out.composed, "known": out.known_features,
-         "unknown": out.unknown_features if out.unknown is not None else out.residual}[kind]
-    h = np.asarray(h, np.float32)
+    h = np.asarray(_features(model, tokens, seg)[kind], np.float32)
     valid = np.ones(tokens.shape, bool) if seg is None else np.asarray(seg) > 0
     if pooling == "none":
         return h
