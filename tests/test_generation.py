@@ -97,7 +97,8 @@ def test_batched_equals_one_at_a_time(models, objective):
     model = models[objective]
     cfg = _sampling(seed=11, grid="training")
     st = _steering(model, "steered") if objective == "autoregressive" else Steering()
-    batch = generate(model, PROMPTS, cfg, st, pad_id=PAD, bucket=8)
+    # capture_fn only lets the batch reuse the replay test's compiled sampler
+    batch = generate(model, PROMPTS, cfg, st, pad_id=PAD, capture_fn=capture, bucket=8)
     for b, p in enumerate(PROMPTS):
         one = generate(model, [p], cfg, st, pad_id=PAD, seeds=[b], bucket=8)
         n = len(p) + 8

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from cbm_lm.data.concepts import Concept, ConceptVocab
 from cbm_lm.inference.concept_search import pooled_embedding, search_concepts
@@ -59,14 +60,20 @@ def test_steering_eval_presence_matches_dense_soft_or():
     from cbm_lm.inference.generate import generate
     tr = generate(model, prompts, sampling, amplify(model, [2], 5.0), pad_id=95)
     p, nll, n = presence_and_nll(model, tr, [2, 7])
+
+    @nnx.jit
+    def dense(m, seq):           # all concepts' head logits [1,T,C] and the LM logits [1,T,V]
+        out = m(seq)
+        return m.rewrite.known_head.dense_logits(out.hidden), out.logits
+
     for b in range(2):       # dense head logits, soft-OR and next-token NLL by hand
         seq = jnp.asarray(tr.tokens[b: b + 1, : tr.prompt_lens[b] + tr.gen_lens[b]])
-        out = model(seq)
-        z = np.asarray(model.rewrite.known_head.dense_logits(out.hidden))[0]
+        z, logits = dense(model, seq)
+        z = np.asarray(z)[0]
         g = slice(int(tr.prompt_lens[b]), seq.shape[1])
         want = 1 - np.prod(1 - jax.nn.sigmoid(z[g][:, [2, 7]]), axis=0)
         np.testing.assert_allclose(p[b], want, atol=1e-5)
-        logp = np.asarray(jax.nn.log_softmax(out.logits[0]))
+        logp = np.asarray(jax.nn.log_softmax(logits[0]))
         tok = np.asarray(seq[0])
         want_nll = -sum(logp[t - 1, tok[t]] for t in range(g.start, g.stop))
         np.testing.assert_allclose(nll[b], want_nll, rtol=1e-5)
