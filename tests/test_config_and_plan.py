@@ -137,3 +137,19 @@ def test_mesh_axis_fill():
     with pytest.raises(ConfigError, match="use 6 devices"):
         resolve_axis_sizes((3, 2, 1), 8, "mesh")
     assert MeshConfig.from_config({"data": 2}).data == 2
+
+
+@pytest.mark.parametrize("field,value", [("teacher_forcing", "sometimes"),
+                                          ("diffusion_noise", "Gaussian"),
+                                          ("diffusion_t_max", 0.0)])
+def test_bad_loss_choice_is_refused_at_start_up(field, value):
+    """validate_config (run before the workdir exists) applies the loss rules too."""
+    cfg = load_config("tiny_diffusion")
+    cfg.loss[field] = value
+    with pytest.raises(ConfigError, match=f"loss.{field}"):
+        validate_config(cfg)
+
+
+def test_validate_config_lives_in_its_own_module():
+    from cbm_lm import config, config_validation
+    assert config.validate_config is config_validation.validate_config

@@ -195,7 +195,7 @@ def test_independence_report_normalization():
 def test_bad_loss_fields_are_named():
     c = base_config()
     c.loss.teacher_forcing, c.loss.cfg_dropout = "sometimes", 1.5
-    with pytest.raises(ValueError, match=r"loss.teacher_forcing='sometimes'.*loss.cfg_dropout"):
+    with pytest.raises(ValueError, match=r"(?s)loss.teacher_forcing.*'sometimes'.*loss.cfg_dropout"):
         check_loss_config(c.loss)
 
 

@@ -34,26 +34,18 @@ import jax
 import jax.numpy as jnp
 
 from cbm_lm import objectives as obj
+from cbm_lm.config import Problems, _as_dict
+from cbm_lm.config_validation import check_loss_fields
 from cbm_lm.objectives.steering_loss import steering_loss
 
-_CHOICES = {"diffusion_noise": ("uniform", "gaussian"), "diffusion_weighting": ("elbo", "uniform"),
-            "teacher_forcing": ("soft", "hard"), "teacher_forcing_schedule": ("linear", "report"),
-            "reconstruction_target": ("predicted", "labels"),
-            "independence_normalization": ("population", "report")}
-
-
 def check_loss_config(loss_cfg) -> None:
-    """Raises ValueError naming every ``loss.*`` field with a value compute_losses cannot use."""
-    bad = [f"loss.{k}={loss_cfg[k]!r} (allowed: {', '.join(v)})"
-           for k, v in _CHOICES.items() if loss_cfg[k] not in v]
-    for k in ("epsilon_dropout", "cfg_dropout"):
-        if not 0.0 <= loss_cfg[k] <= 1.0:
-            bad.append(f"loss.{k}={loss_cfg[k]!r} (allowed: a probability in [0, 1])")
-    if not 0.0 <= loss_cfg.diffusion_t_min < loss_cfg.diffusion_t_max <= 1.0:
-        bad.append(f"loss.diffusion_t_min={loss_cfg.diffusion_t_min}, loss.diffusion_t_max="
-                   f"{loss_cfg.diffusion_t_max} (allowed: 0 <= t_min < t_max <= 1)")
-    if bad:
-        raise ValueError("invalid loss config: " + "; ".join(bad))
+    """Raises ConfigError (a ValueError) naming every ``loss.*`` field compute_losses cannot use.
+
+    The rules live in config_validation (validate_config applies them at start-up too).
+    """
+    p = Problems()
+    check_loss_fields(_as_dict(loss_cfg), p)
+    p.raise_if_any()
 
 
 def _logit_shares(known, unknown, residual, unembedding, targets, where):
