@@ -1,7 +1,7 @@
 """A markdown report explaining a checkpoint through its concepts (tools/explain.py).
 
   1. Training: the last metrics.jsonl record of the checkpoint (losses, concept
-     health) next to the corpus's unigram entropy, the loss of a context-free model.
+     health; held-out lm_loss with and without epsilon) next to the corpus's unigram entropy, the loss of a context-free model.
   2. Concept decomposition of text: the model predicts the last tokens of a text
      (for a diffusion model, the start of its last diffusion block, masked; for an
      autoregressive one, each next token) and each true token's logit is split
@@ -40,6 +40,11 @@ def training_section(ckpt_dir: str, corpus_dir: str | None = None) -> list[str]:
     if evals:
         e = evals[-1]
         lines.append(f"- held-out lm_loss (step {e['step']}): {e['eval_lm_loss']:.4f} nats/token")
+        # eval_lm_loss keeps epsilon (the backbone's loss); without it, the loss of the
+        # concept path (known + unknown) that the explanations below describe.
+        if "eval_lm_loss_no_epsilon" in e:
+            lines.append(f"- held-out lm_loss without epsilon (concept path only): "
+                         f"{e['eval_lm_loss_no_epsilon']:.4f} nats/token")
         if "eval_masked_ce" in e:
             lines.append(f"- held-out CE on masked tokens: {e['eval_masked_ce']:.4f}")
         if "eval_concept_auroc" in e:
