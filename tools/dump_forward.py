@@ -18,6 +18,7 @@ PyTorch forward on the same ids).
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -81,11 +82,15 @@ def main(argv):
     from cbm_lm.config import ConfigError
     from cbm_lm.train.checkpoint import CheckpointError, load_model, read_config
 
+    from etils import epath
+
+    from cbm_lm.atomic_io import write_bytes_atomic
+
     ckpt, out = _CKPT.value, _OUT.value
-    if not os.path.isdir(ckpt):
+    if not epath.Path(ckpt).is_dir():
         _fail(f"{ckpt}: no such checkpoint directory")
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
+    out_dir = epath.Path(out if "://" in out else os.path.abspath(out)).parent
+    if not out_dir.is_dir():
         _fail(f"{out}: directory {out_dir} does not exist")
     t0 = time.time()
     _log(f"loading {ckpt}")
@@ -116,10 +121,9 @@ def main(argv):
         res["unknown_topk_indices"] = np.zeros((b, t, 0), np.int32)
         res["unknown_topk_weights"] = np.zeros((b, t, 0), np.float32)
     res = {k: v.astype(np.int32 if "indices" in k else np.float32) for k, v in res.items()}
-    tmp = f"{out}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **res)
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    np.savez(buf, **res)
+    write_bytes_atomic(out, buf.getvalue())     # tmp + rename; local or gs:// (etils.epath)
     for k in sorted(res):
         _log(f"  {k:<22} {list(res[k].shape)} {res[k].dtype}")
     _log(f"done in {time.time() - t0:.1f}s: {out}")

@@ -13,7 +13,6 @@ bfloat16 weights are widened to float32.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 
@@ -42,15 +41,19 @@ def main(argv):
     import jax
     from flax import nnx
 
+    from etils import epath
+
+    from cbm_lm.atomic_io import replace_dir_atomically
     from cbm_lm.config import ModelConfig
     from cbm_lm.interop import SteerlingFormatError, build_model, read_steerling
     from cbm_lm.train.checkpoint import CHECKPOINTS, save_params
 
-    src, out = _SRC.value, os.path.abspath(_OUT.value)
-    if os.path.exists(out) and not os.path.isdir(out):
+    src = _SRC.value
+    out = epath.Path(_OUT.value if "://" in _OUT.value else os.path.abspath(_OUT.value))
+    if out.exists() and not out.is_dir():
         sys.exit(f"import_steerling: error: {out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out):
-        if not os.path.isdir(os.path.join(out, CHECKPOINTS)):
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / CHECKPOINTS).is_dir():
             sys.exit(f"import_steerling: error: {out} is a non-empty directory that is not a "
                      "cbm_lm checkpoint; choose another --out")
         if not _OVERWRITE.value:
@@ -72,27 +75,8 @@ def main(argv):
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     _log(f"built the model: {n:,d} params ({time.time() - t0:.1f}s)")
     _log(f"writing {out} (step {_STEP.value})")
-    write_atomically(out, lambda tmp: save_params(tmp, config, model, step=_STEP.value))
+    replace_dir_atomically(out, lambda tmp: save_params(tmp, config, model, step=_STEP.value))
     _log(f"done in {time.time() - t0:.1f}s: {out}")
-
-
-def write_atomically(out: str, write) -> None:
-    """Runs write(tmp_dir) on a sibling temporary directory, then swaps it in for ``out``.
-
-    A failure leaves ``out`` as it was; an existing ``out`` is replaced only
-    once the new checkpoint is complete.
-    """
-    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ attribute); this module only picks the text and writes the markdown.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
+from etils import epath
+
+from cbm_lm.atomic_io import write_text_atomic
 
 TRAIN_KEYS = ("loss", "lm_loss", "concept_loss", "reconstruction_loss", "independence_loss",
               "concept_auroc", "share_known", "share_unknown", "share_epsilon",
@@ -26,11 +28,10 @@ TRAIN_KEYS = ("loss", "lm_loss", "concept_loss", "reconstruction_loss", "indepen
 
 def training_section(ckpt_dir: str, corpus_dir: str | None = None) -> list[str]:
     """Markdown lines summarizing DIR/metrics.jsonl (empty when there is none)."""
-    path = os.path.join(ckpt_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(ckpt_dir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
         return []
     last = records[-1]
@@ -109,9 +110,5 @@ def decomposition_section(gen, concepts, inputs, labels, decode, *, what: str, m
 
 
 def write_markdown(path: str, lines: list[str]) -> None:
-    """Writes the report atomically (tmp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    """Writes the report atomically (tmp file + rename), local or gs:// (etils.epath)."""
+    write_text_atomic(path, "\n".join(lines))

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import safetensors.numpy
+from etils import epath
 from flax import nnx
 
+from cbm_lm.atomic_io import write_bytes_atomic, write_text_atomic
 from cbm_lm.config import ModelConfig
 from cbm_lm.interop.steerling_config import (
     SteerlingFormatError, model_to_steerling_config, read_steerling_config, split_steerling_config,
@@ -100,15 +102,6 @@ def import_steerling(src_dir: str | os.PathLike) -> tuple[ConceptBottleneckLM, m
     return build_model(config, params), config
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_steerling(model: ConceptBottleneckLM, out_dir: str | os.PathLike, *,
                      layout: str = "nested", dtype: str = "float32") -> dict:
     """Writes ``out_dir/model.safetensors`` then ``out_dir/config.json``; returns the config dict.
@@ -125,15 +118,14 @@ def export_steerling(model: ConceptBottleneckLM, out_dir: str | os.PathLike, *,
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32),
                           nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tensors = params_to_steerling(params, cfg, dtype=EXPORT_DTYPES[dtype])
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = epath.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     # Stale shards from an earlier export would be merged in by readers.
-    for stale in os.listdir(out_dir):
-        if stale.endswith(".safetensors") and stale != WEIGHTS_FILE:
-            raise SteerlingFormatError(
-                f"{out_dir}: holds another safetensors file '{stale}'; export into an empty directory")
-    _atomic_write_bytes(os.path.join(out_dir, WEIGHTS_FILE),
-                        safetensors.numpy.save(tensors, metadata={"format": "pt"}))
-    _atomic_write_bytes(os.path.join(out_dir, CONFIG_FILE),
-                        (json.dumps(st_config, indent=2) + "\n").encode())
+    for stale in out_dir.iterdir():
+        if stale.name.endswith(".safetensors") and stale.name != WEIGHTS_FILE:
+            raise SteerlingFormatError(f"{out_dir}: holds another safetensors file "
+                                       f"'{stale.name}'; export into an empty directory")
+    write_bytes_atomic(out_dir / WEIGHTS_FILE,
+                       safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    write_text_atomic(out_dir / CONFIG_FILE, json.dumps(st_config, indent=2) + "\n")
     return st_config
