@@ -134,3 +134,18 @@ def test_tool_outputs_go_to_the_bucket(bucket, tmp_path):
     assert (bucket / "b" / "ckpt" / "f.txt").read_text() == "two"   # the failure kept it
     assert sorted(p.name for p in (bucket / "b").iterdir()) == ["ckpt", "explain", "export"]
     assert not (tmp_path / "gs:").exists()
+
+
+def test_attribution_eval_output_goes_to_the_bucket(bucket, tmp_path):
+    """launch/attribution_eval.py's --out: tmp dir, report.json, then the swap (eval/report.py)."""
+    from cbm_lm.eval import report as report_lib
+
+    for run in (1, 2):
+        tmp = report_lib.prepare_output("gs://b/eval")
+        report_lib.write_json(tmp + "/report.json", {"run": run})
+        report_lib.commit_output(tmp, "gs://b/eval")
+    assert json.loads((bucket / "b" / "eval" / "report.json").read_text()) == {"run": 2}
+    tmp = report_lib.prepare_output("gs://b/eval")
+    report_lib.discard_output(tmp)
+    assert sorted(p.name for p in (bucket / "b").iterdir()) == ["eval"]
+    assert not (tmp_path / "gs:").exists()

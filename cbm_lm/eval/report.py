@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+
+from etils import epath
 
 # key -> one-line meaning (shown in the HTML metric table)
 METRICS = {
@@ -79,35 +80,47 @@ def build_report(metrics: dict, missing: dict, identity: dict, details: dict) ->
     return report
 
 
+def _path(out_dir: str) -> epath.Path:
+    return epath.Path(out_dir if "://" in str(out_dir) else os.path.abspath(out_dir))
+
+
 def prepare_output(out_dir: str) -> str:
-    """Creates and returns an empty temporary sibling of out_dir; errors name the path."""
-    out = os.path.abspath(out_dir)
-    parent = os.path.dirname(out)
-    if os.path.exists(out) and not os.path.isdir(out):
+    """Creates and returns an empty temporary sibling of out_dir (local or gs://, via
+    etils.epath); errors name the path."""
+    out = _path(out_dir)
+    parent = out.parent
+    if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: exists and is not a directory; expected a directory "
                           f"to write report.json and report.html into")
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f"{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            tmp.rmtree()
+        tmp.mkdir()
     except OSError as e:
         raise OutputError(f"--out {out}: cannot write in {parent} ({e.strerror or e}); expected "
                           f"a writable location") from e
-    return tmp
+    return str(tmp)
+
+
+def discard_output(tmp: str) -> None:
+    """Removes a temporary output directory after a failed run."""
+    if epath.Path(tmp).exists():
+        epath.Path(tmp).rmtree()
 
 
 def commit_output(tmp: str, out_dir: str) -> None:
     """Swaps the finished tmp directory in for out_dir (an old out_dir goes only after)."""
-    out = os.path.abspath(out_dir)
-    old = f"{out}.old-{os.getpid()}"
-    if os.path.isdir(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    out = _path(out_dir)
+    old = out.parent / f"{out.name}.old-{os.getpid()}"
+    if out.is_dir():
+        out.rename(old)
+    epath.Path(tmp).rename(out)
+    if old.exists():
+        old.rmtree()
 
 
 def write_json(path: str, report: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=False, allow_nan=False)
-        f.write("\n")
+    epath.Path(path).write_text(json.dumps(report, indent=2, sort_keys=False, allow_nan=False)
+                                + "\n")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from etils import epath
+
 from cbm_lm.eval import plots, report as report_lib, report_html
 from cbm_lm.eval.concept_detection import concept_detection
 from cbm_lm.eval.heldout import heldout_windows
@@ -48,8 +50,7 @@ def run_eval(target: EvalTarget, out_dir: str, opts: EvalOptions = EvalOptions()
     try:
         report = _evaluate(target, tmp, opts)
     except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
+        report_lib.discard_output(tmp)
         raise
     report_lib.commit_output(tmp, out_dir)
     return report
@@ -170,10 +171,9 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
                       ("concept AUROC per concept", plots.concept_auroc_histogram(det.per_concept))):
         if png is not None:
             figures[name] = png
-    os.makedirs(os.path.join(tmp, "plots"))
+    (epath.Path(tmp) / "plots").mkdir()
     for name, png in figures.items():
-        with open(os.path.join(tmp, "plots", name.replace(" ", "_") + ".png"), "wb") as f:
-            f.write(png)
+        (epath.Path(tmp) / "plots" / (name.replace(" ", "_") + ".png")).write_bytes(png)
     details["run"] = {"checkpoint_dir": os.path.abspath(target.checkpoint_dir),
                       "corpus_dir": os.fspath(corpus.dir), "eval_seed": opts.seed,
                       "options": dataclasses.asdict(opts), "model_objective": model.config.objective,
@@ -181,10 +181,9 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
     identity = {"checkpoint_step": target.step, "config": cfg.to_dict(),
                 "seed": int(cfg.get("seed", 0)), "corpus_hash": target.corpus_hash}
     report = report_lib.build_report(metrics, missing, identity, details)
-    report_lib.write_json(os.path.join(tmp, "report.json"), report)
-    with open(os.path.join(tmp, "report.html"), "w") as f:
-        f.write(report_html.render(report, panels, figures,
-                                   f"cbm_lm attribution eval: {target.checkpoint_dir} "
-                                   f"step {target.step}"))
+    report_lib.write_json(str(epath.Path(tmp) / "report.json"), report)
+    (epath.Path(tmp) / "report.html").write_text(report_html.render(
+        report, panels, figures, f"cbm_lm attribution eval: {target.checkpoint_dir} "
+                                 f"step {target.step}"))
     progress.finish()
     return report
