@@ -153,3 +153,16 @@ def test_top_p_samples_only_inside_the_nucleus():
     assert 0.5 < (draws == 0).mean() < 0.75          # renormalized 0.5/0.8 = 0.625
     greedy = SamplingConfig(top_p=1e-6)
     assert int(sample_tokens(jax.random.key(0), logits, greedy)[0]) == 0
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+def test_too_long_a_request_is_refused_before_compiling(models, objective):
+    model = models[objective]
+    limit = model.config.max_seq_len
+    with pytest.raises(ValueError, match=rf"max_seq_len={limit}"):
+        generate(model, [[1, 2, 3]], _sampling(max_new_tokens=limit), pad_id=PAD)
+
+
+def test_guidance_is_refused_for_autoregressive_generation(models):
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate(models["autoregressive"], PROMPTS, _sampling(cfg_scale=1.0), pad_id=PAD)

@@ -121,10 +121,14 @@ def generate_autoregressive(model, prompts, cfg: SamplingConfig, steering: Steer
     if mcfg.attention != "causal":
         raise ValueError(f"autoregressive generation needs a causal model, got attention="
                          f"{mcfg.attention!r}; use the diffusion sampler")
+    if cfg.cfg_scale > 0:
+        raise ValueError(f"cfg_scale={cfg.cfg_scale}: classifier-free guidance is defined for "
+                         "the diffusion sampler only (the prompt is masked in its unconditional "
+                         "copy); use cfg_scale=0 with an autoregressive model")
     steering = steering or Steering()
     mask_id = mcfg.resolved_mask_token_id
     x0, plens, _ = layout(prompts, cfg.max_new_tokens, vocab_size=mcfg.vocab_size,
-                          fill_id=mask_id, pad_id=pad_id, bucket=bucket)
+                          fill_id=mask_id, pad_id=pad_id, bucket=bucket, max_len=mcfg.max_seq_len)
     static, arrays = steered_call.prepare(steering, *x0.shape)
     p_max = -(-int(plens.max()) // bucket) * bucket if bucket else int(plens.max())
     p_max = min(p_max, x0.shape[1])

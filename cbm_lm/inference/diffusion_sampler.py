@@ -139,7 +139,8 @@ def generate_diffusion(model, prompts, cfg: SamplingConfig, steering: Steering |
     steering = steering or Steering()
     mask_id = mcfg.resolved_mask_token_id
     x0, plens, seg = layout(prompts, cfg.max_new_tokens, vocab_size=mcfg.vocab_size,
-                            fill_id=mask_id, pad_id=pad_id, bucket=bucket)
+                            fill_id=mask_id, pad_id=pad_id, bucket=bucket,
+                            max_len=mcfg.max_seq_len)
     sched = {k: jnp.asarray(v) for k, v in schedule(plens, cfg.max_new_tokens, cfg.block_size,
                                                     cfg.steps_per_block, cfg.grid).items()}
     static, arrays = steered_call.prepare(steering, *x0.shape)
