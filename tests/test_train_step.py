@@ -55,8 +55,13 @@ def test_gradient_accumulation_equals_full_batch():
     for a, b in zip(full, acc):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    # Adam divides by sqrt(v): on a coordinate whose gradient is near zero, the
+    # float summation order of the micro-batches moves the normalized step by a
+    # visible fraction of lr (1.4e-6 seen on one of 2048 coordinates, lr 3e-3), so
+    # params must agree to 0.1% of one learning-rate step, not to an absolute 1e-6.
+    tol = 1e-3 * _config().optimizer.learning_rate
     for a, b in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(acc_state.params)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        np.testing.assert_allclose(a, b, atol=tol)
 
 
 @pytest.mark.parametrize("remat", ["block", "full"])
