@@ -134,3 +134,16 @@ def test_rank_summary_by_hand():
     from cbm_lm.provenance.evaluate import rank_summary
     s = rank_summary(np.array([1, 3, 12, np.inf]))
     assert s == {"recall@1": 0.25, "recall@10": 0.5, "mrr": (1 + 1 / 3 + 1 / 12) / 4, "n": 4}
+
+
+def test_rebuilding_replaces_the_saved_arrays(tmp_path):
+    """A second index build over a workdir (e.g. after the eval binary built one) replaces
+    mass.npy instead of failing on the existing file."""
+    from etils import epath
+
+    from cbm_lm.provenance.build import _save_npy
+    path = epath.Path(tmp_path) / "mass.npy"
+    _save_npy(path, np.ones((2, 3), np.float32))
+    _save_npy(path, np.full((2, 3), 7.0, np.float32))
+    np.testing.assert_array_equal(np.load(path), np.full((2, 3), 7.0, np.float32))
+    assert [p.name for p in epath.Path(tmp_path).iterdir()] == ["mass.npy"]

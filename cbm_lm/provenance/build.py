@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from cbm_lm.atomic_io import write_bytes_atomic
 from cbm_lm.config import ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.default_config import base_config
@@ -70,11 +71,10 @@ def has_store(path) -> bool:
 
 
 def _save_npy(path: epath.Path, a: np.ndarray) -> None:
+    """Writes (or atomically replaces: rebuilding an index over an existing one) an .npy."""
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.rename(path)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print) -> KeyIndex:

@@ -42,7 +42,7 @@ def _write_segment(directory: epath.Path, ids, keys, steps) -> epath.Path:
     final = directory / name
     tmp = directory / (name + f".tmp{os.getpid()}")
     tmp.write_bytes(buf.getvalue())
-    tmp.rename(final)
+    tmp.replace(final)
     return final
 
 
