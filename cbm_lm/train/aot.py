@@ -28,18 +28,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
-
-import jax
-from flax import nnx
-from jax.sharding import NamedSharding
 
 from cbm_lm.config import ConfigError, MeshConfig, ModelConfig, logical_rules_from_config
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.mesh_plan import MeshPlan
 from cbm_lm.parallel.devices import hbm_bytes_per_device, peak_flops_per_device
-from cbm_lm.parallel.sharding import logical_to_spec
-from cbm_lm.train.compile_check import abstract_batch, scale_mesh
+from cbm_lm.train.compile_check import lower_and_compile, scale_mesh
 from cbm_lm.train.memory_plan import batch_problem, model_length, plan_mesh
 from cbm_lm.train.planning import forward_flops_per_token
 
@@ -135,10 +129,6 @@ def _flops(compiled) -> float | None:
 def aot_compile(config, topology: str, *, num_slices: int = 1,
                 devices: list | None = None) -> AotReport:
     """Compiles ``config``'s train step for ``topology``; see the module docstring."""
-    from cbm_lm.train.optimizer import make_optimizer
-    from cbm_lm.train.state import abstract_train_state, train_state_shardings
-    from cbm_lm.train.step import make_train_step
-
     devices = devices if devices is not None else topology_devices(topology, num_slices)
     n = len(devices)
     mesh_cfg, notes = fit_mesh(MeshConfig.from_config(config.mesh), n)
@@ -153,21 +143,7 @@ def aot_compile(config, topology: str, *, num_slices: int = 1,
                           f"train.grad_accum_steps or the mesh")
     model_cfg = ModelConfig.from_config(cfg.model)
     mesh = make_mesh(mesh_cfg, devices)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.num_steps)
-    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx)
-    shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
-    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abs_state, shardings)
-    batch_in = abstract_batch(cfg, batch_sharding)
-
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        step = make_train_step(graphdef, tx, schedule, cfg, model_cfg, shardings, batch_sharding)
-        t0 = time.perf_counter()
-        lowered = step.lower(state_in, batch_in)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
+    compiled, lower_seconds, compile_seconds = lower_and_compile(cfg, model_cfg, mesh, rules)
 
     stats = compiled.memory_analysis()
     memory = {k: int(getattr(stats, f"{k}_size_in_bytes", 0))
@@ -182,7 +158,7 @@ def aot_compile(config, topology: str, *, num_slices: int = 1,
     # Model FLOPs: 3 x forward (forward + backward), no recompute counted.
     model_flops = 3 * streams * forward_flops_per_token(model_cfg, t_model) * tokens / n
     return AotReport(topology=topology, device_kind=kind, n_devices=n, mesh=mesh_cfg,
-                     notes=notes, lower_seconds=t1 - t0, compile_seconds=t2 - t1, memory=memory,
+                     notes=notes, lower_seconds=lower_seconds, compile_seconds=compile_seconds, memory=memory,
                      hbm_bytes=hbm_bytes_per_device(kind), flops_per_device=flops,
                      model_flops_per_device=model_flops,
                      peak_flops=peak_flops_per_device(kind, cfg.hardware.peak_flops_per_device))

@@ -107,6 +107,32 @@ def abstract_batch(config, sharding: NamedSharding) -> dict:
     return {f: jax.ShapeDtypeStruct(shapes[f], jnp.int32, sharding=sharding) for f in BATCH_FIELDS}
 
 
+
+def lower_and_compile(cfg, model_cfg: ModelConfig, mesh, rules):
+    """Lowers and compiles the real train step (the one launch/train.py runs, with its
+    in/out shardings and donated state) against abstract inputs: nothing is allocated.
+
+    -> (compiled, lower_seconds, compile_seconds).
+    """
+    from cbm_lm.train.optimizer import make_optimizer
+    from cbm_lm.train.state import abstract_train_state, train_state_shardings
+    from cbm_lm.train.step import make_train_step
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.num_steps)
+    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx)
+    shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
+    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abs_state, shardings)
+    batch_in = abstract_batch(cfg, batch_sharding)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        step = make_train_step(graphdef, tx, schedule, cfg, model_cfg, shardings, batch_sharding)
+        t0 = time.perf_counter()
+        lowered = step.lower(state_in, batch_in)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    return compiled, t1 - t0, t2 - t1
+
 def compile_train_step(config, *, n_devices: int | None = None, planned_devices: int | None = None,
                        layers: int | None = 2, batch_size: int | None = None,
                        seq_len: int | None = None) -> CompileReport:
@@ -116,10 +142,6 @@ def compile_train_step(config, *, n_devices: int | None = None, planned_devices:
     (its mesh is resolved there, then scaled to ``n_devices``); default
     ``n_devices``.
     """
-    from cbm_lm.train.optimizer import make_optimizer
-    from cbm_lm.train.state import abstract_train_state, train_state_shardings
-    from cbm_lm.train.step import make_train_step
-
     devices = jax.devices()
     n = n_devices or len(devices)
     if n > len(devices):
@@ -137,23 +159,9 @@ def compile_train_step(config, *, n_devices: int | None = None, planned_devices:
     notes += more
 
     model_cfg = ModelConfig.from_config(cfg.model)
-    rules = logical_rules_from_config(cfg.rules)
     mesh = make_mesh(MeshConfig.from_config(cfg.mesh), devices[:n])
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.num_steps)
-    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx)
-    shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
-    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abs_state, shardings)
-    batch_in = abstract_batch(cfg, batch_sharding)
-
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        step = make_train_step(graphdef, tx, schedule, cfg, model_cfg, shardings, batch_sharding)
-        t0 = time.perf_counter()
-        lowered = step.lower(state_in, batch_in)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
+    compiled, lower_seconds, compile_seconds = lower_and_compile(
+        cfg, model_cfg, mesh, logical_rules_from_config(cfg.rules))
 
     memory = None
     try:
@@ -168,5 +176,5 @@ def compile_train_step(config, *, n_devices: int | None = None, planned_devices:
     return CompileReport(mesh=mesh_cfg, n_devices=n, n_layers=model_cfg.n_layers,
                          batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
                          grad_accum_steps=cfg.train.grad_accum_steps,
-                         lower_seconds=t1 - t0, compile_seconds=t2 - t1, memory=memory,
+                         lower_seconds=lower_seconds, compile_seconds=compile_seconds, memory=memory,
                          estimate=estimate, notes=notes)
