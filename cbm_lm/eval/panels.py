@@ -54,6 +54,11 @@ def generation_panels(model, corpus: Corpus, windows: HeldoutWindows, *, num_pro
                       seed: int = 0, top: int = 5, provenance=None) -> tuple[list[dict], float]:
     """(panels, max identity error over the generated tokens)."""
     tok = corpus.tokenizer
+    # The sampler refuses prompt + new tokens beyond max_seq_len; a small model shortens both.
+    limit = model.config.max_seq_len
+    if prompt_len + max_new_tokens > limit:
+        prompt_len = max(1, min(prompt_len, limit // 3))
+        max_new_tokens = limit - prompt_len
     rows = [r for r in range(windows.num_rows)
             if windows.segment_ids[r].sum() >= prompt_len][:num_prompts]
     if not rows:
