@@ -88,8 +88,14 @@ def surprisal(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
     the predicted tokens of its chunk (1 if none); padding gets 0.
     """
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    s = -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    s = jnp.pad(s, ((0, 0), (1, 0)))
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return surprisal_from_nll(nll, segment_ids, onehot)
+
+
+def surprisal_from_nll(nll: jax.Array, segment_ids: jax.Array, onehot: jax.Array) -> jax.Array:
+    """pi [B,T] from the next-token losses nll [B,T-1] (nll[:, t] = -log p(x_{t+1} | x_<=t)),
+    e.g. the training step's per-token cross-entropy; filled as in ``surprisal``."""
+    s = jnp.pad(nll.astype(jnp.float32), ((0, 0), (1, 0)))
     has = jnp.pad((segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0),
                   ((0, 0), (1, 0)))
     hf = has.astype(jnp.float32)
@@ -138,14 +144,20 @@ class ChunkProvenanceHead(nnx.Module):
                              (None, "keys"), jnp.dtype(model_cfg.param_dtype))
 
     def parts(self, out, tokens: jax.Array, segment_ids: jax.Array,
-              chunk_segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Normalized pooled parts [B,M,4,d_p] (known, unknown, hidden, lexical), counts [B,M]."""
+              chunk_segment_ids: jax.Array, nll: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+        """Normalized pooled parts [B,M,4,d_p] (known, unknown, hidden, lexical), counts [B,M].
+
+        nll [B,T-1]: next-token losses to pool by in place of ``out.logits`` (the train step
+        has them without a [B,T,V] tensor)."""
         c, mc = self.cfg, self.model_cfg.concepts
         onehot = chunk_onehot(chunk_segment_ids, c.max_chunks_per_row)
         pi = None
-        if (c.pool_weights == "surprisal" and out.logits is not None
-                and self.model_cfg.objective == "autoregressive"):
-            pi = surprisal(out.logits, tokens, segment_ids, onehot)
+        if c.pool_weights == "surprisal" and self.model_cfg.objective == "autoregressive":
+            if nll is not None:
+                pi = surprisal_from_nll(nll, segment_ids, onehot)
+            elif out.logits is not None:
+                pi = surprisal(out.logits, tokens, segment_ids, onehot)
         r_k = projection(c.seed, 0, mc.n_known_padded, c.d_p, ("known_concepts", "keys"))
         per_token = [sparse_project(out.known.indices, out.known.weights, r_k)]
         if out.unknown is not None:
@@ -166,10 +178,11 @@ class ChunkProvenanceHead(nnx.Module):
         return constrain(pooled, ("batch", None, None, "keys")), counts
 
     def __call__(self, out, tokens: jax.Array, segment_ids: jax.Array,
-                 chunk_segment_ids: jax.Array) -> ChunkKeys:
-        """out: the LMOutput of ``tokens`` [B,T] (logits may be None: uniform pooling)."""
+                 chunk_segment_ids: jax.Array, nll: jax.Array | None = None) -> ChunkKeys:
+        """out: the LMOutput of ``tokens`` [B,T] (logits may be None: uniform pooling);
+        nll: see ``parts``."""
         c = self.cfg
-        parts, counts = self.parts(out, tokens, segment_ids, chunk_segment_ids)
+        parts, counts = self.parts(out, tokens, segment_ids, chunk_segment_ids, nll)
         lam = jnp.asarray([c.known_weight, c.unknown_weight, c.hidden_weight, c.lexical_weight],
                           jnp.float32)
         u = jnp.einsum("bmpd,p->bmd", parts, lam)

@@ -1,8 +1,11 @@
 """The trainer's composite checkpoints (DESIGN.md section 6).
 
-One orbax step directory holds three items:
+One orbax step directory holds four items:
   params       the model params (what load_model / the eval binary restores)
   train_state  step, optimizer state, rng, skipped-step count
+  source_mass  the concept x source mass [C_pad,S] (train/chunk_keys.py); its own item so
+               the provenance index reads it alone, and checkpoints written before it
+               existed still resume (with a zero mass, said so)
   data         every process's grain iterator state (process_<i>-of-<n>.json)
 
 Saves are async (orbax commits a step by renaming its temporary folder, so a
@@ -30,6 +33,7 @@ import time
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cbm_lm.train.checkpoint import (CHECKPOINTS, PARAMS_ITEM, CheckpointError, absolute,
@@ -38,6 +42,7 @@ from cbm_lm.train.restore_check import config_differences, tree_differences
 from cbm_lm.train.state import TrainState
 
 TRAIN_STATE_ITEM = "train_state"
+SOURCE_MASS_ITEM = "source_mass"
 DATA_ITEM = "data"
 QUARANTINE = "quarantine"
 
@@ -66,9 +71,10 @@ class TrainCheckpointer:
             enable_async_checkpointing=config.checkpoint.async_save)
         self.manager = ocp.CheckpointManager(
             self.workdir / CHECKPOINTS, options=options,
-            item_names=(PARAMS_ITEM, TRAIN_STATE_ITEM, DATA_ITEM),
+            item_names=(PARAMS_ITEM, TRAIN_STATE_ITEM, SOURCE_MASS_ITEM, DATA_ITEM),
             item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler(),
                            TRAIN_STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           SOURCE_MASS_ITEM: ocp.StandardCheckpointHandler(),
                            DATA_ITEM: grain.checkpoint.CheckpointHandler()})
 
     def write_config(self) -> None:
@@ -80,6 +86,8 @@ class TrainCheckpointer:
     def save(self, step: int, state: TrainState, data_iter) -> None:
         args = {PARAMS_ITEM: ocp.args.StandardSave(state.params),
                 TRAIN_STATE_ITEM: ocp.args.StandardSave(_rest_of_state(state))}
+        if state.source_mass is not None:
+            args[SOURCE_MASS_ITEM] = ocp.args.StandardSave({"mass": state.source_mass})
         if data_iter is not None:
             args[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -118,11 +126,17 @@ class TrainCheckpointer:
                 f"resumed. To fine-tune from it, pass --init_from={self.workdir} with a new, "
                 f"empty --workdir.")
 
+    def _has_mass(self, step: int, abstract_state: TrainState) -> bool:
+        return (abstract_state.source_mass is not None
+                and (self._step_dir(step) / SOURCE_MASS_ITEM).exists())
+
     def _check_fits(self, step: int, abstract_state: TrainState) -> None:
         """Raises CheckpointMismatchError if step's saved tree differs from the target."""
         meta = self.manager.item_metadata(step)
         target = {PARAMS_ITEM: abstract_state.params,
                   TRAIN_STATE_ITEM: _rest_of_state(abstract_state)}
+        if self._has_mass(step, abstract_state):
+            target[SOURCE_MASS_ITEM] = {"mass": abstract_state.source_mass}
         saved = {name: getattr(meta[name], "tree", meta[name]) for name in target}
         diffs = tree_differences(saved, target)
         if not diffs:
@@ -142,6 +156,16 @@ class TrainCheckpointer:
             f"Config fields that differ from {self.workdir / 'config.json'} (the likely cause; "
             f"drop the override to resume, or use a new --workdir, with --init_from for the "
             f"params):\n  {cause}")
+
+    def _restored_mass(self, restored, has_mass: bool, step: int, abstract_state: TrainState):
+        target = abstract_state.source_mass
+        if target is None:
+            return None
+        if has_mass:
+            return restored[SOURCE_MASS_ITEM]["mass"]
+        print(f"checkpoint step {step} predates the source mass: it restarts at zero (the "
+              f"provenance source distribution counts only the steps from here)", flush=True)
+        return jax.device_put(np.zeros(target.shape, target.dtype), target.sharding)
 
     def restore_latest(self, abstract_state: TrainState, data_iter):
         """Restores the newest usable step into ``abstract_state``'s shardings.
@@ -169,6 +193,10 @@ class TrainCheckpointer:
                 continue
             args = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_state.params),
                     TRAIN_STATE_ITEM: ocp.args.StandardRestore(_rest_of_state(abstract_state))}
+            has_mass = self._has_mass(step, abstract_state)
+            if has_mass:
+                args[SOURCE_MASS_ITEM] = ocp.args.StandardRestore(
+                    {"mass": abstract_state.source_mass})
             if data_iter is not None:
                 args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
@@ -183,7 +211,9 @@ class TrainCheckpointer:
             rest = restored[TRAIN_STATE_ITEM]
             state = TrainState(step=rest["step"], params=restored[PARAMS_ITEM],
                                opt_state=rest["opt_state"], rng=rest["rng"],
-                               skipped=rest["skipped"])
+                               skipped=rest["skipped"],
+                               source_mass=self._restored_mass(restored, has_mass, step,
+                                                               abstract_state))
             return state, step
         if steps:
             reasons = "\n  ".join(f"step {s}: {r}" for s, r in unreadable.items())

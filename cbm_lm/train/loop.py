@@ -29,11 +29,13 @@ from jax.sharding import NamedSharding
 
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config, validate_config
 from cbm_lm.parallel.mesh import make_mesh
+from cbm_lm.provenance.build import provenance_config
 from cbm_lm.parallel.devices import peak_flops_per_device
 from cbm_lm.train.planning import train_flops_per_token
 from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.train.checkpoint import absolute, restore_params
 from cbm_lm.train.checkpointer import TrainCheckpointer
+from cbm_lm.train.chunk_keys import ChunkKeyLogger, split_ids
 from cbm_lm.train.data_feed import agreed_eval_batches, process_pipeline
 from cbm_lm.train.corpus_check import (check_corpus_fits_model, read_manifest,
                                       resolve_known_concepts, resolve_mask_token)
@@ -43,13 +45,17 @@ from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
 from cbm_lm.train.step import make_eval_step, make_train_step
 
-# The batch fields the step reads; chunk/source ids stay on the host (64-bit).
-DEVICE_FIELDS = ("tokens", "segment_ids", "positions", "concept_ids", "chunk_segment_ids")
+# The batch fields the step reads; the 64-bit chunk ids go as two int32 halves (ID_FIELDS).
+DEVICE_FIELDS = ("tokens", "segment_ids", "positions", "concept_ids", "chunk_segment_ids",
+                 "source_ids")
 
 
 def _global_batch(local: dict, sharding: NamedSharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
-            for k in DEVICE_FIELDS}
+    fields = {k: local[k] for k in DEVICE_FIELDS if k in local}
+    if "chunk_ids" in local:
+        fields.update(split_ids(local["chunk_ids"]))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in fields.items()}
 
 
 def _truncate_metrics(path: epath.Path, last_step: int) -> None:
@@ -106,7 +112,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                          f"{jax.process_count()} processes")
     per_process_batch = config.data.batch_size // jax.process_count()
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
-    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx)
+    prov = provenance_config(config)
+    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx, prov.max_sources)
     shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
@@ -117,7 +124,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     state, restored_step = ckpt.restore_latest(targets, data_iter)
     fresh = state is None
     if fresh:
-        graphdef, state, _ = init_train_state(model_cfg, tx, config.seed, mesh, rules)
+        graphdef, state, _ = init_train_state(model_cfg, tx, config.seed, mesh, rules,
+                                              prov.max_sources)
         start = 0
         if init_from:
             params, from_step = restore_params(init_from, targets.params, config=config)
@@ -128,6 +136,10 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         print(f"resumed from step {start} in {workdir}"
               + (f" (--init_from={init_from} not used)" if init_from else ""), flush=True)
     ckpt.write_config()
+    keylog = None
+    if prov.log_keys:   # WORKDIR/provenance/keys/logged, cut back to the restored step
+        keylog = ChunkKeyLogger(absolute(workdir), batch_sharding)
+        keylog.resume(start)
     metrics_path = absolute(workdir) / METRICS_FILE
     if jax.process_index() == 0:
         if fresh:
@@ -156,8 +168,11 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         try:
             while step < config.train.num_steps:
                 local = next(data_iter)
-                state, metrics = train_step(state, _global_batch(local, batch_sharding))
+                out = train_step(state, _global_batch(local, batch_sharding))
+                state, metrics = out[:2]
                 step += 1
+                if keylog is not None:
+                    keylog.record(step, out[2])
                 tokens_since += config.data.batch_size * config.data.seq_len
                 watch.record(step, metrics)
                 # Every process asks at every step; all see True at the same step.
@@ -177,15 +192,21 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                         last.update(_evaluate(eval_step, state.params, config, per_process_batch,
                                               batch_sharding, n_eval))
                     t_last, tokens_since = time.time(), 0
+                    if keylog is not None:
+                        keylog.flush()
                     logger.write(step, last)
                     logger.console(step, last)
                 if save_now:
+                    if keylog is not None:
+                        keylog.checkpoint(step)   # rows through step, then the cursor
                     ckpt.save(step, state, data_iter)
                 if preempted:
                     print(f"preemption notice (SIGTERM): all {jax.process_count()} processes "
                           f"saved step {step}; exiting", flush=True)
                     break
         finally:
+            if keylog is not None:
+                keylog.close()
             ckpt.close()
             logger.close()
     return last

@@ -30,6 +30,8 @@ Logit shares are measured where the LM loss is: at the noisy stream's masked pos
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -111,8 +113,20 @@ def _steering_term(model, batch, rng, step, loss_cfg, model_cfg):
                                                       shapes))
 
 
-def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool = True):
-    """Returns (total loss, metrics dict of scalars). ``batch`` follows the data contract."""
+class ForwardViews(NamedTuple):
+    """What the pass computed about the text itself, for chunk keys and the source mass
+    (``return_views``): the concept stream's hidden [B,T,D] and concept activations, and
+    the LM stream's next-token losses nll [B,T-1] (autoregressive; None for diffusion)."""
+    hidden: jax.Array
+    known: object
+    unknown: object
+    nll: jax.Array | None
+
+
+def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool = True,
+                   return_views: bool = False):
+    """Returns (total loss, metrics dict of scalars), plus ForwardViews with ``return_views``.
+    ``batch`` follows the data contract."""
     check_loss_config(loss_cfg)
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     valid = seg > 0
@@ -199,6 +213,7 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
 
     targets_lm = tokens if diffusion else jnp.roll(tokens, -1, axis=1)
     chunk = loss_cfg.get("ce_chunk_tokens", 0)
+    seen_ce = {}
 
     def lm_loss_of(c):
         """LM loss of composed features c [B,T,D]; only this stream is ever unembedded."""
@@ -208,6 +223,7 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
             logits = model.logits_from(c)
             ce = obj.token_cross_entropy(logits, targets_lm)
             hit = jnp.argmax(logits, axis=-1) == targets_lm
+        seen_ce.setdefault("ce", ce)   # the training stream's: the first call
         if diffusion:
             return obj.diffusion_loss_from_ce(ce, hit, masked, t, seg,
                                               loss_cfg.diffusion_weighting)
@@ -267,4 +283,8 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
                                  sg(model.unembedding()), targets, where))
     metrics["dead_known_fraction"] = _dead_fraction(known_c.topk_indices, valid,
                                                     model_cfg.concepts.n_known)
+    if return_views:
+        unknown_v = None if rw.unknown is None else jax.tree.map(concept_part, rw.unknown)
+        nll = None if diffusion else seen_ce["ce"][:, :-1]
+        return total, metrics, jax.tree.map(sg, ForwardViews(hidden_c, known_c, unknown_v, nll))
     return total, metrics

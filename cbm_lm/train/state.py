@@ -5,6 +5,8 @@
   opt_state  optax state       AdamW moments, shaped like params
   rng        uint32 [2]        base key; step s uses fold_in(rng, s)
   skipped    int32 []          steps skipped for non-finite loss (nan_policy=skip)
+  source_mass float32 [C_pad,S] known-concept weight mass per training source, summed over
+                               every token of every step (train/chunk_keys.py); replicated
 
 The module structure (graphdef) is static and kept beside the state; the
 model is rebuilt inside the step with ``nnx.merge(graphdef, params)``.
@@ -35,6 +37,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     skipped: jax.Array
+    source_mass: Any = None
 
 
 def _dict_path(path) -> tuple:
@@ -61,14 +64,19 @@ def shardings_like_params(tree, param_shardings: dict, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation):
-    """(graphdef, TrainState of ShapeDtypeStructs, param logical State) with no allocation."""
+def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
+                         n_sources: int = 64):
+    """(graphdef, TrainState of ShapeDtypeStructs, param logical State) with no allocation.
+
+    n_sources: columns of the source mass (provenance.max_sources)."""
     graphdef, abs_params = abstract_lm(model_cfg)
     pure = abs_params.to_pure_dict()
     abs_opt = jax.eval_shape(tx.init, pure)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    mass = jax.ShapeDtypeStruct((model_cfg.concepts.n_known_padded, n_sources), jnp.float32)
     state = TrainState(step=scalar, params=pure, opt_state=abs_opt,
-                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar)
+                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar,
+                       source_mass=mass)
     return graphdef, state, abs_params
 
 
@@ -77,16 +85,17 @@ def train_state_shardings(abs_state: TrainState, abs_params: nnx.State, mesh: Me
     replicated = NamedSharding(mesh, P())
     return TrainState(step=replicated, params=param_sh,
                       opt_state=shardings_like_params(abs_state.opt_state, param_sh, mesh),
-                      rng=replicated, skipped=replicated)
+                      rng=replicated, skipped=replicated,
+                      source_mass=None if abs_state.source_mass is None else replicated)
 
 
 def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                     mesh: Mesh, rules):
+                     mesh: Mesh, rules, n_sources: int = 64):
     """Initializes the state directly into its shardings (jit with out_shardings).
 
     Returns (graphdef, state, shardings).
     """
-    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx)
+    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx, n_sources)
     shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
 
     def init():
@@ -95,7 +104,8 @@ def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, s
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(seed + 1).astype(jnp.uint32),
-                          skipped=jnp.zeros((), jnp.int32))
+                          skipped=jnp.zeros((), jnp.int32),
+                          source_mass=jnp.zeros(abs_state.source_mass.shape, jnp.float32))
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state = jax.jit(init, out_shardings=shardings)()

@@ -1,9 +1,11 @@
 """The jitted train and eval steps.
 
-train_step(state, batch) -> (state, metrics):
+train_step(state, batch) -> (state, metrics[, chunk keys]):
   rng_s   = fold_in(state.rng, state.step)
   grads   = mean over A micro-batches of d loss / d params     (lax.scan, A = grad_accum_steps)
   params <- AdamW(clip(grads))                                  (optax)
+  source_mass += concept x source mass of the batch, and with provenance.log_keys the
+  step also returns its chunks' keys and ids, both from the same pass (train/chunk_keys.py)
 A non-finite update never reaches the params: make_optimizer wraps it in
 ``optax.apply_if_finite``, which leaves params and moments
 untouched for that step. The step counts it in state.skipped and reports
@@ -23,6 +25,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cbm_lm.provenance.build import provenance_config
+from cbm_lm.train.chunk_keys import step_outputs
 from cbm_lm.train.losses import compute_losses
 from cbm_lm.train.state import TrainState
 
@@ -43,30 +47,40 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
         raise TypeError("train_step needs an optax.apply_if_finite optimizer (make_optimizer)")
     rng = jax.random.fold_in(state.rng, state.step)
 
+    log_keys = config.get("log_keys", False)
+
     def loss_fn(params, micro, key):
         model = nnx.merge(graphdef, params)
-        return compute_losses(model, micro, key, state.step, loss_cfg=loss_cfg,
-                              model_cfg=model_cfg, train=True)
+        total, metrics, views = compute_losses(model, micro, key, state.step, loss_cfg=loss_cfg,
+                                               model_cfg=model_cfg, train=True,
+                                               return_views=True)
+        prov = (step_outputs(views, micro, config["prov_cfg"], model_cfg, log_keys)
+                if config.get("prov_cfg") is not None else {})
+        return total, (metrics, prov.get("mass"), prov.get("keys"))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (_, metrics), grads = grad_fn(state.params, batch, rng)
+        (_, (metrics, mass, keys)), grads = grad_fn(state.params, batch, rng)
     else:
         micro = _split_micro(batch, accum)
 
         def body(carry, xs):
-            g_sum, m_sum = carry
+            g_sum, m_sum, mass_sum = carry
             mb, i = xs
-            (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
+            (_, (m, mass_i, keys_i)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m),
+                    jax.tree.map(jnp.add, mass_sum, mass_i)), keys_i
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-        m_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
-                                                 rng)[0][1])
-        zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-        (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, jnp.arange(accum)))
+        aux_shape = jax.eval_shape(
+            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+        zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
+        (grads, metrics, mass), keys = jax.lax.scan(
+            body, (zeros_g, zeros(aux_shape[0]), zeros(aux_shape[1])), (micro, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         metrics = jax.tree.map(lambda m: m / accum, metrics)
+        # [A, B/A, ...] -> [B, ...]: the micro-batches were consecutive rows
+        keys = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), keys)
 
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -74,9 +88,14 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
     finite = new_opt.last_finite & jnp.isfinite(metrics["loss"])
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt,
                               skipped=state.skipped + (~new_opt.last_finite).astype(jnp.int32))
+    if state.source_mass is not None and mass is not None:   # a skipped step adds no mass
+        new_state = new_state.replace(
+            source_mass=jnp.where(finite, state.source_mass + mass, state.source_mass))
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    finite=finite.astype(jnp.float32),
                    skipped_steps=new_state.skipped.astype(jnp.float32))
+    if log_keys:
+        return new_state, metrics, keys
     return new_state, metrics
 
 
@@ -91,16 +110,21 @@ def eval_step(params, batch, *, graphdef, config):
 
 def step_config(model_cfg, config) -> dict:
     """The static pieces the step closes over (hashable-free; captured by closure)."""
+    prov = provenance_config(config)
     return {"model_cfg": model_cfg, "loss_cfg": config.loss,
             "grad_accum_steps": config.train.grad_accum_steps,
-            "nan_policy": config.train.nan_policy}
+            "nan_policy": config.train.nan_policy,
+            "prov_cfg": prov, "log_keys": prov.log_keys}
 
 
 def make_train_step(graphdef, tx, schedule, config, model_cfg, state_shardings, batch_sharding):
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                           config=step_config(model_cfg, config))
+    """With provenance.log_keys the step returns (state, metrics, chunk keys) (see
+    cbm_lm/train/chunk_keys.py; the keys sharded over the batch like the batch)."""
+    cfg = step_config(model_cfg, config)
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=cfg)
+    out = (state_shardings, None) + ((batch_sharding,) if cfg["log_keys"] else ())
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+                   out_shardings=out, donate_argnums=(0,))
 
 
 def make_eval_step(graphdef, config, model_cfg, param_shardings, batch_sharding):
