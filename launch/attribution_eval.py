@@ -60,7 +60,7 @@ def main(argv):
         sys.exit(f"attribution_eval: error: {e}")
     out = os.path.abspath(_OUT.value)
     print("headline:", flush=True)
-    for k in ("perplexity", "concept_auroc_macro", "logit_share_known", "logit_share_unknown",
+    for k in ("perplexity", "concept_auroc_macro", "dead_real_concepts", "logit_share_known", "logit_share_unknown",
               "logit_share_epsilon", "decomposition_max_error", "input_attribution_deletion_auc",
               "random_deletion_auc", "provenance_recall_at_10", "steering_success"):
         v = report[k]

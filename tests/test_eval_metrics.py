@@ -64,9 +64,11 @@ def test_chunk_scores_are_the_soft_or_of_the_dense_logits():
                                        jnp.asarray(w.segment_ids)))[..., :12]     # [B,T,C]
     sp = np.log1p(np.exp(z.astype(np.float64)))
     for i, c in enumerate(w.chunks):
-        np.testing.assert_allclose(got[i], sp[c.row, c.start:c.end].sum(0), rtol=1e-5)
+        # autoregressive: the positions predicting tokens start..end-1 are start-1..end-2
+        np.testing.assert_allclose(got[i], sp[c.row, max(c.start - 1, 0):c.end - 1].sum(0),
+                                   rtol=1e-5)
     # P(present) = 1 - prod(1 - sigmoid(z)) ranks like the score
-    p = 1 - np.prod(1 - 1 / (1 + np.exp(-z[0, 0:4])), axis=0)
+    p = 1 - np.prod(1 - 1 / (1 + np.exp(-z[0, 0:3])), axis=0)
     np.testing.assert_allclose(p, 1 - np.exp(-got[0]), rtol=1e-5)
 
 

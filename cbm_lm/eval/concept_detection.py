@@ -5,15 +5,19 @@ For chunk c and concept j the head's soft-OR detection score is
   P(j in c) = 1 - prod_{t in c} (1 - sigmoid(z_tj)) = 1 - exp(-S_cj),
   S_cj      = sum_{t in c} softplus(z_tj),
 
-z_tj the known head's clipped logit at token t (the training concept loss,
-cbm_lm.objectives.concept_loss). Only the corpus's concepts are scored, as
+z_tj the known head's capped logit (``head.cap``) at position t, and t running
+over the positions that PREDICT the chunk's tokens, as in training
+(cbm_lm.objectives.label_alignment): the chunk's own positions for diffusion,
+shifted one back for an autoregressive model (position t predicts token t+1,
+so a document's first chunk loses its first token and the position before a
+chunk's first token belongs to it). Only the corpus's concepts are scored, as
 logits of those ids ([N,T,M] with M the corpus concept count, never the
 head's full width). Ranking chunks by S_cj is ranking by P, so AUROC and
 average precision (PR-AUC) are computed on S.
 
 Macro averages run over concepts with at least ``min_positives`` positive
 and one negative chunk in the held-out windows; how many qualified is
-reported.
+reported, and per concept group (the name's prefix before ':') in ``by_group``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ class ConceptDetection:
     num_chunks: int
     per_concept: list[dict]    # {id, auroc, prauc, positives}
 
+    def by_group(self, name_of) -> dict[str, dict]:
+        """{group: {concepts, auroc, prauc}} means over the counted concepts of each group."""
+        groups: dict[str, list[dict]] = {}
+        for p in self.per_concept:
+            groups.setdefault(str(name_of(p["id"])).split(":")[0], []).append(p)
+        return {g: {"concepts": len(ps), "auroc": float(np.mean([p["auroc"] for p in ps])),
+                    "prauc": float(np.mean([p["prauc"] for p in ps]))}
+                for g, ps in sorted(groups.items())}
+
 
 @nnx.jit
 def _token_softplus(model, tokens, positions, segment_ids, concept_ids):
@@ -48,13 +61,29 @@ def _token_softplus(model, tokens, positions, segment_ids, concept_ids):
     b, t, d = out.hidden.shape
     q = head.query(out.hidden.reshape(b * t, d))                                    # [BT,Q]
     keys = jnp.take(head.keys(), concept_ids, axis=0).astype(jnp.float32)           # [M,Q]
-    z = jnp.clip(q @ keys.T, -head.clip, head.clip)
+    z = head.cap(q @ keys.T)
     return {"sp": jax.nn.softplus(z).reshape(b, t, -1)}
+
+
+def predicted_chunk_of(chunk_of: np.ndarray, objective: str) -> np.ndarray:
+    """[N,T] chunk index of the token each position predicts (-1: none).
+
+    Diffusion: the position's own token. Autoregressive: token t+1 (the last
+    position of a row predicts nothing inside the window).
+    """
+    if objective == "diffusion":
+        return chunk_of
+    if objective != "autoregressive":
+        raise ValueError(f"objective must be 'diffusion' or 'autoregressive', got {objective!r}")
+    out = np.full_like(chunk_of, -1)
+    out[:, :-1] = chunk_of[:, 1:]
+    return out
 
 
 def chunk_scores(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
                  batch: int = 8) -> np.ndarray:
-    """S [n_chunks, n_concepts]: per chunk, sum over its tokens of softplus(z_tj)."""
+    """S [n_chunks, n_concepts]: per chunk, softplus(z_tj) summed over the positions
+    predicting its tokens."""
     w = windows
     ids = jnp.arange(n_concepts, dtype=jnp.int32)
     sp = map_rows(lambda r: _token_softplus(model, jnp.asarray(w.tokens[r]),
@@ -62,8 +91,9 @@ def chunk_scores(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts
                                             jnp.asarray(w.segment_ids[r]), ids),
                   w.num_rows, batch)["sp"]
     scores = np.zeros((len(w.chunks), n_concepts), np.float64)
-    real = w.chunk_of >= 0
-    np.add.at(scores, w.chunk_of[real], sp[real])
+    target = predicted_chunk_of(w.chunk_of, model.config.objective)
+    real = target >= 0
+    np.add.at(scores, target[real], sp[real])
     return scores
 
 

@@ -10,6 +10,7 @@ text:
   chunk_of     int32 [N,T]   index into ``chunks`` of the token's chunk, -1 on padding
   chunks       list of HeldoutChunk: (window row, token span [start, end), concept ids,
                global chunk id)
+  token_labels int32 [m,4]   token-level labels inside the windows: (row, start, end, concept)
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class HeldoutWindows:
     chunk_of: np.ndarray
     chunks: list[HeldoutChunk]
     doc_keys: list[str]
+    token_labels: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 4), np.int32))
 
     @property
     def num_rows(self) -> int:
@@ -51,6 +54,13 @@ class HeldoutWindows:
             ids = [j for j in c.concepts if 0 <= j < n_concepts]
             y[i, ids] = True
         return y
+
+    def present(self, n_concepts: int) -> np.ndarray:
+        """[n_concepts] bool: labelled somewhere in the windows (chunk or token labels)."""
+        p = self.labels(n_concepts).any(axis=0)
+        ids = self.token_labels[:, 3]
+        p[ids[(ids >= 0) & (ids < n_concepts)]] = True
+        return p
 
 
 def heldout_windows(corpus: Corpus, num_examples: int, seq_len: int, seed: int,
@@ -66,13 +76,15 @@ def heldout_windows(corpus: Corpus, num_examples: int, seq_len: int, seed: int,
     tokens = np.full((n, t), corpus.tokenizer.pad_id, np.int32)
     seg = np.zeros((n, t), np.int32)
     chunk_of = np.full((n, t), -1, np.int32)
-    chunks, keys = [], []
+    chunks, keys, tok_labels = [], [], []
     for row, k in enumerate(pick):
         doc = docs[k]
         length = min(len(doc.tokens), t)
         tokens[row, :length] = doc.tokens[:length]
         seg[row, :length] = 1
         keys.append(doc.doc_key)
+        tok_labels += [(row, s, min(e, length), c) for s, e, c in doc.token_spans.tolist()
+                       if s < length]
         for c in range(doc.num_chunks):
             start, end = int(doc.chunk_bounds[c]), min(int(doc.chunk_bounds[c + 1]), length)
             if start >= length:
@@ -82,4 +94,5 @@ def heldout_windows(corpus: Corpus, num_examples: int, seq_len: int, seed: int,
             chunks.append(HeldoutChunk(row, start, end, concepts, int(doc.chunk_ids[c]),
                                        int(doc.source_id)))
     positions = np.where(seg > 0, np.arange(t, dtype=np.int32)[None, :], 0).astype(np.int32)
-    return HeldoutWindows(tokens, seg, positions, chunk_of, chunks, keys)
+    return HeldoutWindows(tokens, seg, positions, chunk_of, chunks, keys,
+                          np.asarray(tok_labels, np.int32).reshape(-1, 4))

@@ -3,7 +3,7 @@
 Top level, exactly:
 
   perplexity, baseline_perplexity, concept_auroc_macro, concept_prauc_macro,
-  logit_share_known, logit_share_unknown, logit_share_epsilon,
+  dead_real_concepts, logit_share_known, logit_share_unknown, logit_share_epsilon,
   decomposition_max_error, input_attribution_deletion_auc, random_deletion_auc,
   provenance_recall_at_10, provenance_mrr, bm25_recall_at_10, source_accuracy,
   steering_success, steering_perplexity_ratio,
@@ -29,6 +29,9 @@ METRICS = {
     "concept_auroc_macro": "chunk-level concept detection by the known head (soft-OR over the "
                            "chunk's tokens), AUROC averaged over concepts",
     "concept_prauc_macro": "the same ranking scored by average precision (PR-AUC)",
+    "dead_real_concepts": "share of the corpus's concepts labelled in the held-out windows that "
+                          "are never in the known head's active top-k there (padding slots "
+                          "never counted)",
     "logit_share_known": "mean share of |logit| carried by known (supervised) concepts",
     "logit_share_unknown": "mean share of |logit| carried by unknown (discovered) concepts",
     "logit_share_epsilon": "mean share of |logit| left to epsilon, the unexplained residual",

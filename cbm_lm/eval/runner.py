@@ -16,6 +16,7 @@ from etils import epath
 
 from cbm_lm.eval import plots, report as report_lib, report_html
 from cbm_lm.eval.concept_detection import concept_detection
+from cbm_lm.eval.dead_concepts import dead_concepts
 from cbm_lm.eval.heldout import heldout_windows
 from cbm_lm.eval.input_faithfulness import input_deletion
 from cbm_lm.eval.logit_shares import logit_shares
@@ -66,7 +67,7 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
     n_concepts = len(corpus.concepts)
     metrics, missing, details = {}, {}, {}
     progress = Progress({"data": 1, "ppl": 2, "base": 2 if opts.baseline_workdir else 0,
-                         "concepts": 2, "shares": 2, "deletion": 4, "steering": 1,
+                         "concepts": 2, "dead": 1, "shares": 2, "deletion": 4, "steering": 1,
                          "provenance": 1, "panels": 3, "write": 1})
 
     progress.start("data", f"reading {opts.num_examples} held-out documents of {corpus.dir}")
@@ -102,12 +103,22 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
     details["concept_detection"] = {
         "concepts_counted": det.num_concepts, "chunks": det.num_chunks,
         "min_positives": opts.min_positives,
+        "by_group": det.by_group(corpus.concepts.name),
         "per_concept": [dict(p, name=corpus.concepts.name(p["id"])) for p in det.per_concept]}
     if det.auroc_macro is None:
         for k in ("concept_auroc_macro", "concept_prauc_macro"):
             missing[k] = (f"no concept has {opts.min_positives} positive chunks in the "
                           f"{windows.num_rows} held-out windows")
     progress.finish(f"AUROC {det.auroc_macro} over {det.num_concepts} concepts")
+
+    progress.start("dead", f"real concepts never in the known head's active set")
+    dead = dead_concepts(model, windows, n_concepts, batch=opts.batch)
+    metrics["dead_real_concepts"] = dead.fraction
+    details["dead_concepts"] = dict(dataclasses.asdict(dead), dead_names=[
+        corpus.concepts.name(j) for j in dead.dead_ids])
+    progress.finish(f"{len(dead.dead_ids)}/{dead.num_present} labelled concepts dead "
+                    f"({dead.fraction:.3f}); never confident (sigmoid > 0.5): "
+                    f"{dead.fraction_confident:.3f}; of all {n_concepts}: {dead.fraction_all:.3f}")
 
     progress.start("shares", "logit decomposition of every explained held-out token")
     sh = logit_shares(model, windows, seed=opts.seed, batch=opts.batch,
