@@ -17,7 +17,8 @@ LOSS_CHOICES = {"diffusion_noise": ("uniform", "gaussian"),
                 "teacher_forcing": ("soft", "hard"),
                 "teacher_forcing_schedule": ("linear", "report"),
                 "reconstruction_target": ("predicted", "labels"),
-                "independence_normalization": ("population", "report")}
+                "independence_normalization": ("population", "report"),
+                "concept_positives": ("soft_or", "token")}
 
 
 def check_loss_fields(loss: Mapping[str, Any], p: Problems) -> None:

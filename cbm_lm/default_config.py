@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
         concept_pos_weight=1.0,
         concept_neg_weight=1.0,
         concept_negatives=64,           # sampled negative concepts per batch
+        concept_positives="soft_or",    # chunk label: soft-OR over its tokens | "token":
+                                        # every labelled token scored -log sigmoid(z)
         reconstruction_weight=1.0,
         reconstruction_target="predicted",  # sg(h - k_pred) | "labels": sg(h - k_gt) (report)
         independence_weight=0.1,

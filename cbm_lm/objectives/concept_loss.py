@@ -35,6 +35,13 @@ Only three candidate sets are scored, never a dense [B,T,C] tensor:
       the tokens where it was predicted; the omitted tokens are those where
       z_tj was below the token's top-k, i.e. the smallest terms of the sum.
 
+  With ``positives="token"`` every valid label slot is scored as in the token-level
+  case, -log sigmoid(z_tj) at each token of the chunk: a chunk label then asks
+  every token of the chunk to detect the concept (z > 0), where the soft-OR is
+  satisfied by a chunk-wide S of a few nats, i.e. z_tj well below 0 at every
+  token, so a chunk-level concept rarely enters a token's top-k (measured on the
+  demo corpus: most chunk-level concepts never did; README "Fidelity").
+
   loss = pos_weight * mean_{valid (chunk, positive)} -log(-expm1(-S))
        + neg_weight * mean_{scored (token, negative)} softplus(z)
 
@@ -141,8 +148,8 @@ def concept_auroc(scores: jax.Array, labels: jax.Array, mask: jax.Array | None =
 def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
                        chunk_segment_ids: jax.Array, topk_ids: jax.Array | None,
                        rng: jax.Array, *, n_negatives: int, pos_weight: float = 1.0,
-                       neg_weight: float = 1.0, with_auroc: bool = True
-                       ) -> tuple[jax.Array, dict]:
+                       neg_weight: float = 1.0, with_auroc: bool = True,
+                       positives: str = "soft_or") -> tuple[jax.Array, dict]:
     """Soft-OR BCE of ``head`` (a ConceptHead) against chunk labels; see the module docstring.
 
     Returns (loss scalar, aux) with aux:
@@ -181,8 +188,12 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
     # a chunk label: S per (chunk, slot) by segment sum over the chunk's tokens.
     # Any other valid slot is a token-level label (e.g. a lexicon supersense on
     # one word): a soft-OR over that single token, -log sigmoid(z).
+    if positives not in ("soft_or", "token"):
+        raise ValueError(f"positives must be 'soft_or' or 'token', got {positives!r}")
     chunk_level = pos_valid & uniform_over_chunk(jnp.where(pos_valid, pos_ids, -1),
                                                  chunk_segment_ids)
+    if positives == "token":
+        chunk_level = jnp.zeros_like(chunk_level)
     token_level = pos_valid & ~chunk_level
     s_pos = chunk_sums(jnp.where(chunk_level, sp_pos, 0.0), chunk_segment_ids)    # [B,T,K]
     chunk_pos_valid = chunk_sums(chunk_level.astype(jnp.int32), chunk_segment_ids) > 0

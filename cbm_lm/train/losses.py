@@ -246,7 +246,8 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
     concept_loss, c_aux = obj.chunk_concept_loss(
         head, hidden_c, concept_ids, chunk_ids, known_c.topk_indices, rng_neg,
         n_negatives=loss_cfg.concept_negatives,
-        pos_weight=loss_cfg.concept_pos_weight, neg_weight=loss_cfg.concept_neg_weight)
+        pos_weight=loss_cfg.concept_pos_weight, neg_weight=loss_cfg.concept_neg_weight,
+        positives=loss_cfg.get("concept_positives", "soft_or"))
     if rw.unknown is not None:
         unknown_c = concept_part(rw.unknown_features)
         rec_known = k_gt if loss_cfg.reconstruction_target == "labels" else known_c.features

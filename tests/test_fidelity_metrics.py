@@ -1,0 +1,89 @@
+"""Fidelity measurement and the token-level positive switch, against hand-built cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cbm_lm.eval.concept_detection import macro_detection, predicted_chunk_of
+from cbm_lm.eval.dead_concepts import fire_counts, summarize
+from cbm_lm.eval.heldout import HeldoutChunk, HeldoutWindows
+from cbm_lm.model.concepts import ConceptHead
+from cbm_lm.objectives import chunk_concept_loss
+
+
+def test_fire_counts_and_dead_fraction_by_hand():
+    # 2 rows x 3 positions, active sets of 2 slots; 4 real concepts, ids >= 4 are padding slots.
+    idx = np.array([[[0, 5], [0, 1], [7, 1]],
+                    [[2, 0], [3, 6], [3, 2]]])
+    w = np.array([[[0.9, 0.9], [0.4, 0.8], [0.9, 0.3]],
+                  [[0.0, 0.6], [0.2, 0.9], [0.7, 0.9]]])
+    valid = np.array([[1, 1, 1], [1, 1, 0]], bool)        # row 1 position 2 is padding
+    # concept 2: weight 0 (a padding slot of the active set) at (1,0), padding position at (1,2)
+    np.testing.assert_array_equal(fire_counts(idx, w, valid, 4), [3, 2, 0, 1])
+    np.testing.assert_array_equal(fire_counts(idx, w, valid, 4, min_weight=0.5), [2, 1, 0, 0])
+    present = np.array([True, True, True, False])
+    d = summarize(fire_counts(idx, w, valid, 4), fire_counts(idx, w, valid, 4, 0.5), present, 5)
+    assert d.dead_ids == [2]                                  # 3 is never labelled: not counted
+    assert d.fraction == pytest.approx(1 / 3) and d.fraction_confident == pytest.approx(1 / 3)
+    assert d.fraction_all == pytest.approx(1 / 4) and d.num_present == 3 and d.num_real == 4
+
+
+def test_presence_counts_chunk_and_token_labels():
+    w = HeldoutWindows(tokens=np.zeros((1, 4), np.int32), segment_ids=np.ones((1, 4), np.int32),
+                       positions=np.arange(4)[None], chunk_of=np.array([[0, 0, 1, 1]]),
+                       chunks=[HeldoutChunk(0, 0, 2, (1,), 10, 0),
+                               HeldoutChunk(0, 2, 4, (), 11, 0)],
+                       doc_keys=["d"], token_labels=np.array([[0, 3, 4, 4]], np.int32))
+    np.testing.assert_array_equal(w.present(6), [False, True, False, False, True, False])
+
+
+def test_positions_predicting_a_chunk():
+    chunk_of = np.array([[0, 0, 1, 1, 1, -1]])
+    np.testing.assert_array_equal(predicted_chunk_of(chunk_of, "diffusion"), chunk_of)
+    # AR: position t predicts token t+1; the row's last position predicts nothing here.
+    np.testing.assert_array_equal(predicted_chunk_of(chunk_of, "autoregressive"),
+                                  [[0, 1, 1, 1, -1, -1]])
+
+
+def test_macro_detection_matches_pairwise_auroc():
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.3], [0.7, 0.3], [0.1, 0.9]])
+    labels = np.array([[1, 0], [0, 1], [0, 0], [1, 0], [0, 1]], bool)
+    det = macro_detection(scores, labels, min_positives=1)
+    # column 0: positives {0.9, 0.7} above every negative -> 1; column 1: positives {0.8, 0.9}
+    # against {0.1, 0.3, 0.3} -> 1.
+    assert det.auroc_macro == pytest.approx(1.0)
+    det = macro_detection(scores[:, ::-1], labels, min_positives=1)
+    # column 0 now scored by column 1's scores: positives {0.1, 0.3} vs {0.8, 0.3, 0.9}
+    pos, neg = [0.1, 0.3], [0.8, 0.3, 0.9]
+    by_hand = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
+    assert det.per_concept[0]["auroc"] == pytest.approx(by_hand)
+    groups = det.by_group(lambda j: ["a:x", "b:y"][j])
+    assert set(groups) == {"a", "b"} and groups["a"]["concepts"] == 1
+
+
+def test_token_positives_score_every_labelled_token():
+    """positives="token": mean over (token, distinct label) of -log sigmoid(z_tj)."""
+    head = ConceptHead(n_concepts=4, n_padded=4, d_model=3, rank=0, topk=2, report_topk=None,
+                       block_size=4, dense_threshold=100, clip=15.0,
+                       axis_name="known_concepts", init_std=0.5, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    p = rng.normal(size=(4, 3)).astype(np.float32)
+    head.predictor[...] = jnp.asarray(p)
+    h = rng.normal(size=(1, 5, 3)).astype(np.float32)
+    ids = np.array([[[0, 2], [0, 2], [0, -1], [1, 1], [-1, -1]]], np.int32)   # slot 1 token-level
+    seg = np.array([[1, 1, 1, 2, 0]], np.int32)
+    z = h[0].astype(np.float64) @ p.T.astype(np.float64)
+    terms = [np.logaddexp(0, -z[t, j]) for t, js in [(0, {0, 2}), (1, {0, 2}), (2, {0}), (3, {1})]
+             for j in sorted(js)]
+    tok, aux = chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
+                                  n_negatives=0, positives="token", with_auroc=False)
+    np.testing.assert_allclose(float(tok), np.mean(terms), rtol=1e-5)
+    assert float(aux["n_pos_pairs"]) == len(terms)
+    soft, _ = chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
+                                 n_negatives=0, with_auroc=False)
+    assert abs(float(soft) - float(tok)) > 1e-3                  # the switch changes the loss
+    with pytest.raises(ValueError, match="positives"):
+        chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
+                           n_negatives=0, positives="chunk")
