@@ -177,6 +177,7 @@ class ModelConfig:
     attention: str = "block_causal"
     diffusion_block_size: int = 16
     objective: str = "diffusion"
+    diffusion_shift: bool = False  # token i predicted from position i-1 (model/lm.py)
     mask_token_id: int | None = None  # the [MASK] id for diffusion; None: vocab_size - 1
     dtype: str = "float32"        # activation / compute dtype
     param_dtype: str = "float32"  # master weights
@@ -253,6 +254,10 @@ class ModelConfig:
                 f"objective='autoregressive' needs attention='causal' (block-causal attention "
                 f"shows each token its own next-token target), got {self.attention!r}; set "
                 f"--config.{prefix}.attention=causal or --config.{prefix}.objective=diffusion")
+        p.check(not (self.diffusion_shift and self.objective != "diffusion"),
+                f"{prefix}.diffusion_shift",
+                f"the shift is defined for objective='diffusion' (an autoregressive model already "
+                f"predicts from the previous position), got objective={self.objective!r}")
         self.concepts.check(p, f"{prefix}.concepts")
 
 

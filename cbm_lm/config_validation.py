@@ -35,6 +35,17 @@ def check_loss_fields(loss: Mapping[str, Any], p: Problems) -> None:
         v = loss.get(field, 0.0)
         p.check(isinstance(v, (int, float)) and 0 <= v <= 1, f"loss.{field}",
                 f"must be a probability in [0, 1], got {v!r}")
+    ar, anneal = loss.get("ar_warmup_fraction", 0.0), loss.get("mask_anneal_fraction", 0.0)
+    ok_ar = isinstance(ar, (int, float)) and 0 <= ar < 1
+    p.check(ok_ar, "loss.ar_warmup_fraction",
+            f"must be a fraction of training in [0, 1) (the rest trains diffusion), got {ar!r}")
+    ok_anneal = isinstance(anneal, (int, float)) and 0 <= anneal <= 1
+    p.check(ok_anneal, "loss.mask_anneal_fraction",
+            f"must be a fraction of training in [0, 1], got {anneal!r}")
+    if ok_ar and ok_anneal:
+        p.check(ar + anneal <= 1, "loss.mask_anneal_fraction",
+                f"the AR warmup ({ar!r}) and the mask anneal ({anneal!r}) must fit in training: "
+                f"ar_warmup_fraction + mask_anneal_fraction <= 1")
     lo, hi = loss.get("diffusion_t_min", 0.0), loss.get("diffusion_t_max", 1.0)
     ok = isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo < hi <= 1
     p.check(ok, "loss.diffusion_t_max",
@@ -137,6 +148,16 @@ def validate_config(config: Any) -> None:
                 f"two-stream (clean-context) diffusion needs model.attention='block_causal', got "
                 f"{model.attention!r}; set --config.loss.diffusion_clean_context=False or "
                 f"--config.model.attention=block_causal")
+
+    # AR-to-diffusion adaptation trains a diffusion model causally first (train/losses.py).
+    for field in ("ar_warmup_fraction", "mask_anneal_fraction"):
+        v = get("loss", field)
+        if model is not None and isinstance(v, (int, float)) and v > 0:
+            p.check(model.objective == "diffusion" and model.attention == "block_causal",
+                    f"loss.{field}",
+                    f"AR-to-diffusion adaptation needs model.objective='diffusion' and "
+                    f"model.attention='block_causal', got {model.objective!r} / "
+                    f"{model.attention!r}; set --config.loss.{field}=0")
 
     if tree.get("provenance"):
         _from_mapping(ProvenanceConfig, tree["provenance"], "provenance", p).check(p)

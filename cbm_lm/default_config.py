@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
         qkv_clip=ml_collections.FieldReference(None, field_type=float),
         rope_base=500000.0, use_rope=True, tie_embeddings=True, max_seq_len=256, attention="block_causal",
         diffusion_block_size=16, objective="diffusion",
+        # Dream-style shift: masked token i is predicted from position i-1 (model/lm.py), so
+        # next-token (AR) weights carry over to diffusion; False is Steerling's layout.
+        diffusion_shift=False,
         mask_token_id=ml_collections.FieldReference(None, field_type=int),
         dtype="float32", param_dtype="float32", init_std=0.02, remat="none",
     ))
@@ -133,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
         unknown_teacher_forcing_hold=0.25,   # beta = 1 up to this fraction of training,
         unknown_teacher_forcing_until=1.0,   # linear to floor by this fraction
         unknown_teacher_forcing_floor=0.0,
+        # AR-to-diffusion adaptation (diffusion models; train/losses.py): next-token training
+        # with causal attention for this fraction of training, then masked diffusion ...
+        ar_warmup_fraction=0.0,
+        # ... whose attention mask widens from causal to block-causal over this fraction
+        mask_anneal_fraction=0.0,
     ))
     # Fractional schedules (report teacher forcing, noise curriculum) follow train.num_steps.
     c.loss.schedule_steps = c.train.get_ref("num_steps")

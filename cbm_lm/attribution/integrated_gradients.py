@@ -118,8 +118,8 @@ def baseline_embedding(model: ConceptBottleneckLM, mode: str = "mask", *,
 def read_hidden(model: ConceptBottleneckLM, embeds: jax.Array, q: LogitQuery,
                 inject_layer: int | None = None) -> jax.Array:
     """The final-norm hidden state at each query's read position, [Q,1,D]."""
-    h = model.backbone(input_embeds=embeds, positions=q.positions, segment_ids=q.segment_ids,
-                       injection=q.injection, inject_layer=inject_layer)
+    h = model.hidden(input_embeds=embeds, positions=q.positions, segment_ids=q.segment_ids,
+                     injection=q.injection, inject_layer=inject_layer)
     return h[jnp.arange(embeds.shape[0]), q.read_pos][:, None, :]
 
 

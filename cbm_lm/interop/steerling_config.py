@@ -244,6 +244,8 @@ def model_to_steerling_config(cfg: ModelConfig, *, layout: str = "nested") -> di
                   f"must be {STEERLING_LOGIT_CLIP} (Steerling's fixed clip)")
     _export_check(cc.clip_mode != "soft", "concepts.clip_mode", cc.clip_mode,
                   "must be hard or straight_through (Steerling's forward is a hard clip)")
+    _export_check(not cfg.diffusion_shift, "diffusion_shift", cfg.diffusion_shift,
+                  "must be False (Steerling predicts a masked token at its own position)")
     rank = cc.unknown_rank if cc.use_unknown else 0
     _export_check(rank == 0 or 16 <= rank <= 1024, "concepts.unknown_rank", rank,
                   "must be 0 (dense) or in [16, 1024] (Steerling's factorize_rank bounds)")

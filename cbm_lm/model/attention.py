@@ -7,6 +7,12 @@ Masks (positions restart at 0 per packed document, segment ids separate them):
 masked-diffusion attention). Unpacked inputs have one segment and
 positions 0..T-1, which reproduces Steerling's mask exactly.
 
+Annealed block-causal mask (``lookahead`` w, a traced int scalar, block_causal only):
+  q sees kv  iff  block_causal(b)  and  pos_kv <= pos_q + w
+w = 0 is exactly the causal mask, w >= b - 1 exactly block-causal: the AR-to-diffusion
+adaptation (train/losses.py) trains causally first, then widens w (DiffuLLaMA-style
+attention-mask annealing, here toward block-causal instead of full attention).
+
 Two-stream diffusion training (``stream`` given, block_causal only): the row
 holds a noisy copy (stream 0) and the clean copy (stream 1) of each document
 at the same positions. A noisy token sees the noisy tokens of its own block
@@ -44,9 +50,15 @@ def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
 
 
 def attention_mask(positions: jax.Array, segment_ids: jax.Array, kind: str,
-                   block_size: int, stream: jax.Array | None = None) -> jax.Array:
-    """Boolean mask [B,1,T,T] (q, kv) for ``kind`` in {causal, block_causal}."""
+                   block_size: int, stream: jax.Array | None = None,
+                   lookahead: jax.Array | None = None) -> jax.Array:
+    """Boolean mask [B,1,T,T] (q, kv) for ``kind`` in {causal, block_causal}.
+
+    ``lookahead`` (block_causal only) also hides keys more than that many positions
+    ahead of the query (module docstring)."""
     q_pos, kv_pos = positions[:, :, None], positions[:, None, :]
+    if lookahead is not None and kind != "block_causal":
+        raise ValueError("an annealed (lookahead) mask is defined for block_causal only")
     if stream is not None:
         if kind != "block_causal":
             raise ValueError("two-stream attention is defined for block_causal only")
@@ -60,6 +72,8 @@ def attention_mask(positions: jax.Array, segment_ids: jax.Array, kind: str,
         visible = (kv_pos // block_size) <= (q_pos // block_size)
     else:
         raise ValueError(f"unknown attention kind {kind!r}")
+    if lookahead is not None:
+        visible = visible & (kv_pos <= q_pos + lookahead)
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (visible & same_doc)[:, None, :, :]
 
@@ -92,8 +106,10 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 stream: jax.Array | None = None, cache=None):
-        """x [B,T,D] -> [B,T,D]; with ``cache`` (k, v) -> ([B,T,D], updated cache)."""
+                 stream: jax.Array | None = None, cache=None, lookahead=None):
+        """x [B,T,D] -> [B,T,D]; with ``cache`` (k, v) -> ([B,T,D], updated cache).
+
+        ``lookahead`` (traced int scalar, block_causal only): the annealed mask."""
         b, t, _ = x.shape
         dt = self.dtype
         x = x.astype(dt)
@@ -123,11 +139,13 @@ class Attention(nnx.Module):
                 raise ValueError("two-stream attention is defined for block_causal only")
             mask = None
         else:
-            mask = attention_mask(positions, segment_ids, self.kind, self.block_size)
+            mask = attention_mask(positions, segment_ids, self.kind, self.block_size,
+                                  lookahead=lookahead)
 
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         if mask is None:   # rows [noisy | clean]: the masked quarters are never computed
-            out = two_stream_attention(q, k, v, positions, segment_ids, self.block_size)
+            out = two_stream_attention(q, k, v, positions, segment_ids, self.block_size,
+                                       lookahead=lookahead)
         else:
             out = dense_attention(q, k, v, mask)
         out = jnp.einsum("bthk,hkd->btd", out.astype(dt), self.o_proj[...].astype(dt))

@@ -34,9 +34,11 @@ def dense_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def _block_causal_mask(q_pos, q_seg, kv_pos, kv_seg, b, strict: bool):
+def _block_causal_mask(q_pos, q_seg, kv_pos, kv_seg, b, strict: bool, lookahead=None):
     qb, kb = (q_pos // b)[:, :, None], (kv_pos // b)[:, None, :]
     vis = (kb < qb) if strict else (kb <= qb)
+    if lookahead is not None:   # the annealed mask (model/attention.py)
+        vis = vis & (kv_pos[:, None, :] <= q_pos[:, :, None] + lookahead)
     return vis & (q_seg[:, :, None] == kv_seg[:, None, :])
 
 
@@ -52,8 +54,11 @@ def _band(x):
     return jnp.concatenate([prev, x, nxt], axis=2)
 
 
-def two_stream_attention(q, k, v, positions, segment_ids, block_size: int):
-    """Two-stream attention over rows [noisy | clean] (module docstring) -> [B,2T,H,hd]."""
+def two_stream_attention(q, k, v, positions, segment_ids, block_size: int, lookahead=None):
+    """Two-stream attention over rows [noisy | clean] (module docstring) -> [B,2T,H,hd].
+
+    ``lookahead`` w (traced int scalar): inside a block, keys at most w positions ahead of
+    the query are visible, in both streams (the annealed mask of model/attention.py)."""
     b2, t2, h, hd = q.shape
     t, g = t2 // 2, k.shape[2]
     r = h // g
@@ -61,7 +66,8 @@ def two_stream_attention(q, k, v, positions, segment_ids, block_size: int):
     qn, qc = q[:, :t], q[:, t:]
     kn, kc, vn, vc = k[:, :t], k[:, t:], v[:, :t], v[:, t:]
 
-    clean_mask = _block_causal_mask(pos, seg, pos, seg, block_size, strict=False)
+    clean_mask = _block_causal_mask(pos, seg, pos, seg, block_size, strict=False,
+                                    lookahead=lookahead)
     out_clean = dense_attention(qc, kc, vc, clean_mask[:, None])
 
     # Noisy queries: pad rows to chunks of c = block_size (padding rows: segment -1).
@@ -94,6 +100,9 @@ def two_stream_attention(q, k, v, positions, segment_ids, block_size: int):
     m_band = ((seg_c[..., :, None] == seg_band[..., None, :])
               & (blk_c[..., :, None] == blk_band[..., None, :])
               & (seg_c[..., :, None] >= 0) & in_row[None, :, None, :])      # [B,n,c,3c]
+    if lookahead is not None:
+        pos_c = _chunks(pos_p, n, c)
+        m_band = m_band & (_band(pos_c)[..., None, :] <= pos_c[..., :, None] + lookahead)
     s_band = jnp.where(m_band[:, None, None], s_band * scale, NEG)
 
     probs = jax.nn.softmax(jnp.concatenate([s_clean, s_band], axis=-1), axis=-1)

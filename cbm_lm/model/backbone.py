@@ -36,12 +36,12 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
 
-    def __call__(self, x, positions, segment_ids, stream=None, cache=None):
+    def __call__(self, x, positions, segment_ids, stream=None, cache=None, lookahead=None):
         """x [B,T,D] -> [B,T,D]; with a KV ``cache`` -> ([B,T,D], updated cache)."""
         def attn(y):
             nonlocal cache
             if cache is None:
-                return self.attn(y, positions, segment_ids, stream)
+                return self.attn(y, positions, segment_ids, stream, lookahead=lookahead)
             y, cache = self.attn(y, positions, segment_ids, stream, cache=cache)
             return y
 
@@ -62,6 +62,9 @@ class Backbone(nnx.Module):
     injection`` to the residual stream after every block i with i+1 >= L
     (Steerling-style concept steering).
 
+    ``lookahead`` (traced int scalar, block-causal models): the annealed attention mask
+    (model/attention.py); 0 is causal attention. Training only.
+
     ``kv_cache`` (one (k, v) per layer, see model/attention.py) switches to
     incremental decoding: returns (h, updated kv_cache).
     """
@@ -80,7 +83,7 @@ class Backbone(nnx.Module):
 
     def __call__(self, tokens=None, *, positions=None, segment_ids=None, stream=None,
                  input_embeds=None, injection=None, inject_layer: int | None = None,
-                 inject_alpha: float = 1.0, kv_cache=None):
+                 inject_alpha: float = 1.0, kv_cache=None, lookahead=None):
         x = self.embed(tokens) if input_embeds is None else input_embeds.astype(self.dtype)
         b, t, _ = x.shape
         if positions is None:
@@ -94,10 +97,11 @@ class Backbone(nnx.Module):
                 x, layer_cache = block(x, positions, segment_ids, stream, cache=kv_cache[i])
                 new_cache.append(layer_cache)
             elif self.remat != "none":
-                x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids, stream),
+                x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids, stream,
+                                                 lookahead=lookahead),
                               policy=REMAT_POLICIES[self.remat])(block, x)
             else:
-                x = block(x, positions, segment_ids, stream)
+                x = block(x, positions, segment_ids, stream, lookahead=lookahead)
             if injection is not None and inject_layer is not None and i + 1 >= inject_layer:
                 x = x + inject_alpha * injection.astype(x.dtype)
         h = self.final_norm(x)

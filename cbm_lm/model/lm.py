@@ -6,6 +6,13 @@
 
 Since the LM head is linear in ``composed``, every logit splits exactly into
 per-concept contributions plus epsilon (cbm_lm/attribution/decomposition.py).
+
+With ``model.diffusion_shift`` (Dream's shift, diffusion only) row i of the output is
+computed from the backbone's state at position i-1 of the same document (position 0 of
+a document keeps its own): h'_i = h_{i-1}. Every row of LMOutput then still describes
+the prediction of token i, so samplers, the decomposition and steering read it
+unchanged, while the network predicts each token from the position before it, exactly
+as a next-token model does; AR training carries over to diffusion (train/losses.py).
 """
 
 from __future__ import annotations
@@ -44,6 +51,24 @@ class LMOutput(NamedTuple):
         return self.composed - self.known_features - self.unknown_features
 
 
+def shift_to_predictions(h: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                         earlier_block: jax.Array | None = None, block_size: int = 1
+                         ) -> jax.Array:
+    """h [B,T,D] -> h' [B,T,D] with h'_i = h_{i-1} inside a document (h'_i = h_i at its start).
+
+    ``earlier_block`` [B,T,D] (two-stream training: the clean stream) is read instead of
+    ``h`` where position i-1 lies in an earlier diffusion block than i (i % b == 0): at
+    generation time that block is committed, so its clean state is what the sampler sees.
+    positions / segment_ids [B,T]: documents restart positions at 0.
+    """
+    prev_ok = (positions > 0) & (segment_ids == jnp.roll(segment_ids, 1, axis=1))
+    prev = jnp.roll(h, 1, axis=1)
+    if earlier_block is not None:
+        new_block = (positions % block_size == 0)[..., None]
+        prev = jnp.where(new_block, jnp.roll(earlier_block, 1, axis=1), prev)
+    return jnp.where(prev_ok[..., None], prev, h)
+
+
 class ConceptBottleneckLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -58,6 +83,22 @@ class ConceptBottleneckLM(nnx.Module):
         if self.config.tie_embeddings:
             return self.backbone.embedding[...]
         return self.lm_head[...]
+
+    def hidden(self, tokens=None, *, positions=None, segment_ids=None, **backbone_kw):
+        """The backbone state each row's prediction reads, [B,T,D]: the backbone's h, moved
+        one position right within each document under ``diffusion_shift``."""
+        h = self.backbone(tokens, positions=positions, segment_ids=segment_ids, **backbone_kw)
+        if not self.config.diffusion_shift:
+            return h
+        h, cache = h if backbone_kw.get("kv_cache") is not None else (h, None)
+        ref = tokens if tokens is not None else backbone_kw["input_embeds"]
+        b, t = ref.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        h = shift_to_predictions(h, positions, segment_ids)
+        return h if cache is None else (h, cache)
 
     def logits_from(self, composed: jax.Array) -> jax.Array:
         """composed [B,T,D] -> logits [B,T,V] fp32 (the tied LM head)."""
@@ -78,10 +119,10 @@ class ConceptBottleneckLM(nnx.Module):
         kv_cache (Backbone.init_kv_cache, causal models): decode the T new tokens
         at ``positions`` against the cache; the updated cache is in the output.
         """
-        h = self.backbone(tokens, positions=positions, segment_ids=segment_ids, stream=stream,
-                          input_embeds=input_embeds, injection=injection,
-                          inject_layer=inject_layer, inject_alpha=inject_alpha,
-                          kv_cache=kv_cache)
+        h = self.hidden(tokens, positions=positions, segment_ids=segment_ids, stream=stream,
+                        input_embeds=input_embeds, injection=injection,
+                        inject_layer=inject_layer, inject_alpha=inject_alpha,
+                        kv_cache=kv_cache)
         if kv_cache is not None:
             h, kv_cache = h
         rw = self.rewrite(h, intervene_known=intervene_known,

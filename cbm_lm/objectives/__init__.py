@@ -11,11 +11,12 @@ from cbm_lm.objectives.diffusion import (
 from cbm_lm.objectives.label_alignment import align_labels_to_predictions
 from cbm_lm.objectives.regularizers import independence_loss, reconstruction_loss
 from cbm_lm.objectives.schedules import (
-    epsilon_dropout_prob, hold_decay, linear_schedule, sample_epsilon_dropout,
-    teacher_forcing_alpha, training_fraction)
+    ar_warmup_steps, epsilon_dropout_prob, hold_decay, in_ar_phase, linear_schedule,
+    mask_lookahead, sample_epsilon_dropout, teacher_forcing_alpha, training_fraction)
 
 __all__ = [
-    "T_BUCKETS", "align_labels_to_predictions", "chunk_concept_loss", "chunk_sums",
+    "T_BUCKETS", "align_labels_to_predictions", "ar_warmup_steps", "in_ar_phase",
+    "mask_lookahead", "chunk_concept_loss", "chunk_sums",
     "chunked_token_ce", "concept_auroc", "corrupt", "diffusion_loss", "diffusion_loss_from_ce",
     "epsilon_dropout_prob", "hold_decay", "independence_loss", "linear_schedule",
     "next_token_loss", "next_token_loss_from_ce", "next_token_pairs", "noise_rate",

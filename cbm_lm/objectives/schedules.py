@@ -11,6 +11,10 @@
   unknown-head teacher forcing beta = hold_decay(step / total; 1, floor, hold, until, linear)
   epsilon_dropout_prob         = linear(step; start, prob, warmup_steps)  (constant if 0)
   noise curriculum centre      = linear(step; 0.2, 0.8, total)   (see objectives/diffusion.py)
+  AR-to-diffusion adaptation   AR phase  iff  step < round(f_ar * total)
+                               lookahead w = min(floor(b (step - s0) / n_anneal), b - 1),
+                               s0 = round(f_ar * total), n_anneal = round(f_anneal * total)
+                               (w = 0: causal attention; w = b - 1: block-causal)
 """
 
 from __future__ import annotations
@@ -80,3 +84,25 @@ def epsilon_dropout_prob(step, prob: float, warmup_steps: int = 0, start: float 
 def sample_epsilon_dropout(rng: jax.Array, batch: int, prob) -> jax.Array:
     """[batch] bool: drop epsilon for each sequence with probability ``prob``."""
     return jax.random.uniform(rng, (batch,)) < prob
+
+
+def ar_warmup_steps(fraction: float, total_steps: int) -> int:
+    """The number of leading steps trained with the next-token objective."""
+    return int(round(fraction * total_steps))
+
+
+def in_ar_phase(step, fraction: float, total_steps: int) -> jax.Array:
+    """bool scalar: ``step`` lies in the AR warmup (a function of the step alone, so a
+    resumed run continues in the right phase)."""
+    return jnp.asarray(step) < ar_warmup_steps(fraction, total_steps)
+
+
+def mask_lookahead(step, ar_fraction: float, anneal_fraction: float, total_steps: int,
+                   block_size: int) -> jax.Array:
+    """int32 scalar w of the annealed attention mask (model/attention.py): 0 at the end of
+    the AR warmup, growing by one every n_anneal / b steps, b - 1 (block-causal) from the
+    end of the anneal on."""
+    start = ar_warmup_steps(ar_fraction, total_steps)
+    length = max(ar_warmup_steps(anneal_fraction, total_steps), 1)
+    w = jnp.floor(block_size * (jnp.asarray(step, jnp.float32) - start) / length)
+    return jnp.clip(w, 0, block_size - 1).astype(jnp.int32)

@@ -24,6 +24,18 @@ also reports the loss of the concept path alone (``lm_loss_no_epsilon``).
 Context-length curriculum (``loss.context_window``): attention is confined to windows of
 that many positions for the first ``context_window_until`` of training (local_windows).
 
+AR-to-diffusion adaptation (diffusion models; DiffuLLaMA / Dream style), in one run:
+  step < round(ar_warmup_fraction * S)   next-token CE on clean tokens, causal attention
+                                         (the block-causal mask with lookahead 0)
+  after                                  masked diffusion; for mask_anneal_fraction * S
+                                         steps the mask's lookahead widens 0 -> b - 1
+                                         (causal -> block-causal), then block-causal
+The phase is a function of the step (objectives/schedules.py), so a resumed run picks it
+up; the two phases are the branches of one lax.cond. With ``model.diffusion_shift`` the
+diffusion phase predicts token i from position i-1 (model/lm.py): the next-token
+weights of the warmup are then the diffusion model's starting point, not just its
+features. Eval always scores the diffusion objective with the final (block-causal) mask.
+
 Logit shares are measured where the LM loss is: at the noisy stream's masked positions
 (diffusion) or the next-token positions (AR), against the token predicted there.
 """
@@ -38,6 +50,7 @@ import jax.numpy as jnp
 from cbm_lm import objectives as obj
 from cbm_lm.config import Problems, _as_dict
 from cbm_lm.config_validation import check_loss_fields
+from cbm_lm.model.lm import shift_to_predictions
 from cbm_lm.objectives.steering_loss import steering_loss
 
 def check_loss_config(loss_cfg) -> None:
@@ -126,17 +139,57 @@ class ForwardViews(NamedTuple):
 def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool = True,
                    return_views: bool = False):
     """Returns (total loss, metrics dict of scalars), plus ForwardViews with ``return_views``.
-    ``batch`` follows the data contract."""
+    ``batch`` follows the data contract.
+
+    Dispatches between the AR warmup and diffusion phases (module docstring); the metrics
+    are the union of both phases' (0 where a phase has none) plus ``ar_phase`` (1 / 0),
+    and the views those of a diffusion model (no next-token nll) in both phases.
+    """
     check_loss_config(loss_cfg)
+    ar_frac = loss_cfg.get("ar_warmup_fraction", 0.0)
+    anneal = loss_cfg.get("mask_anneal_fraction", 0.0)
+    total = loss_cfg.schedule_steps
+    adapting = train and model_cfg.objective == "diffusion"
+    lookahead = None
+    if adapting and anneal > 0:
+        lookahead = obj.mask_lookahead(step, ar_frac, anneal, total,
+                                       model_cfg.diffusion_block_size)
+
+    def run(objective, la):
+        return lambda: _losses(model, batch, rng, step, loss_cfg=loss_cfg, model_cfg=model_cfg,
+                               train=train, objective=objective, lookahead=la,
+                               return_views=return_views)
+
+    if not (adapting and ar_frac > 0):
+        return run(model_cfg.objective, lookahead)()
+    ar, diff = run("autoregressive", jnp.zeros((), jnp.int32)), run("diffusion", lookahead)
+    shapes = {**jax.eval_shape(ar)[1], **jax.eval_shape(diff)[1]}
+
+    def padded(branch, phase):
+        def f():
+            total_loss, m, *views = branch()
+            full = {k: m[k] if k in m else jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+            out = (total_loss, dict(full, ar_phase=jnp.asarray(phase, jnp.float32)))
+            return out + tuple(v._replace(nll=None) for v in views)
+        return f
+
+    return jax.lax.cond(obj.in_ar_phase(step, ar_frac, total), padded(ar, 1.0),
+                        padded(diff, 0.0))
+
+
+def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, lookahead,
+            return_views=False):
+    """compute_losses for one ``objective`` (static) and attention ``lookahead`` (None:
+    the model's own mask)."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     valid = seg > 0
     b, seq_len = tokens.shape
     rng_mask, rng_eps, rng_neg, rng_tf, rng_cfg = jax.random.split(rng, 5)
     frac = obj.training_fraction(step, loss_cfg.schedule_steps)
     concept_ids, chunk_ids = obj.align_labels_to_predictions(
-        batch["concept_ids"], batch["chunk_segment_ids"], seg, model_cfg.objective)
+        batch["concept_ids"], batch["chunk_segment_ids"], seg, objective)
 
-    diffusion = model_cfg.objective == "diffusion"
+    diffusion = objective == "diffusion"
     two_stream = diffusion and loss_cfg.diffusion_clean_context
     masked = t = None
     if diffusion:
@@ -197,7 +250,16 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
         if two_stream:
             teacher = jnp.concatenate([teacher, teacher], axis=1)
 
-    h = model.backbone(inputs, positions=pos_in, segment_ids=seg_in, stream=stream)
+    h = model.backbone(inputs, positions=pos_in, segment_ids=seg_in, stream=stream,
+                       lookahead=lookahead)
+    if diffusion and model_cfg.diffusion_shift:   # row i <- the state at i-1 (model/lm.py)
+        if two_stream:   # noisy rows read a clean state across a block boundary
+            hn, hc = h[:, :seq_len], h[:, seq_len:]
+            h = jnp.concatenate([shift_to_predictions(hn, pos, seg, hc,
+                                                      model_cfg.diffusion_block_size),
+                                 shift_to_predictions(hc, pos, seg)], axis=1)
+        else:
+            h = shift_to_predictions(h, pos, seg)
     rw = model.rewrite(h, drop_epsilon=drop_eps, teacher_features=teacher,
                        teacher_alpha=alpha_in)
     composed = lm_part(rw.composed)
