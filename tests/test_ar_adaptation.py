@@ -159,10 +159,14 @@ def _loss(step, ar_fraction, anneal=0.0, objective="diffusion", train=True):
         model_cfg, loss_cfg = _setup(ar_fraction, anneal, objective)
         graphdef = nnx.graphdef(make_model(model_cfg))
 
-        def f(state, s):
-            return compute_losses(nnx.merge(graphdef, state), _batch(model_cfg),
-                                  jax.random.PRNGKey(5), s, loss_cfg=loss_cfg,
-                                  model_cfg=model_cfg, train=train)
+        def f(state, s):   # with the views the train step asks for (provenance)
+            total, m, views = compute_losses(nnx.merge(graphdef, state), _batch(model_cfg),
+                                             jax.random.PRNGKey(5), s, loss_cfg=loss_cfg,
+                                             model_cfg=model_cfg, train=train,
+                                             return_views=True)
+            if objective == "diffusion":      # a diffusion model's views in both phases
+                assert views.nll is None and views.hidden.shape == (2, 16, model_cfg.d_model)
+            return total, m
         _COMPILED[key] = jax.jit(f)
     if "params" not in _PARAMS:
         _PARAMS["params"] = nnx.state(make_model(_setup(0.0)[0]))
