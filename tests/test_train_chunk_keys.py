@@ -29,7 +29,8 @@ B, T, M, S = 8, 32, 8, 4
 def _config():
     c = base_config()
     m = c.model
-    m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads, m.mlp_dim, m.max_seq_len = 128, 32, 4, 2, 64, T
+    m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads, m.mlp_dim = 128, 32, 4, 2, 64
+    m.max_seq_len = T
     m.objective, m.attention = "autoregressive", "causal"
     cc = m.concepts
     cc.n_known, cc.known_topk, cc.n_unknown, cc.unknown_rank, cc.unknown_topk = 64, 4, 32, 4, 4

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cbm_lm.provenance.keystore import read_store
+from cbm_lm.train.checkpoint import restore_source_mass
 from train_fixtures import env, losses, run, tiny_corpus, train_args
 
 pytestmark = pytest.mark.slow
@@ -82,6 +83,10 @@ def test_kill_and_resume_is_bitwise_identical(corpus, reference, reference_dir, 
     np.testing.assert_array_equal(have["steps"], want["steps"])
     np.testing.assert_array_equal(have["keys"], want["keys"])
     assert sorted(np.unique(have["steps"]).tolist()) == list(range(1, 9))
+    # The concept x source mass is checkpointed with the rest: resumed == uninterrupted.
+    mass = restore_source_mass(workdir)
+    assert mass.sum() > 0
+    np.testing.assert_array_equal(mass, restore_source_mass(reference_dir))
 
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):

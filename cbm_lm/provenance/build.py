@@ -3,7 +3,8 @@
   WORKDIR/provenance/keys/logged/     training-time key store (cbm_lm/provenance/logging.py)
   WORKDIR/provenance/keys/rekeyed/    every training chunk keyed with one checkpoint
   WORKDIR/provenance/index/<name>/    faiss index over a store (cbm_lm/provenance/index.py)
-  WORKDIR/provenance/mass.npy         concept x source mass used for source distributions
+  WORKDIR/provenance/mass.npy         concept x source mass used for source distributions:
+                                      the first of mass-{train,rekeyed}.npy there is
   WORKDIR/provenance/DEFAULT          the index queries use unless told otherwise
 
 Without a training-time key store (a run trained before logging existed, or
@@ -26,9 +27,13 @@ from cbm_lm.default_config import base_config
 from cbm_lm.provenance import keystore
 from cbm_lm.provenance.index import KeyIndex
 from cbm_lm.provenance.rekey import read_mass, rekey_corpus
+from cbm_lm.train.checkpoint import restore_source_mass
 
 PROVENANCE_DIR = "provenance"
 LOGGED, REKEYED = "logged", "rekeyed"
+MASS_OF = "mass-{}.npy"
+MASS_KINDS = {"train": "summed by the train step over every training token, from the checkpoint",
+              REKEYED: "one re-keying pass over the corpus"}
 
 
 def provenance_config(config: ml_collections.ConfigDict) -> ProvenanceConfig:
@@ -107,11 +112,15 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
         built[REKEYED] = index_store(workdir, REKEYED, prov, step, log).meta
     if logged:
         built[LOGGED] = index_store(workdir, LOGGED, prov, step, log).meta
-    mass = read_mass(store_path(workdir, LOGGED)) if logged else None
-    if mass is None:
-        mass = read_mass(store_path(workdir, REKEYED))
-    if mass is not None:
-        _save_npy(root(workdir) / "mass.npy", mass.astype(np.float32))
+    masses = {"train": restore_source_mass(workdir, step),
+              REKEYED: read_mass(store_path(workdir, REKEYED))}
+    masses = {k: v for k, v in masses.items() if v is not None and v.sum() > 0}
+    for name, m in masses.items():    # each kept, for the benchmark to compare
+        _save_npy(root(workdir) / MASS_OF.format(name), m.astype(np.float32))
+    if masses:
+        name = next(iter(masses))
+        _save_npy(root(workdir) / "mass.npy", masses[name].astype(np.float32))
+        log(f"source distributions use the {name} mass ({MASS_KINDS[name]})")
     default = REKEYED if REKEYED in built else LOGGED
     (root(workdir) / "DEFAULT").write_text(default + "\n")
     log(f"default index for queries: {default}")
@@ -126,6 +135,7 @@ def default_index(workdir) -> str:
     return p.read_text().strip()
 
 
-def load_mass(workdir) -> np.ndarray | None:
-    p = root(workdir) / "mass.npy"
+def load_mass(workdir, name: str | None = None) -> np.ndarray | None:
+    """mass.npy, or the named one (train | logged | rekeyed); None when absent."""
+    p = root(workdir) / ("mass.npy" if name is None else MASS_OF.format(name))
     return np.load(io.BytesIO(p.read_bytes()), allow_pickle=False) if p.exists() else None

@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from cbm_lm.data.corpus import Corpus
+from cbm_lm.provenance import build
 from cbm_lm.provenance.open import make_retriever, open_query
 
 PLANTED_FACTS = "planted_facts.json"
@@ -112,6 +113,11 @@ def evaluate_methods(workdir, model, config, methods=("provenance", "bm25"),
                 f"{kind} R@1 {res[kind]['recall@1']:.3f} R@10 {res[kind]['recall@10']:.3f} "
                 f"MRR {res[kind]['mrr']:.3f}" for kind in planted))
     results["sources"] = source_accuracy(q, q.corpus, max_chunks=source_chunks)
+    for name in build.MASS_KINDS:      # each concept x source mass the build kept, side by side
+        mass = build.load_mass(workdir, name)
+        if mass is not None:
+            q.mass = mass
+            results[f"sources/{name}"] = source_accuracy(q, q.corpus, max_chunks=source_chunks)
     return results
 
 

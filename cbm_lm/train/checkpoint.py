@@ -5,6 +5,7 @@ tools/import_steerling.py) holds:
 
   CKPT_DIR/config.json                 the full config tree (ml_collections)
   CKPT_DIR/checkpoints/<step>/params   orbax (tensorstore) arrays of the model params
+  CKPT_DIR/checkpoints/<step>/source_mass  {"mass": [C_pad,S]}: ``restore_source_mass``
   CKPT_DIR/checkpoints/<step>/...      further items written by the trainer
 
 Restoring needs no training code: ``load_model`` builds the abstract model
@@ -20,6 +21,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -33,6 +35,7 @@ from cbm_lm.train.restore_check import config_differences, tree_differences
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 PARAMS_ITEM = "params"
+SOURCE_MASS_ITEM = "source_mass"   # the trainer's concept x source mass (train/chunk_keys.py)
 
 
 class CheckpointError(RuntimeError):
@@ -102,6 +105,27 @@ def restore_params(ckpt_dir: str | os.PathLike, targets: dict, *, step: int | No
         restored = mngr.restore(step, args=ocp.args.Composite(
             **{PARAMS_ITEM: ocp.args.StandardRestore(targets)}))[PARAMS_ITEM]
     return restored, step
+
+
+def restore_source_mass(ckpt_dir: str | os.PathLike, step: int | None = None):
+    """The trainer's concept x source mass [C_pad,S] (numpy) at ``step`` (default: latest),
+    or None when that step has none (written before the trainer kept it, or params only)."""
+    mngr = ocp.CheckpointManager(
+        absolute(ckpt_dir) / CHECKPOINTS, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=(SOURCE_MASS_ITEM,),
+        item_handlers={SOURCE_MASS_ITEM: ocp.StandardCheckpointHandler()})
+    with mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None or not (absolute(ckpt_dir) / CHECKPOINTS / str(step)
+                                / SOURCE_MASS_ITEM).exists():
+            return None
+        meta = mngr.item_metadata(step)[SOURCE_MASS_ITEM]
+        shape = getattr(meta, "tree", meta)["mass"].shape
+        dev = SingleDeviceSharding(jax.devices()[0])
+        target = {"mass": jax.ShapeDtypeStruct(shape, jax.numpy.float32, sharding=dev)}
+        got = mngr.restore(step, args=ocp.args.Composite(
+            **{SOURCE_MASS_ITEM: ocp.args.StandardRestore(target)}))[SOURCE_MASS_ITEM]
+    return np.asarray(got["mass"])
 
 
 def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,

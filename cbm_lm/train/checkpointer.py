@@ -36,13 +36,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cbm_lm.train.checkpoint import (CHECKPOINTS, PARAMS_ITEM, CheckpointError, absolute,
-                                     read_config, write_config)
+from cbm_lm.train.checkpoint import (CHECKPOINTS, PARAMS_ITEM, SOURCE_MASS_ITEM, CheckpointError,
+                                     absolute, read_config, write_config)
 from cbm_lm.train.restore_check import config_differences, tree_differences
 from cbm_lm.train.state import TrainState
 
 TRAIN_STATE_ITEM = "train_state"
-SOURCE_MASS_ITEM = "source_mass"
 DATA_ITEM = "data"
 QUARANTINE = "quarantine"
 
