@@ -1,16 +1,19 @@
 """Chunk provenance measured against planted facts, BM25, and at 1M keys.
 
   python benchmarks/provenance.py --workdir runs/demo/train [--out provenance.json]
-      [--methods provenance,bm25] [--scale_keys 1000000]
+      [--methods provenance,bm25,gradient] [--scale_keys 1000000] [--overhead_steps 20]
 
 1. Recall@1 / Recall@10 / MRR of the one training chunk stating each planted
    fact, for verbatim (the statement) and paraphrased (held-out) queries, per
-   method: the provenance index (each built index: logged and/or re-keyed) and
-   BM25 (cbm_lm/provenance/evaluate.py).
-2. Source accuracy: argmax of the source distribution on held-out chunks.
+   method: the provenance index (each built index: logged and/or re-keyed),
+   BM25, and the projected-gradient reference when built (cbm_lm/provenance/evaluate.py).
+2. Source accuracy: argmax of the source distribution on held-out chunks, with
+   each concept x source mass the build kept (the train step's, the re-keying pass's).
 3. Scale: query latency p50/p95 (one query, k=10) and index bytes per chunk
    for an index of ``--scale_keys`` synthetic unit keys built with the run's
    provenance config (IVF-PQ above provenance.exact_max_keys).
+4. Logging overhead: the run's train step without and with training-time key
+   logging, timed side by side (``logging_overhead``; target <= 5%).
 Needs tools/build_provenance_index.py --workdir DIR first. Prints a table and
 writes JSON.
 """
@@ -29,11 +32,14 @@ from cbm_lm.train.checkpoint import load_model
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with a provenance index.",
                                required=True)
 _OUT = flags.DEFINE_string("out", None, "JSON output (default WORKDIR/provenance/benchmark.json).")
-_METHODS = flags.DEFINE_list("methods", ["provenance", "bm25"], "Methods to compare.")
+_METHODS = flags.DEFINE_list("methods", ["provenance", "bm25", "gradient"],
+                             "Methods to compare (gradient: when its index is built).")
 _SCALE = flags.DEFINE_integer("scale_keys", 1_000_000, "Synthetic keys for the latency part "
                               "(0 skips it).")
 _SOURCE_CHUNKS = flags.DEFINE_integer("source_chunks", 1000, "Held-out chunks for source accuracy.")
 _QUERIES = flags.DEFINE_integer("latency_queries", 200, "Queries timed at scale.")
+_OVERHEAD = flags.DEFINE_integer("overhead_steps", 20, "Train steps per timed block for the "
+                                 "logging overhead (0 skips it).")
 
 
 def scale_benchmark(prov, n: int, n_queries: int) -> dict:
@@ -75,6 +81,74 @@ def scale_benchmark(prov, n: int, n_queries: int) -> dict:
             "index_bytes_per_chunk": idx.nbytes() / n}
 
 
+def logging_overhead(config, steps: int, rounds: int = 3) -> dict:
+    """Train-step time of the run's config without and with provenance, side by side.
+
+    Three jitted steps on one device and one synthetic batch of the data contract
+    (with source and 64-bit chunk ids): ``base`` (no source ids: no mass), ``mass``
+    (the concept x source mass only, what every run pays), and ``logged`` (mass +
+    chunk keys + the host writer appending them to a key store in a temporary
+    directory, as the loop does). Each round times ``steps`` steps of each, in turn,
+    blocking once per block as the loop does between log steps; medians over rounds.
+    """
+    import tempfile
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+    from cbm_lm.data.synthetic import synthetic_batch
+    from cbm_lm.parallel.mesh import make_mesh
+    from cbm_lm.train.chunk_keys import ChunkKeyLogger, split_ids
+    from cbm_lm.train.optimizer import make_optimizer
+    from cbm_lm.train.state import init_train_state
+    from cbm_lm.train.step import make_train_step
+
+    model_cfg = ModelConfig.from_config(config.model)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    rules = logical_rules_from_config(config.rules)
+    b, t = config.data.batch_size, config.data.seq_len
+    batch = dict(synthetic_batch(model_cfg, b, t, config.data.max_chunk_concepts))
+    rng = np.random.default_rng(0)
+    sources = np.repeat(rng.integers(0, 4, (b, 1)), t, 1).astype(np.int32)
+    ids = (np.int64(3) << 40) + np.arange(b * t, dtype=np.int64).reshape(b, t) // 32
+    with_ids = dict(batch, source_ids=sources, **split_ids(ids))
+    variants = {"base": (False, batch), "mass": (False, with_ids), "logged": (True, with_ids)}
+    tmp = tempfile.TemporaryDirectory()
+    runs = {}
+    with jax.set_mesh(mesh):
+        for name, (log, data) in variants.items():
+            cfg = config.copy_and_resolve_references()
+            cfg.provenance.log_keys = log
+            tx, schedule = make_optimizer(cfg.optimizer, 10**6)
+            graphdef, state, sh = init_train_state(model_cfg, tx, 0, mesh, rules,
+                                                   cfg.provenance.max_sources)
+            step = make_train_step(graphdef, tx, schedule, cfg, model_cfg, sh,
+                                   NamedSharding(mesh, P()))
+            logger = ChunkKeyLogger(f"{tmp.name}/{name}", log=lambda m: None) if log else None
+            runs[name] = [step, state, data, logger, []]
+        for _ in range(rounds + 1):            # the first round compiles and warms up
+            for name, r in runs.items():
+                step, state, data, logger, times = r
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    out = step(state, data)
+                    state = out[0]
+                    if logger is not None:
+                        logger.record(i + 1, out[2])
+                if logger is not None:
+                    logger.flush()
+                jax.block_until_ready(state.params)
+                times.append((time.perf_counter() - t0) / steps)
+                r[1] = state
+    tmp.cleanup()
+    ms = {name: 1e3 * float(np.median(r[4][1:])) for name, r in runs.items()}
+    return {"step_ms": ms, "steps_per_block": steps, "rounds": rounds,
+            "mass_overhead": ms["mass"] / ms["base"] - 1,
+            "logging_overhead": ms["logged"] / ms["mass"] - 1,
+            "total_overhead": ms["logged"] / ms["base"] - 1}
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
@@ -82,7 +156,11 @@ def main(argv):
     model, config = load_model(_WORKDIR.value)
     prov = provenance_config(config)
     built = sorted(p.name for p in (root(_WORKDIR.value) / "index").iterdir())
-    res = {"quality": evaluate_methods(_WORKDIR.value, model, config, tuple(_METHODS.value),
+    methods = [m for m in _METHODS.value if m != "gradient"
+               or (root(_WORKDIR.value) / "gradient" / "index").exists()]
+    if methods != list(_METHODS.value):
+        print("no gradient reference index (tools/build_provenance_index.py --gradient): skipped")
+    res = {"quality": evaluate_methods(_WORKDIR.value, model, config, tuple(methods),
                                        indexes=tuple(built), source_chunks=_SOURCE_CHUNKS.value),
            "config": {k: getattr(prov, k) for k in prov.__dataclass_fields__}}
     for name in built:
@@ -90,21 +168,31 @@ def main(argv):
         res["quality"][f"provenance/{name}"]["index_bytes_per_chunk"] = meta.nbytes() / len(meta.ids)
     if _SCALE.value:
         res["scale"] = scale_benchmark(prov, _SCALE.value, _QUERIES.value)
+    if _OVERHEAD.value:
+        res["logging"] = logging_overhead(config, _OVERHEAD.value)
 
     print(f"\n{'method':22s} {'query':12s} {'R@1':>6s} {'R@10':>6s} {'MRR':>6s}")
     for name, r in res["quality"].items():
-        if name == "sources":
+        if name.startswith("sources"):
             continue
         for kind in ("verbatim", "paraphrased"):
             print(f"{name:22s} {kind:12s} {r[kind]['recall@1']:6.3f} {r[kind]['recall@10']:6.3f} "
                   f"{r[kind]['mrr']:6.3f}")
-    s = res["quality"]["sources"]
-    print(f"source accuracy (held-out, argmax): {s['source_accuracy']:.3f} over {s['source_n']}")
+    for name, s in res["quality"].items():
+        if name.startswith("sources"):
+            mass = name.partition("/")[2] or "default"
+            print(f"source accuracy (held-out, argmax, {mass} mass): {s['source_accuracy']:.3f} "
+                  f"over {s['source_n']}")
     if "scale" in res:
         sc = res["scale"]
         print(f"{sc['keys']} keys ({sc['kind']}): p50 {sc['query_p50_ms']:.2f} ms, p95 "
               f"{sc['query_p95_ms']:.2f} ms, {sc['index_bytes_per_chunk']:.1f} bytes/chunk, "
               f"built in {sc['build_seconds']:.0f}s")
+    if "logging" in res:
+        lo = res["logging"]
+        print("train step ms: " + ", ".join(f"{k} {v:.1f}" for k, v in lo["step_ms"].items())
+              + f"; logging overhead {100 * lo['logging_overhead']:+.1f}% (vs mass only), "
+              f"mass {100 * lo['mass_overhead']:+.1f}%, total {100 * lo['total_overhead']:+.1f}%")
     out = _OUT.value or str(root(_WORKDIR.value) / "benchmark.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
