@@ -1,11 +1,12 @@
 """Builds the provenance index of a training run, beside its checkpoints.
 
-  python tools/build_provenance_index.py --workdir DIR [--rekey] [--corpus_dir CORPUS]
+  python tools/build_provenance_index.py --workdir DIR [--rekey] [--gradient] [--corpus_dir CORPUS]
 
 Indexes the training-time key store (DIR/provenance/keys/logged). With
 --rekey, or when the run logged no keys, every training chunk is first keyed
 again with the checkpoint (--step, default the latest) and that store is
 indexed too; queries use the re-keyed index then. See cbm_lm/provenance/build.py.
+--gradient also builds the projected-gradient reference (cbm_lm/provenance/gradient.py).
 """
 
 import json
@@ -20,6 +21,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/,
 _REKEY = flags.DEFINE_bool("rekey", False, "Re-key every training chunk with the checkpoint.")
 _CORPUS = flags.DEFINE_string("corpus_dir", None, "Corpus (default: the run's data.dir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_GRADIENT = flags.DEFINE_bool("gradient", False, "Also build the projected-gradient reference "
+                              "(one backward pass per training chunk; small models).")
+_GRADIENT_DIM = flags.DEFINE_integer("gradient_dim", 1024, "CountSketch dimension of the "
+                                     "gradient reference.")
 _CONTEXT = flags.DEFINE_enum("context", None, ["chunk", "document"],
                              "Override provenance.rekey_context for re-keying.")
 
@@ -37,6 +42,14 @@ def main(argv):
         config.provenance = dict(config.get("provenance", {}) or {}, rekey_context=_CONTEXT.value)
     built = build_index(_WORKDIR.value, model, config, step, rekey=_REKEY.value,
                         log=lambda m: print(m, flush=True))
+    if _GRADIENT.value:
+        from cbm_lm.data.corpus import Corpus
+        from cbm_lm.provenance.build import corpus_dir, provenance_config
+        from cbm_lm.provenance.gradient import build_gradient_index
+        corpus = Corpus(corpus_dir(config, _WORKDIR.value))
+        idx = build_gradient_index(_WORKDIR.value, model, corpus, provenance_config(config),
+                                   k=_GRADIENT_DIM.value, log=lambda m: print(m, flush=True))
+        built["gradient"] = idx.meta
     print(json.dumps(built, indent=1))
 
 

@@ -1,7 +1,7 @@
 """Which training chunks and sources a text came from.
 
   python tools/provenance_query.py --workdir DIR (--text "..." | --queries FILE) [--k 10]
-      [--json] [--method provenance|bm25] [--index logged|rekeyed]
+      [--json] [--method provenance|bm25|gradient] [--index logged|rekeyed]
 
 --queries: one query per line (plain text, or JSONL with a "text" field), answered
 in one process, batched. --json prints one JSON object per query:
@@ -24,8 +24,9 @@ _TEXT = flags.DEFINE_string("text", None, "One query text.")
 _QUERIES = flags.DEFINE_string("queries", None, "File of queries, one per line.")
 _K = flags.DEFINE_integer("k", 10, "Training chunks per query chunk.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON object per query on stdout.")
-_METHOD = flags.DEFINE_enum("method", "provenance", ["provenance", "bm25"],
-                            "The provenance index, or the BM25 baseline over training chunks.")
+_METHOD = flags.DEFINE_enum("method", "provenance", ["provenance", "bm25", "gradient"],
+                            "The provenance index, the BM25 baseline over training chunks, or "
+                            "the projected-gradient reference (needs build --gradient).")
 _INDEX = flags.DEFINE_string("index", None, "Key store index: logged | rekeyed (default: "
                              "the one the last build chose).")
 _CORPUS = flags.DEFINE_string("corpus_dir", None, "Corpus (default: the run's data.dir).")

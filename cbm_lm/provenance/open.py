@@ -14,8 +14,9 @@ from cbm_lm.provenance import build
 from cbm_lm.provenance.index import KeyIndex
 from cbm_lm.provenance.query import IndexRetriever, ProvenanceQuery
 
-# The projected-gradient reference (TRAK/TracIn style) of DESIGN.md section 7 is not built yet.
-METHODS = ("provenance", "bm25")
+# provenance: the key index; bm25: the lexical baseline; gradient: the projected-gradient
+# reference (TRAK/TracIn style, cbm_lm/provenance/gradient.py; built with --gradient).
+METHODS = ("provenance", "bm25", "gradient")
 
 
 def make_retriever(method: str, workdir, model, config, corpus: Corpus, index: str | None = None):
@@ -25,6 +26,9 @@ def make_retriever(method: str, workdir, model, config, corpus: Corpus, index: s
     if method == "bm25":
         from cbm_lm.provenance.bm25 import BM25Retriever
         return BM25Retriever.open(workdir, corpus)
+    if method == "gradient":
+        from cbm_lm.provenance.gradient import GradientRetriever
+        return GradientRetriever.open(workdir, model, corpus)
     raise ValueError(f"unknown provenance method {method!r}; expected one of {METHODS}")
 
 
