@@ -1,7 +1,25 @@
 """Test setup: 8 simulated CPU devices, so sharded results can be compared
-with single-device results (DESIGN.md section 8)."""
+with single-device results (DESIGN.md section 8), and one XLA compilation
+cache shared by the whole run."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The suite compiles the same tiny train step, forward and sampler many times over, in both
+# xdist workers and in every trainer subprocess (resume, multihost, init_from, the eval binary).
+# A persistent compilation cache made here, before xdist spawns its workers, is inherited by all
+# of them through the environment, so each distinct program compiles once per run. It lives and
+# dies with this run (never reused across runs, so timings and results stay those of a clean run).
+_OWNS_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ
+if _OWNS_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cbm_lm_test_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+    if _OWNS_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
