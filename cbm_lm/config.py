@@ -183,6 +183,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     init_std: float = 0.02
     remat: str = "none"           # none | block | full (see train/)
+    scan_layers: bool = True      # blocks run as one lax.scan (False: unrolled, same params)
     concepts: ConceptConfig = dataclasses.field(default_factory=ConceptConfig)
 
     @classmethod
@@ -292,6 +293,8 @@ def logical_rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
         if isinstance(axes, (list, tuple)):
             axes = tuple(axes)
         out.append((logical, axes))
+    if not any(name == "layers" for name, _ in out):   # configs saved before blocks were stacked
+        out.append(("layers", None))
     return tuple(out)
 
 

@@ -27,6 +27,7 @@ DEFAULT_RULES = (
     ("keys", None),
     ("activation_embed", None),
     ("norm", None),
+    ("layers", None),          # the stacked blocks' leading [L] axis (backbone.py): never sharded
 )
 
 
@@ -49,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         diffusion_shift=False,
         mask_token_id=ml_collections.FieldReference(None, field_type=int),
         dtype="float32", param_dtype="float32", init_std=0.02, remat="none",
+        scan_layers=True,
     ))
     c.model.concepts = ml_collections.ConfigDict(dict(
         n_known=64, known_topk=8,

@@ -185,7 +185,9 @@ def test_straight_through_clip_is_integrated_with_its_true_gradient():
         cfg = tiny_config(init_std=0.6, concepts=dict(clip_mode=mode, logit_clip=1.0))
         model = make_model(cfg)
         trace = hand_trace(cfg, "diffusion", steerings(cfg)["intervene"])
-        results[mode] = input_attribution(model, trace, n_steps=128)
+        # 512 steps: the Riemann sum's own error on this init_std=0.6 model is 0.69
+        # at 128 steps and 0.025 at 512 (the gradient is exact either way)
+        results[mode] = input_attribution(model, trace, n_steps=512)
     np.testing.assert_allclose(results["straight_through"].attributions,
                                results["hard"].attributions, atol=1e-5)
     gap = np.abs(results["straight_through"].completeness_gap())

@@ -76,8 +76,8 @@ def test_shape_changing_override_is_refused_naming_leaves_and_flag(tmp_path):
     with pytest.raises(CheckpointMismatchError) as err:
         TrainCheckpointer(tmp_path, wider).restore_latest(_targets(wider), None)
     msg = str(err.value)
-    # mlp.gate is [d_model, mlp_dim]: (32, 64) saved, (64, 64) for d_model=64.
-    assert "params.backbone.blocks.0.mlp.gate: shape (32, 64) saved vs (64, 64) wanted" in msg, msg
+    # mlp.gate is [n_layers, d_model, mlp_dim]: (2, 32, 64) saved, (2, 64, 64) for d_model=64.
+    assert "params.backbone.blocks.mlp.gate: shape (2, 32, 64) saved vs (2, 64, 64) wanted" in msg, msg
     assert "--config.model.d_model=64 (checkpoint: 32)" in msg, msg
     assert _snapshot(tmp_path) == before           # nothing moved, rewritten or deleted
     restored, step = TrainCheckpointer(tmp_path, _config()).restore_latest(

@@ -77,5 +77,5 @@ def test_model_built_inside_mesh_is_sharded_at_creation():
         model = make_model(cfg, seed=3)
     up = model.rewrite.unknown_head.predictor_up[...]          # [96, 8]: concepts over tensor
     assert up.addressable_shards[0].data.shape == (24, 8)
-    gate = model.backbone.blocks[0].mlp.gate[...]              # [32, 64]: mlp over tensor
-    assert gate.addressable_shards[0].data.shape == (32, 16)
+    gate = model.backbone.blocks.mlp.gate[...]     # [L=2, 32, 64]: layers unsharded, mlp over tensor
+    assert gate.addressable_shards[0].data.shape == (2, 32, 16)

@@ -21,8 +21,10 @@ hd = D/H, G kv heads, F = mlp_dim, C_pad padded concepts, r = rank:
   unknown_head.embedding_basis.weight [D,r]   unknown_head.embedding_basis [r,D]
   (dense unknown head: concept_predictor / concept_embedding like the known head)
 
-(``blocks.i`` is ``transformer.blocks.i``.) Every tensor is checked by name and
-shape; errors name the tensor and the shape expected.
+(``blocks.i`` is ``transformer.blocks.i``.) cbm_lm stacks the blocks (one
+scanned Block, every parameter [L, ...]): block i's tensors are row i of
+``backbone.blocks.*`` (``BLOCKS``). Every tensor is checked by name and shape;
+errors name the tensor and the shape expected.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from cbm_lm.interop.steerling_config import SteerlingFormatError
 # Prefixes that training wrappers put in front of the names (DDP, FSDP, HF).
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "_fsdp_wrapped_module.")
 TOK_EMB = "transformer.tok_emb.weight"
+BLOCKS = ("backbone", "blocks")   # the stacked blocks; per-layer paths are BLOCKS + (i, ...)
 LM_HEAD = "transformer.lm_head.weight"
 
 
@@ -188,6 +191,29 @@ def _set(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
+def _set_layer(tree: dict, path: tuple, value: np.ndarray, n_layers: int) -> None:
+    """Writes per-layer ``BLOCKS + (i, ...)`` into row i of the stacked [L, ...] array."""
+    i, rest = path[len(BLOCKS)], BLOCKS + path[len(BLOCKS) + 1:]
+    node = tree
+    for key in rest[:-1]:
+        node = node.setdefault(key, {})
+    if rest[-1] not in node:
+        node[rest[-1]] = np.empty((n_layers,) + value.shape, value.dtype)
+    node[rest[-1]][i] = value
+
+
+def _unstack_layers(flat: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray]:
+    """Stacked ``BLOCKS + (...)`` [L, ...] -> per-layer ``BLOCKS + (i, ...)`` views."""
+    out = {}
+    for k, v in flat.items():
+        if k[:len(BLOCKS)] == BLOCKS:
+            for i in range(v.shape[0]):
+                out[BLOCKS + (i,) + k[len(BLOCKS):]] = v[i]
+        else:
+            out[k] = v
+    return out
+
+
 def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
     out = {}
     for k, v in tree.items():
@@ -249,7 +275,11 @@ def steerling_to_params(state: dict[str, np.ndarray], cfg: ModelConfig,
         if arr.dtype.kind != "f" and arr.dtype != ml_dtypes.bfloat16:
             raise SteerlingFormatError(f"tensor '{s.name}' has dtype {arr.dtype}, expected a float type")
         for path, value in s.to_ours(arr.astype(np.float32, copy=False)).items():
-            _set(params, path, np.ascontiguousarray(value, dtype=dtype))
+            value = np.ascontiguousarray(value, dtype=dtype)
+            if path[:len(BLOCKS)] == BLOCKS:
+                _set_layer(params, path, value, cfg.n_layers)
+            else:
+                _set(params, path, value)
     return params
 
 
@@ -260,7 +290,7 @@ def params_to_steerling(params: dict, cfg: ModelConfig, *, dtype=np.float32) -> 
     safetensors cannot store aliased tensors), which is what
     ``load_state_dict(strict=True)`` expects.
     """
-    flat = _flatten(params)
+    flat = _unstack_layers(_flatten(params))
     flat = {k: v.astype(np.float32) for k, v in flat.items()}
     out = {}
     for s in steerling_tensors(cfg):

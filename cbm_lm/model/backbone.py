@@ -58,25 +58,36 @@ class Block(nnx.Module):
 class Backbone(nnx.Module):
     """tokens [B,T] (or embeddings [B,T,D]) -> final-norm hidden h [B,T,D].
 
+    The L blocks are one ``Block`` whose parameters carry a leading [L] axis
+    (logical name ``layers``, never sharded), created by ``nnx.vmap`` and run
+    by one ``jax.lax.scan``: the compiled step holds one block's program
+    whatever the depth (MaxText's scanned layers). ``model.remat`` picks the
+    ``jax.checkpoint`` policy of the scanned body; ``model.scan_layers=False``
+    unrolls the same body over the same stacked parameters (XLA's cost
+    analysis counts a loop body once, so FLOP counts need the unrolled form).
+
     ``injection`` [B,T,D] with ``inject_layer`` L adds ``inject_alpha *
     injection`` to the residual stream after every block i with i+1 >= L
-    (Steerling-style concept steering).
+    (Steerling-style concept steering); inside the scan that is a per-layer
+    gate (i+1 >= L) on the addition.
 
     ``lookahead`` (traced int scalar, block-causal models): the annealed attention mask
     (model/attention.py); 0 is causal attention. Training only.
 
-    ``kv_cache`` (one (k, v) per layer, see model/attention.py) switches to
+    ``kv_cache`` (k, v), each [L,B,S,G,hd] (see ``init_kv_cache``), switches to
     incremental decoding: returns (h, updated kv_cache).
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.n_layers = cfg.n_layers
         self.embedding = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
                                ("vocab", "embed"), pd)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = _stacked_blocks(cfg, rngs)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, param_dtype=pd)
         self.remat = cfg.remat
+        self.scan_layers = cfg.scan_layers
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
@@ -91,25 +102,49 @@ class Backbone(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         x = constrain(x, ACT_AXES)
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            if kv_cache is not None:
-                x, layer_cache = block(x, positions, segment_ids, stream, cache=kv_cache[i])
-                new_cache.append(layer_cache)
-            elif self.remat != "none":
-                x = nnx.remat(lambda blk, y: blk(y, positions, segment_ids, stream,
-                                                 lookahead=lookahead),
-                              policy=REMAT_POLICIES[self.remat])(block, x)
-            else:
+        graphdef, stacked = nnx.split(self.blocks)
+        inject = injection is not None and inject_layer is not None
+        if inject:
+            injection = inject_alpha * injection.astype(x.dtype)
+
+        def body(x, xs):
+            params, i, cache = xs
+            block = nnx.merge(graphdef, params)
+            if cache is None:
                 x = block(x, positions, segment_ids, stream, lookahead=lookahead)
-            if injection is not None and inject_layer is not None and i + 1 >= inject_layer:
-                x = x + inject_alpha * injection.astype(x.dtype)
+            else:
+                x, cache = block(x, positions, segment_ids, stream, cache=cache)
+            if inject:
+                x = jnp.where(i + 1 >= inject_layer, x + injection, x)
+            return x, cache
+
+        if self.remat != "none" and kv_cache is None:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        layer_ids = jnp.arange(self.n_layers, dtype=jnp.int32)
+        if self.scan_layers:
+            x, new_cache = jax.lax.scan(body, x, (stacked, layer_ids, kv_cache))
+        else:   # the same body, unrolled: XLA's cost analysis counts a loop body once
+            caches = []
+            for i in range(self.n_layers):
+                x, c = body(x, jax.tree.map(lambda a: a[i], (stacked, layer_ids, kv_cache)))
+                caches.append(c)
+            new_cache = None if kv_cache is None else jax.tree.map(
+                lambda *a: jnp.stack(a), *caches)
         h = self.final_norm(x)
-        return h if kv_cache is None else (h, tuple(new_cache))
+        return h if kv_cache is None else (h, new_cache)
 
     def init_kv_cache(self, batch: int, length: int, dtype=None):
-        """Zeroed KV cache: one (k, v) of [B,S,G,hd] per layer."""
-        attn = self.blocks[0].attn
-        shape = (batch, length, attn.n_kv_heads, attn.head_dim)
+        """Zeroed KV cache (k, v), each [L,B,S,G,hd]."""
+        attn = self.blocks.attn
+        shape = (self.n_layers, batch, length, attn.n_kv_heads, attn.head_dim)
         dtype = dtype or self.dtype
-        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def _stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
+    """One Block with every parameter stacked to [L, ...] (axis name ``layers``)."""
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return Block(cfg, rngs=rngs)
+    return make(rngs)

@@ -13,7 +13,9 @@ shardings, same donation) with XLA's TPU compiler. From the executable:
   FLOPs             per device per step               (``cost_analysis`` x grad_accum_steps:
                     XLA counts a loop body once, and the micro-batch scan is the
                     step's loop; the concept heads' block loop stays counted once,
-                    which at 8B leaves out about 1.5% of the forward FLOPs)
+                    which at 8B leaves out about 1.5% of the forward FLOPs; with
+                    model.scan_layers the layer scan is counted once too, so the
+                    other L-1 layers are added as planning's per-layer train FLOPs)
   MFU bound         model FLOPs / compiled FLOPs, i.e. the MFU of a step that
                     ran the compiled FLOPs at the chip's peak (recompute,
                     masked attention work and padding lower it)
@@ -35,7 +37,7 @@ from cbm_lm.parallel.mesh_plan import MeshPlan
 from cbm_lm.parallel.devices import hbm_bytes_per_device, peak_flops_per_device
 from cbm_lm.train.compile_check import lower_and_compile, scale_mesh
 from cbm_lm.train.memory_plan import batch_problem, model_length, plan_mesh
-from cbm_lm.train.planning import forward_flops_per_token
+from cbm_lm.train.planning import forward_flops_per_token, train_flops_per_token
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
@@ -150,11 +152,16 @@ def aot_compile(config, topology: str, *, num_slices: int = 1,
               for k in ("argument", "output", "alias", "temp", "generated_code")}
     kind = devices[0].device_kind
     flops = _flops(compiled)
-    if flops:
-        flops *= cfg.train.grad_accum_steps
     t_model = model_length(cfg)
     streams = t_model // cfg.data.seq_len
     tokens = cfg.data.batch_size * cfg.data.seq_len
+    if flops:
+        flops *= cfg.train.grad_accum_steps
+        if model_cfg.scan_layers and model_cfg.n_layers > 1:   # the scan body counted once
+            per_layer = train_flops_per_token(model_cfg, t_model, layer_only=True)
+            flops += (model_cfg.n_layers - 1) * per_layer * streams * tokens / n
+            notes = notes + [f"FLOPs: XLA counted the scanned block once; the other "
+                             f"{model_cfg.n_layers - 1} layers added analytically"]
     # Model FLOPs: 3 x forward (forward + backward), no recompute counted.
     model_flops = 3 * streams * forward_flops_per_token(model_cfg, t_model) * tokens / n
     return AotReport(topology=topology, device_kind=kind, n_devices=n, mesh=mesh_cfg,

@@ -31,6 +31,7 @@ from cbm_lm.config import ModelConfig, logical_rules_from_config
 from cbm_lm.model import abstract_lm
 from cbm_lm.parallel.sharding import state_shardings
 from cbm_lm.train.restore_check import config_differences, tree_differences
+from cbm_lm.train.layer_stack import per_layer_count, per_layer_targets, stack_restored
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -80,6 +81,8 @@ def restore_params(ckpt_dir: str | os.PathLike, targets: dict, *, step: int | No
     """Restores the ``params`` item of ``ckpt_dir`` into ``targets`` -> (params, step).
 
     targets: pure dict of ShapeDtypeStructs (with shardings); dtypes are cast.
+    Params saved per layer (before the blocks were stacked) are stacked on the
+    way in (train/layer_stack.py).
     The saved shapes are compared with the targets first; a mismatch raises
     CheckpointError naming the differing leaves and, given ``config`` (the
     config the targets come from), the model fields that differ from the
@@ -93,7 +96,10 @@ def restore_params(ckpt_dir: str | os.PathLike, targets: dict, *, step: int | No
             saved = mngr.item_metadata(step)[PARAMS_ITEM]
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(f"{ckpt_dir}: step {step} has no readable params: {e}") from e
-        diffs = tree_differences(getattr(saved, "tree", saved), targets, dtypes=False)
+        saved = getattr(saved, "tree", saved)
+        n_layers = per_layer_count(saved)   # written before the blocks were stacked
+        wanted = per_layer_targets(targets, n_layers) if n_layers else targets
+        diffs = tree_differences(saved, wanted, dtypes=False)
         if diffs:
             fields = ([f for f in config_differences(read_config(ckpt_dir), config)
                        if f.startswith("--config.model.")] if config is not None else [])
@@ -103,7 +109,9 @@ def restore_params(ckpt_dir: str | os.PathLike, targets: dict, *, step: int | No
                 + (f"\nmodel fields that differ from {ckpt_dir}/{CONFIG_FILE}:\n  "
                    + "\n  ".join(fields) if fields else ""))
         restored = mngr.restore(step, args=ocp.args.Composite(
-            **{PARAMS_ITEM: ocp.args.StandardRestore(targets)}))[PARAMS_ITEM]
+            **{PARAMS_ITEM: ocp.args.StandardRestore(wanted)}))[PARAMS_ITEM]
+    if n_layers:
+        restored = stack_restored(restored, targets)
     return restored, step
 
 

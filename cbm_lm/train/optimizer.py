@@ -28,8 +28,12 @@ def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for parameters that get weight decay (ndim >= 2)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """True for parameters that get weight decay: matrices, not counting the stacked
+    blocks' leading [L] layer axis (a stack of norm scales [L,D] is still exempt)."""
+    def is_matrix(path, p):
+        stacked = any(getattr(k, "key", None) == "blocks" for k in path)
+        return p.ndim - int(stacked) >= 2
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(opt_cfg, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

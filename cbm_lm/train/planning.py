@@ -47,6 +47,15 @@ def params_by_component(cfg: ModelConfig) -> dict[str, int]:
     return dict(out)
 
 
+def layer_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """One block's forward matmul FLOPs per token: q,k,v,o and SwiGLU projections
+    2 (D H hd + 2 D G hd + H hd D + 3 D F), plus scores and mixing 2 x 2 T H hd."""
+    d, f, h, g = cfg.d_model, cfg.mlp_dim, cfg.n_heads, cfg.n_kv_heads
+    hd = cfg.resolved_head_dim
+    return float(2 * (d * h * hd + 2 * d * g * hd + h * hd * d + 3 * d * f)
+                 + 2 * 2 * seq_len * h * hd)
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Matmul FLOPs of one forward pass per token (2 per multiply-add).
 
@@ -55,10 +64,8 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     the known head's logits over all C_k concepts (the streaming top-k scores
     every concept) plus its k gathered rows, and the factorized unknown head.
     """
-    d, f, h, g = cfg.d_model, cfg.mlp_dim, cfg.n_heads, cfg.n_kv_heads
-    hd = cfg.resolved_head_dim
-    per_layer = 2 * (d * h * hd + 2 * d * g * hd + h * hd * d + 3 * d * f)
-    per_layer += 2 * 2 * seq_len * h * hd
+    d = cfg.d_model
+    per_layer = layer_forward_flops_per_token(cfg, seq_len)
     cc = cfg.concepts
     known = 2 * (cc.n_known * d + 2 * cc.known_topk * d)
     unknown = 0
@@ -71,7 +78,9 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return float(cfg.n_layers * per_layer + 2 * cfg.vocab_size * d + known + unknown)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward (2x forward), plus one forward recomputed under remat."""
-    fwd = forward_flops_per_token(cfg, seq_len)
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, layer_only: bool = False) -> float:
+    """Forward + backward (2x forward), plus one forward recomputed under remat
+    (of the whole model, or with ``layer_only`` of one block)."""
+    fwd = (layer_forward_flops_per_token(cfg, seq_len) if layer_only
+           else forward_flops_per_token(cfg, seq_len))
     return fwd * (4.0 if cfg.remat != "none" else 3.0)

@@ -11,6 +11,7 @@ fields that shape the state (model.*, optimizer.*) come first.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -42,6 +43,11 @@ def tree_differences(saved: Any, target: Any, *, dtypes: bool = True) -> list[st
     dtypes=False compares structure and shapes only (a restore that casts)."""
     have, want = _flat_leaves(saved), _flat_leaves(target)
     lines = []
+    per_layer = re.compile(r"(^|\.)backbone\.blocks\.\d+\.")
+    if any(per_layer.search(k) for k in have) and not any(per_layer.search(k) for k in want):
+        lines.append("backbone.blocks.<i>.*: the checkpoint holds one subtree per layer, written "
+                     "before the blocks were stacked into one scanned Block (params [L, ...]); "
+                     "this version cannot restore it (retrain, or re-import Steerling weights)")
     for key in sorted(set(have) | set(want)):
         if key not in want:
             lines.append(f"{key}: in the checkpoint {have[key][0]}, not in the model")
