@@ -57,8 +57,8 @@ def _lm_grad(model, cfg, loss_cfg, step=0, train=True):
         return met["lm_loss"], met
 
     (loss, met), g = jax.value_and_grad(f, has_aux=True)(params)
-    return float(loss), g["rewrite"]["known_head"]["predictor"][...], g["backbone"]["blocks"][0][
-        "mlp_norm"]["scale"][...], met
+    return float(loss), g["rewrite"]["known_head"]["predictor"][...], g["backbone"]["blocks"][
+        "mlp_norm"]["scale"][0], met
 
 
 @pytest.fixture(scope="module")

@@ -62,9 +62,9 @@ def test_checkpoint_restores_on_a_different_mesh(tmp_path):
                            abs_state, shardings)
     restored, step = TrainCheckpointer(tmp_path, config).restore_latest(targets, None)
     assert step == 7 and int(restored.step) == 7
-    gate = restored.params["backbone"]["blocks"][0]["mlp"]["gate"]
+    gate = restored.params["backbone"]["blocks"]["mlp"]["gate"]         # [L, D, F]
     assert len(gate.sharding.device_set) == 4
-    assert gate.addressable_shards[0].data.shape == (128 // 2, 512 // 2)   # fsdp=2 x tensor=2
+    assert gate.addressable_shards[0].data.shape == (2, 128 // 2, 512 // 2)   # fsdp=2 x tensor=2
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
