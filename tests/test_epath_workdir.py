@@ -67,6 +67,8 @@ def test_run_files_go_to_the_bucket(bucket, tmp_path):
     assert read_config(workdir).model.d_model == base_config().model.d_model
     assert list((local / "tensorboard").glob("events.out.tfevents.*"))
     assert not (tmp_path / "gs:").exists()
+    from cbm_lm.eval.plots import read_metrics          # the eval report reads them back
+    assert [r["loss"] for r in read_metrics(workdir)] == [1.0, 0.5, 1.0 / 3]
 
     _truncate_metrics(epath.Path(workdir) / "metrics.jsonl", 2)
     assert [json.loads(l)["step"] for l in (local / "metrics.jsonl").read_text().splitlines()] \

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -24,11 +24,10 @@ CURVE_PANELS = (
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of WORKDIR/metrics.jsonl (empty if there is none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"      # any epath filesystem (gs://, memory://)
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _png(fig) -> bytes:
