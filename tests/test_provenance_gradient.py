@@ -2,8 +2,8 @@
 inner products (against numpy), the projection is deterministic for a seed, and a chunk's
 own gradient retrieves it at rank 1 among other chunks' gradients."""
 
-import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from cbm_lm.config import ModelConfig, ProvenanceConfig
@@ -56,6 +56,7 @@ def test_projection_is_deterministic_and_a_chunk_retrieves_itself():
     assert np.max(sims[~np.eye(24, dtype=bool)]) < 0.99
 
 
+@pytest.mark.slow
 def test_diffusion_chunk_gradient_is_finite_and_retrieves_itself():
     model = _model("diffusion")
     rng = np.random.default_rng(2)
