@@ -96,6 +96,9 @@ def test_two_stream_diffusion_needs_block_causal_attention():
     with pytest.raises(ConfigError, match="loss.diffusion_clean_context.*block_causal"):
         validate_config(cfg)
     cfg.loss.diffusion_clean_context = False     # one-stream diffusion may be causal
+    with pytest.raises(ConfigError, match="loss.ar_warmup_fraction.*block_causal"):
+        validate_config(cfg)                     # ... but AR-to-diffusion adaptation may not
+    cfg.loss.ar_warmup_fraction = cfg.loss.mask_anneal_fraction = 0.0
     validate_config(cfg)
 
 

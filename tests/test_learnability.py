@@ -45,6 +45,10 @@ def permutation_batch(rng: np.random.Generator, perm: np.ndarray, n_known: int) 
 
 
 def _config(objective: str):
+    """``objective``: autoregressive | diffusion | diffusion_adapted (the tiny_diffusion
+    recipe: Dream's shift, an AR warmup and an annealed mask; train/losses.py)."""
+    adapted = objective == "diffusion_adapted"
+    objective = "diffusion" if adapted else objective
     c = base_config()
     c.model.update(vocab_size=V + 1, mask_token_id=V, d_model=64, n_layers=2, n_heads=4,
                    n_kv_heads=2, mlp_dim=128, max_seq_len=SEQ, diffusion_block_size=4,
@@ -54,6 +58,9 @@ def _config(objective: str):
                             unknown_topk=2)
     c.data.update(batch_size=BATCH, seq_len=SEQ, max_chunk_concepts=2)
     c.optimizer.update(learning_rate=3e-3, warmup_steps=10)
+    if adapted:
+        c.model.diffusion_shift = True
+        c.loss.update(ar_warmup_fraction=0.3, mask_anneal_fraction=0.2)
     return c
 
 
@@ -74,12 +81,12 @@ def train_and_score(objective: str, steps: int, seed: int = 0) -> float:
             state, _ = step(state, permutation_batch(train_rng, perm, 16))
         scores = [jax.device_get(evaluate(state.params, permutation_batch(eval_rng, perm, 16)))
                   for _ in range(4)]
-    key = "masked_ce" if objective == "diffusion" else "lm_loss"
+    key = "masked_ce" if objective.startswith("diffusion") else "lm_loss"
     return float(np.mean([s[key] for s in scores]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+@pytest.mark.parametrize("objective", ["diffusion", "diffusion_adapted", "autoregressive"])
 def test_objective_learns_from_context(objective):
     unigram = math.log(V)
     ce = train_and_score(objective, steps=250)
