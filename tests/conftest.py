@@ -23,3 +23,11 @@ if _OWNS_CACHE:
 def pytest_unconfigure(config):
     if _OWNS_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules holding `slow` tests run first (modules stay contiguous, order within a module
+    kept), so on two xdist workers the long end-to-end tests start early and the short ones fill
+    the tail, instead of one worker finishing a multi-minute test while the other idles."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
