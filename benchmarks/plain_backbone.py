@@ -1,9 +1,13 @@
-"""The baseline for the concept overhead: the same backbone without the rewrite layer.
+"""The baseline for the concept overhead: the same step without the rewrite layer.
 
-  logits = Backbone(tokens) W_emb^T (tied),  loss = next-token CE,  AdamW step
+  h = Backbone(tokens)  [B,T_model,D]   (two-stream diffusion: T_model = 2T, [noisy | clean])
+  logits = h[:, :T] W_emb^T (tied)      only the LM stream is unembedded, as in train/losses.py
+  loss = mean next-token CE             (chunked like the concept step when loss.ce_chunk_tokens)
+  AdamW step
 
-Built from cbm_lm's own Backbone and optimizer so the only difference from
-the concept-bottleneck train step is the concept layer and its losses.
+Built from cbm_lm's own Backbone, cross-entropy and optimizer so the only
+difference from the concept-bottleneck train step is the concept layer and
+its losses (the diffusion loss weighting is elementwise work on [B,T]).
 """
 
 from __future__ import annotations
@@ -24,16 +28,26 @@ class PlainLM(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.backbone = Backbone(cfg, rngs=rngs)
 
-    def __call__(self, tokens, positions, segment_ids):
-        h = self.backbone(tokens, positions=positions, segment_ids=segment_ids)
-        w = self.backbone.embedding[...].astype(h.dtype)
-        return jnp.einsum("btd,vd->btv", h, w).astype(jnp.float32)
+    def __call__(self, tokens, positions, segment_ids, stream=None):
+        """-> final hidden h [B,T_model,D]."""
+        return self.backbone(tokens, positions=positions, segment_ids=segment_ids, stream=stream)
 
 
-def _step(params, opt_state, batch, *, graphdef, tx):
+def _step(params, opt_state, batch, *, graphdef, tx, lm_len=None, ce_chunk=0):
+    """batch: tokens / positions / segment_ids [B,T_model] (+ stream for two-stream);
+    lm_len: the LM stream's length T (None: all of T_model)."""
     def loss_fn(p):
-        logits = nnx.merge(graphdef, p)(batch["tokens"], batch["positions"], batch["segment_ids"])
-        return obj.next_token_loss(logits, batch["tokens"], batch["segment_ids"])[0]
+        model = nnx.merge(graphdef, p)
+        h = model(batch["tokens"], batch["positions"], batch["segment_ids"], batch.get("stream"))
+        t = lm_len or h.shape[1]
+        h, targets = h[:, :t], jnp.roll(batch["tokens"][:, :t], -1, axis=1)
+        w = model.backbone.embedding[...]
+        if ce_chunk:
+            ce, _ = obj.chunked_token_ce(h, w, targets, ce_chunk)
+        else:
+            ce = obj.token_cross_entropy(
+                jnp.einsum("btd,vd->btv", h, w.astype(h.dtype)).astype(jnp.float32), targets)
+        return jnp.mean(ce[:, :-1])
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)

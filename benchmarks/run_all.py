@@ -10,6 +10,7 @@ absolute times are noisy):
   cpu_mfu                     6 x params x tokens / step time / peak fp32 matmul FLOP/s (>= 0.60)
   data_pipeline_ratio         grain pipeline tokens/s / concept-bottleneck train step tokens/s
   aot_8b                      per TPU topology: XLA per-device bytes, fit, compile s, MFU bound
+  scan_depth                  train-step HLO size and compile s at 2 vs 8 layers, scanned / unrolled
   provenance_query_p50_ms, provenance_logging_overhead   (null until benchmarks/provenance.py)
 """
 
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
     res.update(steerling_forward_speedup=fwd["steerling_forward_speedup"], steerling_forward=fwd)
     flops = measure_concept_flops(load_config_file(ROOT / "gin_configs" / "steerling_8b.py"))
     res.update(concept_flops_overhead_8b=flops["concept_flops_overhead_8b"], concept_flops_8b=flops)
+    from benchmarks.scan_depth import measure_scan_depth
+    # gin_configs/tiny.py: at the benchmark shape each compile takes minutes here
+    res["scan_depth"] = measure_scan_depth(load_config_file(ROOT / "gin_configs" / "tiny.py"))
 
     res["data_pipeline_ratio"] = None
     if pathlib.Path(args.data_dir).is_dir():
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
                         ("data_pipeline_ratio", ">= 10"), ("provenance_query_p50_ms", ""),
                         ("provenance_logging_overhead", "")):
         print(f"{key:<32} {_fmt(res.get(key)):>10}  {target}")
+    for form, d in res["scan_depth"].items():
+        print(f"layers 2 -> 8, {form:<9} HLO x{d['hlo_growth']:.2f}  compile x{d['compile_growth']:.2f}")
     for topology, r in (res["aot_8b"] or {}).items():
         if "error" in r:
             print(f"aot_8b {topology:<25} error: {r['error']}")
