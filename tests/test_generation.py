@@ -33,6 +33,8 @@ def capture(model, out, b, p, tok):
 @pytest.fixture(scope="module")
 def models():
     return {"diffusion": make_model(tiny_config(), seed=0),
+            # Dream's shift (model/lm.py): row i is still token i's prediction
+            "diffusion_shift": make_model(tiny_config(diffusion_shift=True), seed=0),
             "autoregressive": make_model(tiny_config(attention="causal",
                                                      objective="autoregressive"), seed=1)}
 
@@ -59,11 +61,12 @@ def _replay(model, kw):
     return nnx.jit(lambda m, a: m(**a, **static).logits)(model, arrays)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+@pytest.mark.parametrize("objective", ["diffusion", "diffusion_shift", "autoregressive"])
 @pytest.mark.parametrize("kind", ["none", "steered"])
 def test_replay_decomposition_and_determinism(models, objective, kind):
     model = models[objective]
-    cfg = _sampling(seed=3, cfg_scale=0.5 if kind == "steered" and objective == "diffusion" else 0)
+    diffusion = objective.startswith("diffusion")
+    cfg = _sampling(seed=3, cfg_scale=0.5 if kind == "steered" and diffusion else 0)
     st = _steering(model, kind)
     tr = generate(model, PROMPTS, cfg, st, pad_id=PAD, capture_fn=capture, bucket=8)
     gen = tr.generated_mask()
@@ -80,7 +83,7 @@ def test_replay_decomposition_and_determinism(models, objective, kind):
     # A snapshot at the committing step still has the token masked (diffusion) or
     # not yet written (AR), and the prompt intact.
     snap = tr.snapshot(tr.committed_step[rows, cols], rows)
-    if objective == "diffusion":
+    if diffusion:
         assert (snap[np.arange(len(rows)), cols] == tr.mask_id).all()
 
     # Deterministic for a seed; another seed gives other tokens.
