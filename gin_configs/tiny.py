@@ -9,6 +9,13 @@ beats unigram statistics. gin_configs/tiny_diffusion.py gets there in the
 same 1200 steps by starting from next-token training (AR-to-diffusion
 adaptation: held-out masked CE 5.86), at about 1.5x this config's step cost.
 The concept layer, losses and attribution are the same for both objectives.
+
+Concept positives per token at weight 0.2 (README "Fidelity"): measured by the
+attribution-eval binary after 1200 steps against the soft-OR at weight 1: held-out
+macro concept AUROC 0.798 -> 0.837, dead labelled concepts 54% -> 29%, epsilon
+share 0.142 -> 0.095, known share 0.37 -> 0.51, perplexity 279 -> 317. Under the
+soft-OR the chunk-level concepts (genre, play, topic, section) sat at z ~ -4 at
+every token and never entered the top-8. tiny_diffusion.py inherits both fields.
 """
 
 from cbm_lm.default_config import base_config
@@ -33,6 +40,8 @@ def get_config():
     c.model.concepts.block_size = 128
     # Every known slot a real concept of the corpus (no padding slot is ever dead).
     c.data.known_concepts_from_corpus = True
+    c.loss.concept_positives = "token"
+    c.loss.concept_weight = 0.2
     c.data.seq_len = 256
     c.data.batch_size = 8
     c.train.num_steps = 1200
