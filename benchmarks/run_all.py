@@ -54,7 +54,11 @@ def _provenance() -> dict:
         from benchmarks import provenance  # written with the provenance index
     except ImportError:
         return {"provenance_query_p50_ms": None, "provenance_logging_overhead": None}
-    return provenance.measure()
+    measure = getattr(provenance, "measure", None)
+    if measure is None:   # run_all crashed here at its end, losing every number before it
+        return {"provenance_query_p50_ms": None, "provenance_logging_overhead": None,
+                "provenance_error": "benchmarks/provenance.py has no measure(); run it directly"}
+    return measure()
 
 
 def _fmt(v) -> str:
