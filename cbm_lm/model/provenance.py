@@ -35,7 +35,8 @@ Shapes: w, i [B,T,S] (the heads' active sets, never [B,T,C]); h [B,T,D];
 x, segment ids [B,T]; logits [B,T,V]; chunk slots M = ``max_chunks_per_row``:
 chunk j of a row fills slot j-1, chunks past M get no key (``valid`` False).
 Pooling is a one-hot [B,T,M] contraction, which shards over the batch like
-the rest of the model.
+the rest of the model; the concept parts pool in concept space first ([B,M,C],
+``pooled_sparse_project``), the hidden part before its projection.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
 
 from cbm_lm.config import ModelConfig, ProvenanceConfig
 from cbm_lm.model.layers import param
-from cbm_lm.parallel.sharding import constrain
+from cbm_lm.parallel.sharding import constrain, logical_sharding
 
 _EPS = 1e-6
 N_PARTS = 4   # known, unknown, hidden, lexical
@@ -107,10 +109,51 @@ def surprisal_from_nll(nll: jax.Array, segment_ids: jax.Array, onehot: jax.Array
 
 
 def projection(seed: int, part: int, rows: int, d_p: int, axes) -> jax.Array:
-    """The fixed Gaussian table R [rows, d_p] of one part (0 known, 1 unknown, 2 hidden)."""
+    """The fixed Gaussian table R [rows, d_p] of one part (0 known, 1 unknown, 2 hidden,
+    3 vocabulary)."""
     key = jax.random.fold_in(jax.random.key(seed), part)
     r = jax.random.normal(key, (rows, d_p), jnp.float32) / jnp.sqrt(jnp.float32(d_p))
     return constrain(r, axes)
+
+
+class ProjectionTables(NamedTuple):
+    """The fixed tables R_k [C_k,d_p], R_u [C_u,d_p] (None without an unknown head),
+    R_h [D,d_p], R_x [V,d_p] of one (seed, model shape)."""
+    known: jax.Array
+    unknown: jax.Array | None
+    hidden: jax.Array
+    vocab: jax.Array
+
+
+# Logical axes of each table (shard the rows like the matrices they index).
+TABLE_AXES = ProjectionTables(("known_concepts", "keys"), ("unknown_concepts", "keys"),
+                              ("embed", "keys"), ("vocab", "keys"))
+
+
+def projection_tables(cfg: ProvenanceConfig, model_cfg: ModelConfig) -> ProjectionTables:
+    """The fixed tables for ``cfg.seed`` and the model's shapes (about (C_k + C_u + D + V)
+    d_p Gaussian draws). A step that keys every batch takes them as an argument,
+    computed once (``placed_tables``), instead of drawing them anew per
+    step: at the tiny config the draws cost about as much as the rest of the key head."""
+    mc, d_p = model_cfg.concepts, cfg.d_p
+    unknown = (projection(cfg.seed, 1, mc.n_unknown_padded, d_p, TABLE_AXES.unknown)
+               if model_cfg.concepts.n_unknown else None)
+    return ProjectionTables(
+        projection(cfg.seed, 0, mc.n_known_padded, d_p, TABLE_AXES.known), unknown,
+        projection(cfg.seed, 2, model_cfg.d_model, d_p, TABLE_AXES.hidden),
+        projection(cfg.seed, 3, model_cfg.vocab_size, d_p, TABLE_AXES.vocab))
+
+
+def placed_tables(cfg: ProvenanceConfig, model_cfg: ModelConfig, mesh=None) -> ProjectionTables:
+    """``projection_tables`` drawn once (jitted); on ``mesh`` laid out by their logical axes
+    under the active ``nnx.logical_axis_rules`` (replicated without rules)."""
+    shardings = None
+    if mesh is not None:
+        rules = tuple(get_logical_axis_rules())
+        shardings = ProjectionTables(*(logical_sharding(mesh, axes, rules) for axes in TABLE_AXES))
+        if not model_cfg.concepts.n_unknown:
+            shardings = shardings._replace(unknown=None)
+    return jax.jit(lambda: projection_tables(cfg, model_cfg), out_shardings=shardings)()
 
 
 def bigram_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, vocab: int,
@@ -128,10 +171,30 @@ def bigram_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, vocab: 
     return jnp.where(has[..., None], g, 0.0)
 
 
-def sparse_project(indices: jax.Array, weights: jax.Array, table: jax.Array) -> jax.Array:
-    """sum_s w_{t,s} R[i_{t,s}]: [B,T,S] x [C,d_p] -> [B,T,d_p] (no [B,T,C] tensor)."""
-    rows = jnp.take(table, indices, axis=0)                                   # [B,T,S,d_p]
-    return jnp.einsum("bts,btsd->btd", weights.astype(jnp.float32), rows)
+def pooled_sparse_project(onehot: jax.Array, indices: jax.Array, weights: jax.Array,
+                          table: jax.Array, pi: jax.Array | None = None) -> jax.Array:
+    """mean_j( sum_s w_{t,s} R[i_{t,s}] ) [B,M,d_p], pooled in concept space first:
+
+      A_{j,c} = sum_{t in T_j} pi_t sum_s w_{t,s} [i_{t,s} = c] / sum_{t in T_j} pi_t   [B,M,C]
+      mean_j  = A_j R
+
+    (both maps are linear, so this is the per-token projection pooled). A is a scatter-add
+    of the [B,T,S] active sets, and A R costs B M C d_p: gathering the [B,T,S,d_p] rows
+    instead costs S d_p floats of memory traffic per token and was the key head's largest
+    cost (at the tiny config it took as long as the rest of the step's key logging).
+    onehot [B,T,M] chunk slots; indices, weights [B,T,S]; table R [C,d_p]; pi [B,T] or None.
+    """
+    b, t, k = indices.shape
+    m, c = onehot.shape[-1], table.shape[0]
+    w_tok = onehot if pi is None else onehot * pi[..., None]                   # [B,T,M]
+    slot = jnp.argmax(onehot, axis=-1)                                         # [B,T]
+    tok_w = w_tok.sum(axis=-1)                                                 # [B,T] (0 pad)
+    row = jnp.arange(b, dtype=jnp.int32)[:, None, None] * m + slot[..., None]  # [B,T,1]
+    flat = (row * c + indices.astype(jnp.int32)).reshape(-1)
+    vals = (weights.astype(jnp.float32) * tok_w[..., None]).reshape(-1)
+    a = jnp.zeros((b * m * c,), jnp.float32).at[flat].add(vals).reshape(b, m, c)
+    denom = jnp.maximum(w_tok.sum(axis=1), 1e-6)[..., None]                   # [B,M,1]
+    return jnp.einsum("bmc,cd->bmd", a, table) / denom
 
 
 class ChunkProvenanceHead(nnx.Module):
@@ -144,13 +207,15 @@ class ChunkProvenanceHead(nnx.Module):
                              (None, "keys"), jnp.dtype(model_cfg.param_dtype))
 
     def parts(self, out, tokens: jax.Array, segment_ids: jax.Array,
-              chunk_segment_ids: jax.Array, nll: jax.Array | None = None
-              ) -> tuple[jax.Array, jax.Array]:
+              chunk_segment_ids: jax.Array, nll: jax.Array | None = None,
+              tables: ProjectionTables | None = None) -> tuple[jax.Array, jax.Array]:
         """Normalized pooled parts [B,M,4,d_p] (known, unknown, hidden, lexical), counts [B,M].
 
         nll [B,T-1]: next-token losses to pool by in place of ``out.logits`` (the train step
-        has them without a [B,T,V] tensor)."""
-        c, mc = self.cfg, self.model_cfg.concepts
+        has them without a [B,T,V] tensor); tables: ``projection_tables`` computed once by the
+        caller (drawn here when None)."""
+        c = self.cfg
+        r = projection_tables(c, self.model_cfg) if tables is None else tables
         onehot = chunk_onehot(chunk_segment_ids, c.max_chunks_per_row)
         pi = None
         if c.pool_weights == "surprisal" and self.model_cfg.objective == "autoregressive":
@@ -158,31 +223,26 @@ class ChunkProvenanceHead(nnx.Module):
                 pi = surprisal_from_nll(nll, segment_ids, onehot)
             elif out.logits is not None:
                 pi = surprisal(out.logits, tokens, segment_ids, onehot)
-        r_k = projection(c.seed, 0, mc.n_known_padded, c.d_p, ("known_concepts", "keys"))
-        per_token = [sparse_project(out.known.indices, out.known.weights, r_k)]
-        if out.unknown is not None:
-            r_u = projection(c.seed, 1, mc.n_unknown_padded, c.d_p, ("unknown_concepts", "keys"))
-            per_token.append(sparse_project(out.unknown.indices, out.unknown.weights, r_u))
-        else:
-            per_token.append(jnp.zeros_like(per_token[0]))
-        r_h = projection(c.seed, 2, self.model_cfg.d_model, c.d_p, ("embed", "keys"))
-        per_token.append(jnp.einsum("btd,dk->btk", out.hidden.astype(jnp.float32), r_h))
-        r_x = projection(c.seed, 3, self.model_cfg.vocab_size, c.d_p, ("vocab", "keys"))
-        per_token.append(jnp.take(r_x, tokens.astype(jnp.int32), axis=0)
-                         + bigram_project(c.seed, tokens, segment_ids,
-                                          self.model_cfg.vocab_size, c.d_p))
-        x = jnp.stack(per_token, axis=2)                                          # [B,T,4,d_p]
-        b, t = x.shape[:2]
-        pooled, counts = pool_mean(onehot, x.reshape(b, t, -1), pi)
-        pooled = normalize(pooled.reshape(b, -1, N_PARTS, c.d_p))
+        known = pooled_sparse_project(onehot, out.known.indices, out.known.weights, r.known, pi)
+        unknown = (jnp.zeros_like(known) if out.unknown is None else pooled_sparse_project(
+            onehot, out.unknown.indices, out.unknown.weights, r.unknown, pi))
+        lexical = (jnp.take(r.vocab, tokens.astype(jnp.int32), axis=0)
+                   + bigram_project(c.seed, tokens, segment_ids, self.model_cfg.vocab_size, c.d_p))
+        b, t = tokens.shape
+        x = jnp.concatenate([out.hidden.astype(jnp.float32), lexical], axis=-1)  # [B,T,D+d_p]
+        pooled_x, counts = pool_mean(onehot, x, pi)
+        d = out.hidden.shape[-1]
+        hidden = pooled_x[..., :d] @ r.hidden            # pool, then project: the same, linear
+        pooled = normalize(jnp.stack([known, unknown, hidden, pooled_x[..., d:]], axis=2))
         return constrain(pooled, ("batch", None, None, "keys")), counts
 
     def __call__(self, out, tokens: jax.Array, segment_ids: jax.Array,
-                 chunk_segment_ids: jax.Array, nll: jax.Array | None = None) -> ChunkKeys:
+                 chunk_segment_ids: jax.Array, nll: jax.Array | None = None,
+                 tables: ProjectionTables | None = None) -> ChunkKeys:
         """out: the LMOutput of ``tokens`` [B,T] (logits may be None: uniform pooling);
-        nll: see ``parts``."""
+        nll, tables: see ``parts``."""
         c = self.cfg
-        parts, counts = self.parts(out, tokens, segment_ids, chunk_segment_ids, nll)
+        parts, counts = self.parts(out, tokens, segment_ids, chunk_segment_ids, nll, tables)
         lam = jnp.asarray([c.known_weight, c.unknown_weight, c.hidden_weight, c.lexical_weight],
                           jnp.float32)
         u = jnp.einsum("bmpd,p->bmd", parts, lam)

@@ -27,7 +27,7 @@ from flax import nnx
 from cbm_lm.config import ModelConfig, ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
-from cbm_lm.model.provenance import ChunkProvenanceHead
+from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables
 from cbm_lm.provenance import keystore
 from cbm_lm.provenance.packing import pack_batches, record_units
 from cbm_lm.provenance.source_mass import chunk_source_distribution, mass_update
@@ -49,12 +49,15 @@ def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None) -> Callable:
     head = make_head(prov, model)
     graphdef, state = nnx.split((model, head))
     n_rows = model.config.concepts.n_known_padded
+    tables = placed_tables(head.cfg, model.config,
+                           None if batch_sharding is None else batch_sharding.mesh)
 
     @jax.jit
-    def run(state, batch, mass):
+    def run(state, batch, mass, tables):
         lm, hd = nnx.merge(graphdef, state)
         out = lm(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        ck = hd(out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"])
+        ck = hd(out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"],
+                tables=tables)
         delta = mass_update(out.known.indices, out.known.weights, batch["source_ids"], n_rows,
                             prov.max_sources)
         res = {"keys": ck.keys, "valid": ck.valid, "mass": delta}
@@ -69,7 +72,7 @@ def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None) -> Callable:
         if batch_sharding is not None:
             dev = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                    for k, v in dev.items()}
-        res = run(state, dev, None if mass is None else jnp.asarray(mass, jnp.float32))
+        res = run(state, dev, None if mass is None else jnp.asarray(mass, jnp.float32), tables)
         if batch_sharding is not None and jax.process_count() > 1:
             from jax.experimental import multihost_utils
             local = {k: multihost_utils.global_array_to_host_local_array(

@@ -34,7 +34,7 @@ from etils import epath
 from flax import nnx
 
 from cbm_lm.atomic_io import write_text_atomic
-from cbm_lm.model.provenance import ChunkProvenanceHead, chunk_onehot
+from cbm_lm.model.provenance import ChunkProvenanceHead, ProjectionTables, chunk_onehot
 from cbm_lm.provenance import keystore
 from cbm_lm.provenance.build import LOGGED, store_path
 from cbm_lm.provenance.source_mass import mass_update
@@ -56,9 +56,11 @@ def join_ids(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         np.int64)
 
 
-def step_outputs(views, batch, prov, model_cfg, log_keys: bool) -> dict:
+def step_outputs(views, batch, prov, model_cfg, log_keys: bool,
+                 tables: ProjectionTables | None = None) -> dict:
     """{"mass": [C_pad,S]} (when the batch has source_ids) and, with ``log_keys``,
-    {"keys": {keys, id_hi, id_lo, valid}} for one (micro-)batch; see the module docstring."""
+    {"keys": {keys, id_hi, id_lo, valid}} for one (micro-)batch; see the module docstring.
+    tables: ``placed_tables`` (drawn in the step when None)."""
     out = {}
     if "source_ids" in batch:
         out["mass"] = mass_update(views.known.indices, views.known.weights, batch["source_ids"],
@@ -68,7 +70,7 @@ def step_outputs(views, batch, prov, model_cfg, log_keys: bool) -> dict:
         lm_out = SimpleNamespace(logits=None, hidden=views.hidden, known=views.known,
                                  unknown=views.unknown)
         ck = head(lm_out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"],
-                  nll=views.nll)
+                  nll=views.nll, tables=tables)
         onehot = chunk_onehot(batch["chunk_segment_ids"], prov.max_chunks_per_row)
         first = jnp.argmax(onehot, axis=1)                                      # [B,M]
         out["keys"] = {"keys": ck.keys, "valid": ck.valid,

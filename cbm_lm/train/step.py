@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cbm_lm.model.provenance import placed_tables
 from cbm_lm.provenance.build import provenance_config
 from cbm_lm.train.chunk_keys import step_outputs
 from cbm_lm.train.losses import compute_losses
@@ -40,7 +41,8 @@ def _split_micro(batch, n: int):
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
+def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule, config):
+    """tables: the key head's fixed tables (``placed_tables``) with provenance.log_keys."""
     model_cfg, loss_cfg = config["model_cfg"], config["loss_cfg"]
     accum = config["grad_accum_steps"]
     if not isinstance(state.opt_state, optax.ApplyIfFiniteState):
@@ -54,7 +56,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, config):
         total, metrics, views = compute_losses(model, micro, key, state.step, loss_cfg=loss_cfg,
                                                model_cfg=model_cfg, train=True,
                                                return_views=True)
-        prov = (step_outputs(views, micro, config["prov_cfg"], model_cfg, log_keys)
+        prov = (step_outputs(views, micro, config["prov_cfg"], model_cfg, log_keys, tables)
                 if config.get("prov_cfg") is not None else {})
         return total, (metrics, prov.get("mass"), prov.get("keys"))
 
@@ -117,14 +119,33 @@ def step_config(model_cfg, config) -> dict:
             "prov_cfg": prov, "log_keys": prov.log_keys}
 
 
+class _WithTables:
+    """step(state, batch) -> jitted(state, batch, tables): the key head's fixed tables
+    drawn once and passed in, not drawn again in every step (``placed_tables``)."""
+
+    def __init__(self, jitted, tables):
+        self.jitted, self.tables = jitted, tables
+
+    def __call__(self, state, batch):
+        return self.jitted(state, batch, self.tables)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch, self.tables)
+
+
 def make_train_step(graphdef, tx, schedule, config, model_cfg, state_shardings, batch_sharding):
     """With provenance.log_keys the step returns (state, metrics, chunk keys) (see
     cbm_lm/train/chunk_keys.py; the keys sharded over the batch like the batch)."""
     cfg = step_config(model_cfg, config)
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=cfg)
-    out = (state_shardings, None) + ((batch_sharding,) if cfg["log_keys"] else ())
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=out, donate_argnums=(0,))
+    if not cfg["log_keys"]:
+        return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+    tables = placed_tables(cfg["prov_cfg"], model_cfg, batch_sharding.mesh)
+    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding,
+                                       jax.tree.map(lambda x: x.sharding, tables)),
+                     out_shardings=(state_shardings, None, batch_sharding), donate_argnums=(0,))
+    return _WithTables(jitted, tables)
 
 
 def make_eval_step(graphdef, config, model_cfg, param_shardings, batch_sharding):
