@@ -365,7 +365,3 @@ class ProvenanceConfig:
         p.check(self.nprobe >= 1, f"{prefix}.nprobe", "must be >= 1")
         p.check(self.rekey_batch_size >= 1, f"{prefix}.rekey_batch_size", "must be >= 1")
         p.choice(self.rekey_context, f"{prefix}.rekey_context", REKEY_CONTEXTS)
-
-
-# validate_config lives in its own module; kept importable from here for callers.
-from cbm_lm.config_validation import validate_config  # noqa: E402,F401

@@ -36,8 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     # Every scale but tiny is a Steerling-shaped block-causal diffusion model; switching
-    # one to objective=autoregressive must also set attention=causal (config.validate_config
-    # refuses the pair that would show each token its own target).
+    # one to objective=autoregressive must also set attention=causal (validate_config, in
+    # config_validation.py, refuses the pair that would show each token its own target).
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
         head_dim=ml_collections.FieldReference(None, field_type=int),

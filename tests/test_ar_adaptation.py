@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from cbm_lm import objectives as obj
-from cbm_lm.config import ConfigError, validate_config
+from cbm_lm.config import ConfigError
+from cbm_lm.config_validation import validate_config
 from cbm_lm.default_config import base_config
 from cbm_lm.model.attention import attention_mask
 from cbm_lm.model.attention_kernels import two_stream_attention

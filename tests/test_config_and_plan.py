@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from cbm_lm.config import ConfigError, MeshConfig, ModelConfig, validate_config
+from cbm_lm.config import ConfigError, MeshConfig, ModelConfig
+from cbm_lm.config_validation import validate_config
 from cbm_lm.default_config import load_config_file
 from cbm_lm.parallel.mesh import resolve_axis_sizes
 from cbm_lm.train.planning import count_params
@@ -151,8 +152,3 @@ def test_bad_loss_choice_is_refused_at_start_up(field, value):
     cfg.loss[field] = value
     with pytest.raises(ConfigError, match=f"loss.{field}"):
         validate_config(cfg)
-
-
-def test_validate_config_lives_in_its_own_module():
-    from cbm_lm import config, config_validation
-    assert config.validate_config is config_validation.validate_config

@@ -42,3 +42,42 @@ def test_library_never_imports_its_binaries_or_benchmarks():
     bad += [f"{p.relative_to(PKG.parent)} imports {m}" for p in sorted(tests.glob("*.py"))
             for m in _imports(p) if m.split(".")[0] == "benchmarks"]
     assert not bad, "\n".join(bad)
+
+
+def _module_level_imports(path):
+    """Modules imported by the module's own top-level statements (not inside functions,
+    where a deferred import is the usual way to break a cycle)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+            yield from (f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def _module_name(path):
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_module_level_import_cycle():
+    """A cycle makes the import order matter: `import cbm_lm.config_validation` before
+    `cbm_lm.config` once failed with a partially initialized module."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {m: sorted({i for i in _module_level_imports(p) if i in modules and i != m})
+             for m, p in modules.items()}
+    state, cycles = {}, []
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in graph[m]:
+            if state.get(n) == "open":
+                cycles.append(" -> ".join(stack[stack.index(n):] + [n]))
+            elif n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(cycles)

@@ -101,8 +101,7 @@ class ChunkKeyLogger:
 
     def rows(self) -> int:
         """Rows on disk (from the segment names; nothing is read)."""
-        return sum(int(keystore._SEG.search(p.name).group(3))
-                   for p in keystore.segments(self.writer.dir))
+        return keystore.row_count(self.writer.dir)
 
     def resume(self, step: int) -> None:
         """Drops rows logged after ``step`` (the restored checkpoint; 0 for a fresh start)."""

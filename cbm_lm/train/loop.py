@@ -27,7 +27,8 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config, validate_config
+from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+from cbm_lm.config_validation import validate_config
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.provenance.build import provenance_config
 from cbm_lm.parallel.devices import peak_flops_per_device
