@@ -3,6 +3,8 @@ drawing them inside the keyed pass, laid out on a mesh by their logical axes."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from cbm_lm.default_config import DEFAULT_RULES
 from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.sharding import logical_to_spec
-from model_fixtures import make_model, tiny_config
+from model_fixtures import tiny_config
 
 PROV = ProvenanceConfig(d_p=16, max_chunks_per_row=4, pq_m=4, seed=7)
 
@@ -43,21 +45,25 @@ def test_placed_tables_are_the_documented_draws_sharded_by_logical_axes():
 
 
 def test_keys_with_placed_tables_equal_keys_drawn_in_the_pass():
-    cfg = tiny_config(vocab_size=64, max_seq_len=16, objective="autoregressive",
-                      attention="causal")
-    model = make_model(cfg)
+    cfg = tiny_config(vocab_size=64, concepts=dict(n_known=32, n_unknown=48))
     head = ChunkProvenanceHead(PROV, cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    toks = jnp.asarray(rng.integers(1, 64, (2, 16)), jnp.int32)
-    seg = jnp.asarray(np.repeat([[1] * 10 + [2] * 6], 2, 0), jnp.int32)
-    chunk = jnp.asarray(np.repeat([[1] * 4 + [2] * 6 + [3] * 6], 2, 0), jnp.int32)
+    b, t, k = 2, 16, 3
+    sparse = lambda c: SimpleNamespace(                                   # noqa: E731
+        indices=jnp.asarray(rng.integers(0, c, (b, t, k)), jnp.int32),
+        weights=jnp.asarray(rng.random((b, t, k)), jnp.float32))
+    out = SimpleNamespace(logits=None, hidden=jnp.asarray(rng.normal(size=(b, t, cfg.d_model)),
+                                                          jnp.float32),
+                          known=sparse(32), unknown=sparse(48))
+    toks = jnp.asarray(rng.integers(1, 64, (b, t)), jnp.int32)
+    seg = jnp.asarray(np.repeat([[1] * 10 + [2] * 6], b, 0), jnp.int32)
+    chunk = jnp.asarray(np.repeat([[1] * 4 + [2] * 6 + [3] * 6], b, 0), jnp.int32)
 
-    @nnx.jit
-    def keys(model, head, tables):
-        out = model(toks, segment_ids=seg)
+    @jax.jit
+    def keys(tables):
         return head(out, toks, seg, chunk, tables=tables).keys
 
-    drawn = np.asarray(keys(model, head, None))
-    placed = np.asarray(keys(model, head, placed_tables(PROV, cfg)))
+    drawn = np.asarray(keys(None))
+    placed = np.asarray(keys(placed_tables(PROV, cfg)))
     assert np.abs(drawn).sum() > 0
     np.testing.assert_allclose(placed, drawn, atol=1e-6)   # fusion may reorder float ops
