@@ -2,7 +2,8 @@
 
   h = Backbone(tokens)  [B,T_model,D]   (two-stream diffusion: T_model = 2T, [noisy | clean])
   logits = h[:, :T] W_emb^T (tied)      only the LM stream is unembedded, as in train/losses.py
-  loss = mean next-token CE             (chunked like the concept step when loss.ce_chunk_tokens)
+  loss = mean next-token CE             (chunked like the concept step when loss.ce_chunk_tokens;
+                                         the same token_dot / ce_and_hit code as the concept step)
   AdamW step
 
 Built from cbm_lm's own Backbone, cross-entropy and optimizer so the only
@@ -21,6 +22,7 @@ from flax import nnx
 
 from cbm_lm import objectives as obj
 from cbm_lm.model.backbone import Backbone
+from cbm_lm.model.layers import token_dot
 from cbm_lm.train.optimizer import make_optimizer
 
 
@@ -45,8 +47,7 @@ def _step(params, opt_state, batch, *, graphdef, tx, lm_len=None, ce_chunk=0):
         if ce_chunk:
             ce, _ = obj.chunked_token_ce(h, w, targets, ce_chunk)
         else:
-            ce = obj.token_cross_entropy(
-                jnp.einsum("btd,vd->btv", h, w.astype(h.dtype)).astype(jnp.float32), targets)
+            ce, _ = obj.ce_and_hit(token_dot(h, w.astype(h.dtype).T), targets)
         return jnp.mean(ce[:, :-1])
 
     loss, grads = jax.value_and_grad(loss_fn)(params)

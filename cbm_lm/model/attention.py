@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cbm_lm.model.attention_kernels import dense_attention, two_stream_attention
-from cbm_lm.model.layers import RMSNorm, apply_rope, normal, param, rope_angles
+from cbm_lm.model.layers import RMSNorm, apply_rope, normal, param, rope_angles, token_dot
 from cbm_lm.parallel.sharding import constrain
 
 
@@ -113,9 +113,9 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         dt = self.dtype
         x = x.astype(dt)
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dgk->btgk", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dgk->btgk", x, self.v_proj[...].astype(dt))
+        q = token_dot(x, self.q_proj[...].astype(dt))          # [B,T,H,hd]
+        k = token_dot(x, self.k_proj[...].astype(dt))          # [B,T,G,hd]
+        v = token_dot(x, self.v_proj[...].astype(dt))
         if self.qkv_clip is not None:
             q, k, v = (jnp.clip(a, -self.qkv_clip, self.qkv_clip) for a in (q, k, v))
         if self.q_norm is not None:
@@ -148,5 +148,5 @@ class Attention(nnx.Module):
                                        lookahead=lookahead)
         else:
             out = dense_attention(q, k, v, mask)
-        out = jnp.einsum("bthk,hkd->btd", out.astype(dt), self.o_proj[...].astype(dt))
+        out = token_dot(out.astype(dt), self.o_proj[...].astype(dt), n_in=2)   # [B,T,D]
         return out if cache is None else (out, cache)

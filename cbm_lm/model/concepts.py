@@ -17,7 +17,9 @@ Top-k selection runs in blocks of ``block_size`` concepts (a running top-k
 merged block by block), so memory is O(B*T*(k + block)), not O(B*T*C), once C
 exceeds ``dense_threshold``. The selected logits are then recomputed from the
 gathered rows so gradients reach the tables; the selection itself is not
-differentiated.
+differentiated. Up to ``dense_threshold`` the selection forms all of z [N,C]
+anyway, so the selected logits are read from it (``picked_logits``) and only
+their gradient gathers rows: the forward (inference) gathers no [N,k,Q] keys.
 
 The cap bounds logits to [-c, c] (``clip_mode``, DESIGN.md section 2):
   hard              clip(z, -c, c)                 Steerling's; zero gradient outside
@@ -65,6 +67,32 @@ class ConceptActivations(NamedTuple):
     @property
     def topk_weights(self) -> jax.Array:
         return jax.nn.sigmoid(self.topk_logits)
+
+
+def _rows_dot(q, keys, ids):
+    """q [N,Q] . keys[ids] [N,S,Q] -> [N,S] fp32, by gathering the rows."""
+    return jnp.einsum("nq,nsq->ns", q, jnp.take(keys, ids, axis=0).astype(jnp.float32))
+
+
+@jax.custom_vjp
+def picked_logits(q: jax.Array, keys: jax.Array, ids: jax.Array, z: jax.Array) -> jax.Array:
+    """z[n, ids[n,s]] where z = q keys^T [N,C] was already formed (the dense selection),
+    with the gradient of q[n] . keys[ids[n,s]] (``_rows_dot``); z itself gets none."""
+    return jnp.take_along_axis(z, ids, axis=1)
+
+
+def _picked_fwd(q, keys, ids, z):
+    return picked_logits(q, keys, ids, z), (q, keys, ids, z)
+
+
+def _picked_bwd(res, g):
+    q, keys, ids, z = res
+    _, vjp = jax.vjp(lambda q_, k_: _rows_dot(q_, k_, ids), q, keys)
+    dq, dkeys = vjp(g)
+    return dq, dkeys, None, jnp.zeros_like(z)
+
+
+picked_logits.defvjp(_picked_fwd, _picked_bwd)
 
 
 def merge_topk(vals_a, idx_a, vals_b, idx_b, k: int):
@@ -184,12 +212,19 @@ class ConceptHead(nnx.Module):
         return streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip,
                               self.clip_mode)[1]
 
+    def dense_select(self, q: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        """(ids [N,k], capped logits [N,k]) of the top-k from one dense z = q K^T [N,C]
+        (n_concepts <= dense_threshold); the logits carry the gathered-row gradient."""
+        keys = self.keys()[: self.n_concepts]
+        z = jax.lax.stop_gradient(q) @ jax.lax.stop_gradient(keys).astype(jnp.float32).T
+        ids = jax.lax.top_k(self.cap(z), k)[1].astype(jnp.int32)
+        return ids, self.cap(picked_logits(q, keys, ids, z))
+
     def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:
         """Capped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""
         if self.scoring == "blockwise":
             return self.cap(pick(q, self.keys(), ids, self.block_size))
-        rows = jnp.take(self.keys(), ids, axis=0).astype(jnp.float32)          # [N,S,Q]
-        return self.cap(jnp.einsum("nq,nsq->ns", q, rows))
+        return self.cap(_rows_dot(q, self.keys(), ids))
 
     def cap(self, z: jax.Array) -> jax.Array:
         """Raw logits -> capped logits (``clip_mode``), the only place the cap is applied."""
@@ -203,6 +238,7 @@ class ConceptHead(nnx.Module):
         (attribution holds the set fixed along an integration path)."""
         b, t, d = h.shape
         q = self.query(h.reshape(b * t, d))
+        logits = None
         if active_ids is not None:
             ids = active_ids.reshape(b * t, -1).astype(jnp.int32)
         elif self.topk is None:
@@ -212,9 +248,12 @@ class ConceptHead(nnx.Module):
                     f"allowed up to dense_threshold={self.dense_threshold}")
             ids = jnp.broadcast_to(jnp.arange(self.n_concepts, dtype=jnp.int32),
                                    (b * t, self.n_concepts))
+        elif self.scoring == "gather" and self.n_concepts <= self.dense_threshold:
+            ids, logits = self.dense_select(q, self.topk)                         # [N,k]
         else:
             ids = self.select_topk(q, self.topk)
-        logits = self.logits_for(q, ids)                                          # [N,k]
+        if logits is None:
+            logits = self.logits_for(q, ids)                                      # [N,k]
         weights = jax.nn.sigmoid(logits)
 
         if self.report_topk == ids.shape[-1] and self.topk is not None:

@@ -1,4 +1,4 @@
-"""Backbone building blocks: parameters with logical axes, RMSNorm, RoPE, SwiGLU.
+"""Backbone building blocks: parameters with logical axes, RMSNorm, RoPE, SwiGLU, token_dot.
 
 Every parameter is created through ``param`` so it carries its logical axis
 names; under ``jax.set_mesh(mesh), nnx.logical_axis_rules(rules)`` flax shards
@@ -27,6 +27,26 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
     in_mesh = not jax.sharding.get_abstract_mesh().empty
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                      eager_sharding=in_mesh)
+
+
+def token_dot(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x [B,T,*in] . w [*in,*out] -> [B,T,*out] (``n_in`` trailing axes of x contracted)
+    as one [B*T, in] x [in, out] matmul.
+
+    Why flat tokens: with two token axes the weight gradient dW = x^T g contracts
+    both, and XLA's CPU dot lowering then writes a transposed copy of the
+    cotangent g (fused with its elementwise producer, e.g. the SwiGLU backward)
+    before the matmul; over one flattened axis dW is a plain dot whose lhs is
+    contracted on axis 0, with no copy (measured on the benchmark's SwiGLU
+    [2048,512]x[512,2048] fwd+bwd: 506 -> 282 ms of XLA op time).
+    """
+    lead, ins = x.shape[:-n_in], x.shape[x.ndim - n_in:]
+    outs = w.shape[n_in:]
+    k = 1
+    for d in ins:
+        k *= d
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *outs)
 
 
 def normal(std: float) -> Callable:
@@ -80,6 +100,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        gate = jnp.einsum("btd,df->btf", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("btd,df->btf", x, self.up[...].astype(self.dtype))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
+        gate = token_dot(x, self.gate[...].astype(self.dtype))
+        up = token_dot(x, self.up[...].astype(self.dtype))
+        return token_dot(jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))

@@ -26,7 +26,7 @@ from flax import nnx
 from cbm_lm.config import ModelConfig
 from cbm_lm.model.backbone import Backbone
 from cbm_lm.model.concepts import ConceptActivations
-from cbm_lm.model.layers import normal, param
+from cbm_lm.model.layers import normal, param, token_dot
 from cbm_lm.model.rewrite import ConceptRewrite
 
 
@@ -103,7 +103,7 @@ class ConceptBottleneckLM(nnx.Module):
     def logits_from(self, composed: jax.Array) -> jax.Array:
         """composed [B,T,D] -> logits [B,T,V] fp32 (the tied LM head)."""
         w = self.unembedding().astype(composed.dtype)
-        return jnp.einsum("btd,vd->btv", composed, w).astype(jnp.float32)
+        return token_dot(composed, w.T).astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array | None = None, *, positions=None, segment_ids=None,
                  stream=None, input_embeds=None, intervene_known=None, intervene_unknown=None,

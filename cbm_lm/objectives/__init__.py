@@ -2,7 +2,7 @@
 
 from cbm_lm.objectives.autoregressive import (next_token_loss, next_token_loss_from_ce,
                                               next_token_pairs)
-from cbm_lm.objectives.chunked_ce import chunked_token_ce
+from cbm_lm.objectives.chunked_ce import ce_and_hit, chunked_token_ce
 from cbm_lm.objectives.concept_loss import (
     chunk_concept_loss, chunk_sums, concept_auroc, pooled_label_features, positive_bce,
     sample_negative_ids, shared_logits, soft_or_probability)
@@ -17,7 +17,7 @@ from cbm_lm.objectives.schedules import (
 __all__ = [
     "T_BUCKETS", "align_labels_to_predictions", "ar_warmup_steps", "in_ar_phase",
     "mask_lookahead", "chunk_concept_loss", "chunk_sums",
-    "chunked_token_ce", "concept_auroc", "corrupt", "diffusion_loss", "diffusion_loss_from_ce",
+    "ce_and_hit", "chunked_token_ce", "concept_auroc", "corrupt", "diffusion_loss", "diffusion_loss_from_ce",
     "epsilon_dropout_prob", "hold_decay", "independence_loss", "linear_schedule",
     "next_token_loss", "next_token_loss_from_ce", "next_token_pairs", "noise_rate",
     "pooled_label_features", "positive_bce", "reconstruction_loss", "sample_epsilon_dropout",

@@ -2,7 +2,7 @@
 
   logits_i = x_i W^T                       (the tied LM head; x = composed)
   CE_i     = logsumexp_v(logits_i) - logits_i[y_i]
-  correct_i = argmax_v(logits_i) == y_i
+  correct_i = logits_i[y_i] >= max_v logits_i     (argmax_v logits_i == y_i up to ties)
 
 The sequence is cut into chunks of ``chunk`` positions; ``lax.map`` runs one
 chunk [B,chunk,V] at a time under ``jax.checkpoint``, so the backward pass
@@ -23,11 +23,23 @@ import jax
 import jax.numpy as jnp
 
 
-def _chunk_scores(x, w, y):
-    logits = jnp.einsum("bcd,vd->bcv", x, w).astype(jnp.float32)
+def ce_and_hit(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(CE [...] fp32, correct [...] bool) of logits [...,V] against targets y [...].
+
+    ``correct`` compares the target's logit with the max the log-sum-exp needs
+    anyway: a variadic argmax reduce over [2048, 8192] costs about 35x a max
+    reduce on this CPU (69 vs 2 ms measured).
+    """
+    logits = logits.astype(jnp.float32)
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     target = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    ce = jax.nn.logsumexp(logits, axis=-1) - target
-    return ce, jnp.argmax(logits, axis=-1) == y
+    lse = jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)) + m[..., 0]
+    return lse - target, target >= m[..., 0]
+
+
+def _chunk_scores(x, w, y):
+    b, c, d = x.shape   # one [B*c, D] x [D, V] matmul (model/layers.py token_dot: why flat)
+    return ce_and_hit((x.reshape(b * c, d) @ w.T).reshape(b, c, -1), y)
 
 
 def chunked_token_ce(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int

@@ -30,7 +30,9 @@ Only three candidate sets are scored, never a dense [B,T,C] tensor:
       the per-token row gather of head.logits_for ([N,M,Q] would dominate memory).
   (c) predicted negatives: the head's top-k ids per token (LMOutput.known.topk_indices)
       that are neither positives of the chunk nor among the sampled ids (those
-      are already scored). APPROXIMATION: the exact chunk term S_cj sums
+      are already scored). Their logits are the forward's (``topk_logits``,
+      LMOutput.known.topk_logits: the same cap(q K_j) with the same gradient),
+      so only the K positives are scored again. APPROXIMATION: the exact chunk term S_cj sums
       softplus over every token of the chunk, but a top-k id is scored only at
       the tokens where it was predicted; the omitted tokens are those where
       z_tj was below the token's top-k, i.e. the smallest terms of the sum.
@@ -47,9 +49,9 @@ Only three candidate sets are scored, never a dense [B,T,C] tensor:
 
 Shapes: hidden [B,T,D]; concept_ids [B,T,K] int32 (-1 pad);
 chunk_segment_ids [B,T] int32 (0 pad, 1..m chunk index in the row);
-topk_ids [B,T,k] int32 or None. The largest intermediates are [B*T, K+k, Q]
-(the gathered per-token key rows), [B*T, M] (sampled-negative logits) and
-[B, T, K+M] (chunk sums, indexed by chunk id - 1).
+topk_ids [B,T,k] int32 or None. The largest intermediates are [B*T, K, Q]
+(the gathered positive key rows; [B*T, K+k, Q] without topk_logits), [B*T, M]
+(sampled-negative logits) and [B, T, K+M] (chunk sums, indexed by chunk id - 1).
 """
 
 from __future__ import annotations
@@ -149,8 +151,12 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
                        chunk_segment_ids: jax.Array, topk_ids: jax.Array | None,
                        rng: jax.Array, *, n_negatives: int, pos_weight: float = 1.0,
                        neg_weight: float = 1.0, with_auroc: bool = True,
-                       positives: str = "soft_or") -> tuple[jax.Array, dict]:
+                       positives: str = "soft_or", topk_logits: jax.Array | None = None
+                       ) -> tuple[jax.Array, dict]:
     """Soft-OR BCE of ``head`` (a ConceptHead) against chunk labels; see the module docstring.
+
+    topk_logits [B,T,k]: the forward's capped logits of ``topk_ids`` (reused, not
+    recomputed); None scores them again from ``hidden``.
 
     Returns (loss scalar, aux) with aux:
       pos_loss, neg_loss, neg_sampled_loss, neg_topk_loss   the mean terms
@@ -179,7 +185,11 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
         per_token.append(top)
 
     q = head.query(hidden.reshape(n, d))
-    z_all = head.logits_for(q, jnp.concatenate(per_token, axis=-1))                # [N,K+k]
+    if topk_ids is not None and topk_logits is not None:
+        z_all = jnp.concatenate([head.logits_for(q, per_token[0]),                 # [N,K+k]
+                                 topk_logits.reshape(n, -1).astype(jnp.float32)], axis=-1)
+    else:
+        z_all = head.logits_for(q, jnp.concatenate(per_token, axis=-1))            # [N,K+k]
     sp = jax.nn.softplus(z_all)
     sp_pos = sp[:, :k]
     sp_neg = jax.nn.softplus(shared_logits(head, q, neg_ids))                       # [N,M]

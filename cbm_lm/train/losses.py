@@ -282,9 +282,7 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
         if chunk:   # [B,T,V] never whole (objectives/chunked_ce.py)
             ce, hit = obj.chunked_token_ce(c, model.unembedding(), targets_lm, chunk)
         else:
-            logits = model.logits_from(c)
-            ce = obj.token_cross_entropy(logits, targets_lm)
-            hit = jnp.argmax(logits, axis=-1) == targets_lm
+            ce, hit = obj.ce_and_hit(model.logits_from(c), targets_lm)
         seen_ce.setdefault("ce", ce)   # the training stream's: the first call
         if diffusion:
             return obj.diffusion_loss_from_ce(ce, hit, masked, t, seg,
@@ -309,7 +307,8 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
         head, hidden_c, concept_ids, chunk_ids, known_c.topk_indices, rng_neg,
         n_negatives=loss_cfg.concept_negatives,
         pos_weight=loss_cfg.concept_pos_weight, neg_weight=loss_cfg.concept_neg_weight,
-        positives=loss_cfg.get("concept_positives", "soft_or"))
+        positives=loss_cfg.get("concept_positives", "soft_or"),
+        topk_logits=known_c.topk_logits)
     if rw.unknown is not None:
         unknown_c = concept_part(rw.unknown_features)
         rec_known = k_gt if loss_cfg.reconstruction_target == "labels" else known_c.features
