@@ -54,20 +54,50 @@ def test_no_whole_logits_tensor():
 
 
 @pytest.mark.parametrize("objective", ["autoregressive", "diffusion"])
-def test_train_step_with_chunked_ce_equals_dense(objective):
-    """loss.ce_chunk_tokens changes how the LM loss is computed, not its value or gradient."""
-    from tests.test_train_step import _config, _run
+def test_losses_with_chunked_ce_equal_dense(objective):
+    """loss.ce_chunk_tokens changes how the train step's LM loss is computed, not its value
+    or any gradient: compute_losses (train/losses.py, the field's only reader, what the
+    train step differentiates) with every loss term on, dense against chunked, on the
+    same params, batch and rng; every gradient leaf compared."""
+    from flax import nnx
 
-    def cfg(chunk):
-        c = _config(**({"objective": "diffusion", "attention": "block_causal",
-                        "diffusion_block_size": 8} if objective == "diffusion" else {}))
+    from cbm_lm.data.synthetic import synthetic_batch
+    from cbm_lm.default_config import base_config
+    from cbm_lm.train.losses import compute_losses
+    from tests.model_fixtures import make_model, tiny_config
+
+    diffusion = objective == "diffusion"
+    cfg = tiny_config(objective=objective, attention="block_causal" if diffusion else "causal",
+                      n_layers=1, diffusion_block_size=8)
+    graphdef, params, rest = nnx.split(make_model(cfg), nnx.Param, ...)
+    batch = synthetic_batch(cfg, 2, 32, 2)
+
+    def loss_and_grads(chunk):
+        c = base_config()
+        c.train.num_steps = 10
         c.loss.ce_chunk_tokens = chunk
-        return c
 
-    _, dense = _run(cfg(0))
-    _, chunked = _run(cfg(12))     # 32 positions: chunks of 12, a padded tail
-    for a, b in zip(dense, chunked):
-        for k in ("loss", "lm_loss", "grad_norm"):
-            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
-        acc = "masked_acc" if objective == "diffusion" else "next_token_acc"
-        np.testing.assert_allclose(a[acc], b[acc])
+        def loss(p):
+            return compute_losses(nnx.merge(graphdef, p, rest), batch, jax.random.key(3),
+                                  jnp.asarray(1), loss_cfg=c.loss, model_cfg=cfg)
+
+        return jax.value_and_grad(loss, has_aux=True)
+
+    dense_fn, chunked_fn = loss_and_grads(0), loss_and_grads(12)  # 32 positions: chunks of 12
+    # The largest intermediate with a vocabulary axis: the field takes effect.
+    vocab = cfg.vocab_size
+    assert max_intermediate_with_dim(jax.make_jaxpr(dense_fn)(params), vocab) >= 2 * 32 * vocab
+    assert max_intermediate_with_dim(jax.make_jaxpr(chunked_fn)(params), vocab) < 2 * 32 * vocab
+    # One program computing both (XLA shares their common forward: a third less compile time).
+    (((total_d, dense), grad_d), ((total_c, chunked), grad_c)) = jax.device_get(
+        jax.jit(lambda p: (dense_fn(p), chunked_fn(p)))(params))
+    np.testing.assert_allclose(total_c, total_d, rtol=2e-5)
+    for k in ["lm_loss"] + (["masked_ce"] if diffusion else []):
+        np.testing.assert_allclose(chunked[k], dense[k], rtol=2e-5, err_msg=k)
+    acc = "masked_acc" if diffusion else "next_token_acc"
+    np.testing.assert_allclose(chunked[acc], dense[acc])
+    flat_d, flat_c = (jax.tree_util.tree_leaves_with_path(g) for g in (grad_d, grad_c))
+    assert len(flat_d) == len(flat_c) > 10
+    for (path, a), (_, b) in zip(flat_d, flat_c):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert np.abs(grad_d["backbone"]["embedding"][...]).max() > 0   # the LM loss flows back
