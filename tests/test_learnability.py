@@ -85,10 +85,17 @@ def train_and_score(objective: str, steps: int, seed: int = 0) -> float:
     return float(np.mean([s[key] for s in scores]))
 
 
+# Steps per objective, each with a margin under the bar of 1.11 (measured held-out CE: diffusion
+# 0.70 at 150 steps, diffusion_adapted 0.26 at 150, autoregressive 0.33 at 60). The same runs
+# with a context-blind model (every token embedded as token 0) end at 3.19, 3.18 and 3.16,
+# i.e. at log V = 3.18: the bar still separates reading the context from ignoring it.
+STEPS = {"diffusion": 150, "diffusion_adapted": 150, "autoregressive": 60}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["diffusion", "diffusion_adapted", "autoregressive"])
 def test_objective_learns_from_context(objective):
     unigram = math.log(V)
-    ce = train_and_score(objective, steps=250)
+    ce = train_and_score(objective, steps=STEPS[objective])
     # A context-blind model cannot beat log V here; reading the context takes it to ~0.
     assert ce < 0.35 * unigram, (objective, ce, unigram)
