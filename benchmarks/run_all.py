@@ -7,7 +7,7 @@ absolute times are noisy):
   concept_overhead_ratio      train step, concept-bottleneck / plain backbone (target <= 1.05)
   concept_flops_overhead_8b   XLA FLOPs at 8B, with / without the rewrite layer, minus 1 (<= 0.05)
   steerling_forward_speedup   cbm_lm jitted forward / Steerling PyTorch forward, tokens/s (>= 3)
-  cpu_mfu                     6 x params x tokens / step time / peak fp32 matmul FLOP/s (>= 0.60)
+  cpu_mfu                     model FLOPs / step time / peak fp32 matmul FLOP/s (>= 0.60)
   data_pipeline_ratio         grain pipeline tokens/s / concept-bottleneck train step tokens/s
   aot_8b                      per TPU topology: XLA per-device bytes, fit, compile s, MFU bound
   scan_depth                  train-step HLO size and compile s at 2 vs 8 layers, scanned / unrolled
