@@ -189,9 +189,12 @@ def test_cli_steerling_8b():
 
 
 def test_cli_compile_tiny():
+    # The mesh, devices and shapes of test_compile_tiny_sharded_step: the same program, so the
+    # run's persistent compilation cache (tests/conftest.py) serves whichever runs second.
     out = _plan("--config", str(ROOT / "gin_configs" / "tiny.py"), "--compile",
-                "--compile_devices=4", "--compile_seq_len=32", "--config.mesh.data=-1")
+                "--compile_devices=8", "--compile_seq_len=64", "--config.mesh.data=2",
+                "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
     assert "params: " in out
-    assert "compile check: real sharded train step on 4 simulated CPU devices" in out
+    assert "compile check: real sharded train step on 8 simulated CPU devices" in out
     assert "compile: OK" in out
     assert re.search(r"compiled temp bytes per device +[\d.,]+ [KMG]?i?B", out)
