@@ -1,8 +1,8 @@
 """launch/attribution_eval.py end to end, and its refusals of bad input.
 
 Fast tests build a checkpoint without training (a random tiny model saved
-with its config); the slow ones train a tiny run and import a tiny Steerling
-checkpoint, then run the binary as a user would.
+with its config); the slow ones train a tiny run and run the binary on it as a
+user would, and evaluate an imported tiny Steerling checkpoint in process.
 """
 
 from __future__ import annotations
@@ -144,13 +144,16 @@ def test_binary_on_an_imported_steerling_checkpoint(tmp_path, corpus):
                                                  "vocab_size": 400, "concept": concept}))
     save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
               str(src / "model.safetensors"))     # clone: tok_emb and lm_head share storage
+    # In process, the library calls the two tools make (their command lines are run by
+    # test_binary_on_a_trained_checkpoint and test_explain_tool's import_steerling run).
+    from cbm_lm.eval.runner import EvalOptions, run_eval
+    from cbm_lm.interop import build_model, read_steerling
+    config, params = read_steerling(str(src))
     ckpt = tmp_path / "imported"
-    run([sys.executable, str(ROOT / "tools" / "import_steerling.py"), "--src", str(src),
-         "--out", str(ckpt)])
+    save_params(ckpt, config, build_model(config, params))
     out = tmp_path / "out"
-    run([sys.executable, BINARY, "--checkpoint", str(ckpt), "--data", str(corpus),
-         "--out", str(out), "--num_examples", "6", "--num_prompts", "1",
-         "--steering_concepts", "0"])
+    run_eval(load_target(checkpoint=str(ckpt), data=str(corpus)), str(out),
+             EvalOptions(num_examples=6, num_prompts=1, steering_concepts=0))
     report = check_report(out, step=0, curves=False)
     assert "ELBO" in report["details"]["perplexity"]["method"]
     assert report["details"]["missing"]["steering_success"] == \
