@@ -160,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
         known_weight=0.2, unknown_weight=0.2, hidden_weight=0.2, lexical_weight=1.0,
         pool_weights="surprisal",  # surprisal (the model's -log p per token) | uniform
         max_chunks_per_row=64,   # chunk slots per packed row; extra chunks get no key
-        contrastive_weight=0.0,  # learned head: in-batch InfoNCE weight (0 = off)
+        contrastive_weight=0.0,  # learned head's InfoNCE weight; must be 0 (not trained yet)
         contrastive_temperature=0.05,
         token_dropout=0.15,      # autoregressive second view: fraction of tokens masked
         log_keys=False,          # training-time key logging to WORKDIR/provenance/keys
