@@ -14,6 +14,7 @@ from cbm_lm.config import ProvenanceConfig
 from cbm_lm.default_config import DEFAULT_RULES
 from cbm_lm.model.provenance import ChunkProvenanceHead, contrastive_loss, normalize
 from cbm_lm.parallel.mesh import make_mesh
+from cbm_lm.parallel.sharding import state_shardings
 from cbm_lm.config import MeshConfig
 from cbm_lm.provenance.packing import Unit, pack_batches
 from model_fixtures import make_model, tiny_config
@@ -133,8 +134,10 @@ def test_sharded_keys_equal_single_device_keys():
     params = nnx.state(model, nnx.Param)
     graphdef = nnx.graphdef(model)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        sharded_model = make_model(cfg)        # created under the mesh: sharded params
-        nnx.update(sharded_model, params)
+        # the same params placed by their logical axes (creation under a mesh: test_sharding)
+        sharded_params = jax.device_put(params, state_shardings(params, mesh, rules))
+        emb = sharded_params["backbone"]["embedding"][...]          # [vocab/tensor, embed/fsdp]
+        assert emb.addressable_shards[0].data.shape == (96 // 2, 32 // 2)
         bs = NamedSharding(mesh, P(("data", "fsdp")))
         dev = {k: jax.device_put(jnp.asarray(v), bs) for k, v in batch.items()
                if k != "slot_ids"}
@@ -144,7 +147,7 @@ def test_sharded_keys_equal_single_device_keys():
             m = nnx.merge(graphdef, state)
             return _eager_keys(m, head, dev).keys
 
-        sharded = run(nnx.state(sharded_model, nnx.Param), dev)
+        sharded = run(sharded_params, dev)
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(sharded), single, atol=2e-5)
 
