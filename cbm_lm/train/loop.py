@@ -125,13 +125,15 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     state, restored_step = ckpt.restore_latest(targets, data_iter)
     fresh = state is None
     if fresh:
+        start = 0
+        # --init_from's shapes are checked before anything is initialized: a checkpoint
+        # that does not fit is refused at once, not after a model init.
+        loaded = restore_params(init_from, targets.params, config=config) if init_from else None
         graphdef, state, _ = init_train_state(model_cfg, tx, config.seed, mesh, rules,
                                               prov.max_sources)
-        start = 0
-        if init_from:
-            params, from_step = restore_params(init_from, targets.params, config=config)
-            state = state.replace(params=params)
-            print(f"initialized the params from {init_from} (step {from_step})", flush=True)
+        if loaded is not None:
+            state = state.replace(params=loaded[0])
+            print(f"initialized the params from {init_from} (step {loaded[1]})", flush=True)
     else:
         start = int(restored_step)
         print(f"resumed from step {start} in {workdir}"
