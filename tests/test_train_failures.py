@@ -11,7 +11,7 @@ from cbm_lm.default_config import DEFAULT_RULES, base_config
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.train.checkpointer import TrainCheckpointer
 from cbm_lm.train.optimizer import make_optimizer
-from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
+from cbm_lm.train.state import abstract_train_state, train_state_shardings
 from train_fixtures import losses, run, tiny_corpus, train_args
 
 # An absurd learning rate: step 1 is finite, its update overflows the params,
@@ -49,8 +49,20 @@ def test_checkpoint_restores_on_a_different_mesh(tmp_path):
     model_cfg = ModelConfig.from_config(config.model)
     tx, _ = make_optimizer(config.optimizer, 10)
     mesh8 = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
-    _, state, _ = init_train_state(model_cfg, tx, 0, mesh8, DEFAULT_RULES)
-    state = state.replace(step=state.step + 7)
+    # Random values in every leaf (no model init to compile; distinct values also catch a
+    # restore that permutes shards, which an init's constant norms and zero moments hide).
+    _, abs_state, abs_params = abstract_train_state(model_cfg, tx)
+    rng = np.random.default_rng(0)
+
+    def fill(a, sharding):
+        if np.issubdtype(a.dtype, np.floating):
+            value = rng.standard_normal(a.shape)
+        else:
+            value = rng.integers(0, 2 if a.dtype == np.bool_ else 100, a.shape)
+        return jax.device_put(value.astype(a.dtype), sharding)
+    state = jax.tree.map(fill, abs_state,
+                         train_state_shardings(abs_state, abs_params, mesh8, DEFAULT_RULES))
+    state = state.replace(step=jax.device_put(np.int32(7), state.step.sharding))
     ckpt = TrainCheckpointer(tmp_path, config)
     ckpt.save(7, state, None)
     ckpt.close()
