@@ -28,18 +28,25 @@ def test_pick_concepts_takes_a_labelled_concept_per_row():
     assert int(c[0]) in (4, 9) and int(c[1]) == 7 and has.tolist() == [True, True, False]
 
 
+def _jit_losses(cfg, loss_cfg):
+    """compute_losses(step) jitted as the train step runs it (the step is traced, so
+    steps 3 and 4 share one compile; op-by-op it dispatched hundreds of tiny programs)."""
+    return nnx.jit(lambda model, batch, step: compute_losses(
+        model, batch, jax.random.key(0), step, loss_cfg=loss_cfg, model_cfg=cfg))
+
+
 @pytest.mark.parametrize("objective", ["autoregressive", "diffusion"])
 def test_off_by_default_and_on_a_period(objective):
     cfg, model, batch = _setup(objective)
     loss_cfg = base_config().loss
     assert loss_cfg.steering_weight == 0.0
-    _, m = compute_losses(model, batch, jax.random.key(0), 3, loss_cfg=loss_cfg, model_cfg=cfg)
+    _, m = _jit_losses(cfg, loss_cfg)(model, batch, jnp.int32(3))
     assert "steering_loss" not in m
+    loss_cfg = base_config().loss
     loss_cfg.update(steering_weight=0.5, steering_period=2)
-    off_total, off = compute_losses(model, batch, jax.random.key(0), 3, loss_cfg=loss_cfg,
-                                    model_cfg=cfg)
-    on_total, on = compute_losses(model, batch, jax.random.key(0), 4, loss_cfg=loss_cfg,
-                                  model_cfg=cfg)
+    losses = _jit_losses(cfg, loss_cfg)
+    off_total, off = losses(model, batch, jnp.int32(3))
+    on_total, on = losses(model, batch, jnp.int32(4))
     assert float(off["steering_loss"]) == 0.0 and float(on["steering_loss"]) > 0
     assert float(on["steering_positions"]) > 0
     np.testing.assert_allclose(float(on["steering_loss"]),

@@ -2,6 +2,8 @@
 full-batch step, remat policies do not change the numbers, and bf16 compute
 keeps fp32 master weights."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,8 +49,14 @@ def _run(c, steps=2):
     return state, out
 
 
+@functools.cache
+def _reference():
+    """The plain fp32 step every test compares against, run once for the module."""
+    return _run(_config())
+
+
 def test_gradient_accumulation_equals_full_batch():
-    full_state, full = _run(_config())
+    full_state, full = _reference()
     c = _config()
     c.train.grad_accum_steps = 2
     acc_state, acc = _run(c)
@@ -66,7 +74,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 @pytest.mark.parametrize("remat", ["block", "full"])
 def test_remat_policies_do_not_change_the_step(remat):
-    _, ref = _run(_config())
+    _, ref = _reference()
     _, got = _run(_config(remat=remat))
     for a, b in zip(ref, got):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
@@ -74,7 +82,7 @@ def test_remat_policies_do_not_change_the_step(remat):
 
 
 def test_bf16_compute_keeps_fp32_master_weights():
-    _, ref = _run(_config())
+    _, ref = _reference()
     state, got = _run(_config(dtype="bfloat16"))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
     assert np.isfinite(got[-1]["loss"])
