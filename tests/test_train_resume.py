@@ -144,6 +144,20 @@ def test_kill_then_refused_override_then_resume_is_bitwise_identical(
     np.testing.assert_array_equal(mass, restore_source_mass(reference_dir))
 
 
+def test_corrupted_latest_checkpoint_falls_back(reference_dir, corpus, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_dir, workdir)   # an uninterrupted run's checkpoints 4 and 8
+    # Damage step 8: truncate every array file of its params.
+    for f in (workdir / "checkpoints" / "8" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "d" in f.parent.name:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    proc = run(_args(corpus, workdir))
+    out = proc.stdout + proc.stderr
+    assert "checkpoint step 8" in out and "could not be restored" in out, out[-3000:]
+    assert "resumed from step 4" in proc.stdout
+    assert losses(workdir) == reference
+
+
 def test_sigterm_saves_and_exits_zero(corpus, long_reference, tmp_path):
     """SIGTERM goes through JAX's preemption service, which agrees on a save step a
     little later (it runs asynchronously), so this run is long enough to reach it."""
@@ -161,20 +175,6 @@ def test_sigterm_saves_and_exits_zero(corpus, long_reference, tmp_path):
     resumed = run(_args(corpus, workdir, **_LONG))
     assert f"resumed from step {saved[0]}" in resumed.stdout
     assert losses(workdir) == losses(long_reference[0])
-
-
-def test_corrupted_latest_checkpoint_falls_back(reference_dir, corpus, reference, tmp_path):
-    workdir = tmp_path / "run"
-    shutil.copytree(reference_dir, workdir)   # an uninterrupted run's checkpoints 4 and 8
-    # Damage step 8: truncate every array file of its params.
-    for f in (workdir / "checkpoints" / "8" / "params").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "d" in f.parent.name:
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    proc = run(_args(corpus, workdir))
-    out = proc.stdout + proc.stderr
-    assert "checkpoint step 8" in out and "could not be restored" in out, out[-3000:]
-    assert "resumed from step 4" in proc.stdout
-    assert losses(workdir) == reference
 
 
 def test_fresh_start_keeps_metrics_of_a_run_killed_before_its_first_checkpoint(long_reference):
