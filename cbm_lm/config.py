@@ -19,7 +19,7 @@ OBJECTIVES = ("diffusion", "autoregressive")
 NORM_ORDERS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
-CLIP_MODES = ("hard", "straight_through", "soft")   # model/concepts.py cap_logits
+CLIP_MODES = ("hard", "straight_through", "soft")   # model/concept_topk.py cap_logits
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cbm_lm.model.concepts import ConceptHead, cap_logits
+from cbm_lm.model.concept_topk import cap_logits
+from cbm_lm.model.concepts import ConceptHead
 from cbm_lm.objectives import chunk_concept_loss
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cbm_lm.attribution.decomposition import decompose_logits
-from cbm_lm.model.concepts import streaming_topk
+from cbm_lm.model.concept_topk import streaming_topk
 from model_fixtures import make_model, random_tokens, tiny_config
 
 B, T = 2, 12

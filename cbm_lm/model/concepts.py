@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cbm_lm.model.concept_topk import cap_logits, sharded_streaming_topk
 from cbm_lm.model.layers import normal, param
 from cbm_lm.model.sparse_rows import mix, pick
 
@@ -95,57 +96,6 @@ def _picked_bwd(res, g):
 picked_logits.defvjp(_picked_fwd, _picked_bwd)
 
 
-def merge_topk(vals_a, idx_a, vals_b, idx_b, k: int):
-    """Top-k of the union of two candidate sets [N,ka], [N,kb] -> [N,k]."""
-    vals = jnp.concatenate([vals_a, vals_b], axis=-1)
-    idx = jnp.concatenate([idx_a, idx_b], axis=-1)
-    top_vals, pos = jax.lax.top_k(vals, k)
-    return top_vals, jnp.take_along_axis(idx, pos, axis=-1)
-
-
-CLIP_MODES = ("hard", "straight_through", "soft")
-
-
-def cap_logits(z: jax.Array, clip: float, mode: str = "hard") -> jax.Array:
-    """Bounds concept logits to [-clip, clip] by ``mode`` (see the module docstring)."""
-    if mode == "soft":
-        return clip * jnp.tanh(z / clip)
-    hard = jnp.clip(z, -clip, clip)
-    if mode == "straight_through":
-        return z + jax.lax.stop_gradient(hard - z)
-    if mode != "hard":
-        raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {mode!r}")
-    return hard
-
-
-def streaming_topk(q: jax.Array, keys: jax.Array, n_valid: int, k: int, block_size: int,
-                   clip: float, clip_mode: str = "hard"):
-    """Top-k of cap(q keys[:n_valid]^T) per row without forming [N, n_valid].
-
-    q [N,Q] fp32, keys [C_pad,Q]. Scans blocks of ``block_size`` rows of keys;
-    the last block is shifted back to end at n_valid (dynamic_slice semantics),
-    and rows already covered by an earlier block are masked, so every concept
-    is ranked exactly once. Returns (values [N,k], indices [N,k] int32).
-    """
-    block = min(block_size, n_valid)
-    n_blocks = -(-n_valid // block)
-    n = q.shape[0]
-    neg_inf = jnp.full((n, k), -jnp.inf, jnp.float32)
-    init = (neg_inf, jnp.zeros((n, k), jnp.int32))
-
-    def body(j, carry):
-        top_vals, top_idx = carry
-        start = jnp.minimum(j * block, n_valid - block)
-        rows = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=0)
-        z = cap_logits(q @ rows.astype(jnp.float32).T, clip, clip_mode)  # [N,block]
-        ids = start + jnp.arange(block, dtype=jnp.int32)
-        z = jnp.where(ids[None, :] >= j * block, z, -jnp.inf)            # seen in block j-1
-        blk_vals, blk_pos = jax.lax.top_k(z, min(k, block))
-        return merge_topk(top_vals, top_idx, blk_vals, ids[blk_pos], k)
-
-    return jax.lax.fori_loop(0, n_blocks, body, init)
-
-
 class ConceptHead(nnx.Module):
     """h [B,T,D] -> ConceptActivations (see module docstring)."""
 
@@ -160,7 +110,7 @@ class ConceptHead(nnx.Module):
         self.block_size, self.dense_threshold, self.clip = block_size, dense_threshold, clip
         self.clip_mode, self.scoring = clip_mode, scoring
         init = normal(init_std)
-        c = axis_name
+        c = self.axis_name = axis_name
         if rank:
             self.predictor_down = param(rngs, init, (d_model, rank), ("embed", "rank"), param_dtype)
             self.predictor_up = param(rngs, init, (n_padded, rank), (c, "rank"), param_dtype)
@@ -189,6 +139,15 @@ class ConceptHead(nnx.Module):
         """Mixed values [...,V] -> features [...,D]."""
         return v @ self.embedding_basis[...].astype(v.dtype) if self.rank else v
 
+    def mix_values(self, weights: jax.Array, ids: jax.Array) -> jax.Array:
+        """sum_s weights[n,s] values[ids[n,s]] -> [N,V] fp32 (weights, ids [N,S]): blockwise
+        (``scoring``: its gradient is a block matmul, not a scatter of [N,S,V] rows) or by
+        gathering the rows."""
+        if self.scoring == "blockwise":
+            return mix(weights, ids, self.values(), self.block_size)
+        rows = jnp.take(self.values(), ids, axis=0).astype(jnp.float32)           # [N,S,V]
+        return jnp.einsum("ns,nsv->nv", weights.astype(jnp.float32), rows)
+
     def concept_vectors(self, ids: jax.Array) -> jax.Array:
         """E[ids]: the feature direction of each concept, [...,D]."""
         return self.out_proj(jnp.take(self.values(), ids, axis=0).astype(jnp.float32))
@@ -209,8 +168,8 @@ class ConceptHead(nnx.Module):
         if self.n_concepts <= self.dense_threshold:
             z = self.cap(q @ keys[: self.n_concepts].astype(jnp.float32).T)
             return jax.lax.top_k(z, k)[1].astype(jnp.int32)
-        return streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip,
-                              self.clip_mode)[1]
+        return sharded_streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip,
+                                      self.clip_mode, concept_axis=self.axis_name)[1]
 
     def dense_select(self, q: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         """(ids [N,k], capped logits [N,k]) of the top-k from one dense z = q K^T [N,C]
@@ -272,12 +231,7 @@ class ConceptHead(nnx.Module):
             ids = jnp.concatenate([ids, jnp.where(valid, iv_ids, 0)], axis=-1)
             weights = jnp.concatenate([weights, jnp.where(valid, iv_vals, 0.0)], axis=-1)
 
-        if self.scoring == "blockwise":
-            mixed = mix(weights, ids, self.values(), self.block_size)
-        else:
-            rows = jnp.take(self.values(), ids, axis=0).astype(jnp.float32)      # [N,S,V]
-            mixed = jnp.einsum("ns,nsv->nv", weights, rows)
-        features = self.out_proj(mixed).astype(h.dtype)
+        features = self.out_proj(self.mix_values(weights, ids)).astype(h.dtype)
 
         def shape(x):
             return x.reshape(b, t, *x.shape[1:])
