@@ -31,10 +31,11 @@ def _np_ce(logits, target):
     return m + math.log(np.exp(logits - m).sum()) - logits[target]
 
 
-def _head(n_concepts=6, n_padded=16, d_model=4, rank=0, seed=0):
+def _head(n_concepts=6, n_padded=16, d_model=4, rank=0, seed=0, scoring="gather"):
     return ConceptHead(n_concepts=n_concepts, n_padded=n_padded, d_model=d_model, rank=rank,
                        topk=2, report_topk=None, block_size=4, dense_threshold=100, clip=15.0,
-                       axis_name="known_concepts", init_std=0.5, rngs=nnx.Rngs(seed))
+                       axis_name="known_concepts", init_std=0.5, rngs=nnx.Rngs(seed),
+                       scoring=scoring)
 
 
 # ---------------------------------------------------------------- diffusion -------------
@@ -286,9 +287,10 @@ def test_concept_loss_never_forms_tokens_by_concepts():
     assert max_intermediate_with_dim(dense, c) >= b * t * c
 
 
+@pytest.mark.parametrize("scoring", ["gather", "blockwise"])
 @pytest.mark.parametrize("rank", [0, 2])
-def test_pooled_label_features(rank):
-    head = _head(rank=rank, seed=3)
+def test_pooled_label_features(rank, scoring):
+    head = _head(rank=rank, seed=3, scoring=scoring)
     ids = np.array([[[1, 4, -1], [2, 2, 5], [-1, -1, -1]]], np.int32)
     out = np.asarray(nnx.jit(pooled_label_features)(head, jnp.asarray(ids)))
     vec = np.asarray(nnx.jit(lambda hd: hd.concept_vectors(jnp.arange(6)))(head), np.float64)

@@ -258,5 +258,7 @@ def pooled_label_features(head, concept_ids: jax.Array) -> jax.Array:
     Tokens without labels (and padding) get zeros.
     """
     valid = first_occurrence(concept_ids)
-    rows = jnp.take(head.values(), jnp.where(valid, concept_ids, 0), axis=0).astype(jnp.float32)
-    return head.out_proj(jnp.sum(rows * valid[..., None].astype(jnp.float32), axis=-2))
+    lead, k = concept_ids.shape[:-1], concept_ids.shape[-1]
+    mixed = head.mix_values(valid.reshape(-1, k).astype(jnp.float32),
+                            jnp.where(valid, concept_ids, 0).reshape(-1, k).astype(jnp.int32))
+    return head.out_proj(mixed).reshape(*lead, -1)
