@@ -9,6 +9,11 @@ of gathering [tokens, k, 4096] fp32 rows (model.concepts.scoring=blockwise),
 and the LM cross-entropy runs in chunks (loss.ce_chunk_tokens, from
 steerling_8b.py). Checked on this CPU with XLA's TPU compiler:
     python tools/aot_compile.py --config gin_configs/steerling_8b_v5e.py --topology v5e:16x16
+XLA's verdict (2026-12-03): FITS at 9.75 GiB per chip of 16 (temp 8.99 GiB), 2.64 PFLOP
+per chip per step, MFU bound 0.77. It was 15.62 GiB (98%) before the concept top-k ran
+per shard (model/concept_topk.py: the partitioner had all-gathered every block's logits
+over the 64 batch shards, an 8 GiB buffer) and before the teacher features mixed their
+rows blockwise (a 2 GiB scatter-add gather).
 """
 
 import importlib.util
