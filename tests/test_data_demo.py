@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from cbm_lm.data import demo_sources, planted_facts
+from cbm_lm.data import demo_sources, planted_facts, wordnet
 from cbm_lm.data.corpus import Corpus
-from cbm_lm.data.demo_corpus import DemoConfig, build_demo_corpus
+from cbm_lm.data.demo_corpus import DemoConfig, _describe, build_demo_corpus
+from cbm_lm.data.inputs import LabelledDoc
+from cbm_lm.data.labelers import LexiconLabeler
 
 SMALL = {"shakespeare": 60_000, "fortunes": 20_000, "wordnet": 20_000, "pydoc": 20_000}
 
@@ -24,6 +26,41 @@ def test_planted_facts_deterministic_unique_and_paraphrased():
     assert sorted(stated) == sorted(f.statement for f in a)
 
 
+def _fake_wordnet(d):
+    """A two-synset WordNet in the database format (wndb(5WN)): "dog" (noun.animal,
+    lex_filenum 05) and "run" (verb.motion, 38)."""
+    d.mkdir()
+    data = {"noun": "02084071 05 n 01 dog 0 000 | a member of the genus Canis\n",
+            "verb": "01926311 38 v 01 run 0 000 | move fast by using one's feet\n"}
+    index = {"noun": "dog n 1 0 1 1 02084071\n", "verb": "run v 1 0 1 1 01926311\n"}
+    for pos in wordnet.POS:
+        (d / f"data.{pos}").write_text("  license header\n" + data.get(pos, ""))
+        (d / f"index.{pos}").write_text("  license header\n" + index.get(pos, ""))
+    return str(d)
+
+
+def test_gloss_documents_and_lexicon_words_get_different_ids(tmp_path):
+    wn = _fake_wordnet(tmp_path / "wn")
+    docs = list(demo_sources.wordnet_glosses(10_000, wordnet_dir=wn))
+    by_id = {d["id"].rsplit("-", 1)[0]: d for d in docs}
+    # a gloss document: one chunk-level label, its lexicographer file
+    assert by_id["noun.animal"]["concepts"] == ["lexfile:noun.animal"]
+    assert by_id["verb.motion"]["concepts"] == ["lexfile:verb.motion"]
+    # a word of any text: a token-level supersense label on its characters only
+    lex = wordnet.build_lexicon(wn)
+    assert lex == {"dog": "noun.animal", "run": "verb.motion"}
+    path = tmp_path / "lexicon.tsv"
+    wordnet.write_lexicon_tsv(lex, path)
+    text = "Out, dogs! I run."
+    doc = LexiconLabeler(str(path))(LabelledDoc(text=text, source="s", key="x"))
+    assert [(text[s:e], c) for s, e, c in doc.token_labels] == [
+        ("dogs", "supersense:noun.animal"), ("run", "supersense:verb.motion")]
+    assert doc.concepts == []
+    assert _describe("lexfile:noun.animal")["level"] == "chunk"
+    assert _describe("supersense:noun.animal")["level"] == "token"
+    assert "gloss" in _describe("lexfile:noun.animal")["description"]
+
+
 def _build(tmp_path, **kw):
     logs = []
     cfg = DemoConfig(out=str(tmp_path / "demo"), vocab_size=600, budgets=SMALL, num_facts=24, **kw)
@@ -38,7 +75,25 @@ def test_full_demo_corpus_small(tmp_path):
     c = Corpus(tmp_path / "demo")
     assert set(c.sources) == {"shakespeare", "fortunes", "wordnet", "pydoc", "planted_facts"}
     groups = {x.group for x in c.concepts.concepts}
-    assert groups == {"genre", "play", "topic", "section", "supersense", "fact"}
+    assert groups == {"genre", "play", "topic", "section", "lexfile", "supersense", "fact"}
+    level = {x.id: x.level for x in c.concepts.concepts}
+    assert all(level[x.id] == ("token" if x.group == "supersense" else "chunk")
+               for x in c.concepts.concepts)
+    # gloss documents: the chunk label is their lexicographer file (the document key's
+    # prefix, e.g. "noun.animal-0003"); every chunk label anywhere is chunk level; every
+    # token label is a supersense; Shakespeare words get supersenses, never a lexfile.
+    token_sources = set()
+    for doc in c.documents("train"):
+        src = c.sources[doc.source_id]
+        chunk_ids = {int(j) for j in doc.chunk_concepts.ravel() if j >= 0}
+        assert all(level[j] == "chunk" for j in chunk_ids)
+        assert all(level[int(j)] == "token" for j in doc.token_spans[:, 2])
+        if len(doc.token_spans):
+            token_sources.add(src)
+        if src == "wordnet":
+            lexfile = "lexfile:" + doc.doc_key.split(":")[-1].rsplit("-", 1)[0]
+            assert {c.concepts.name(j) for j in chunk_ids} == {lexfile}
+    assert {"shakespeare", "wordnet"} <= token_sources
     assert 100 <= len(c.concepts) <= 256
     assert c.tokenizer.vocab_size == 600 and c.tokenizer.mask_id == 599
     assert m["splits"]["heldout"]["records"] > 0
@@ -61,5 +116,7 @@ def test_degraded_demo_corpus_without_apt(tmp_path, monkeypatch):
     assert any("DEGRADED" in x and "wordnet-base" in x for x in logs)
     c = Corpus(tmp_path / "demo")
     assert set(c.sources) == {"shakespeare", "planted_facts"}
+    assert not {x.group for x in c.concepts.concepts} & {"lexfile", "supersense"}
+    assert all(len(d.token_spans) == 0 for d in c.documents("train"))
     status = json.loads((tmp_path / "demo" / "demo_sources.json").read_text())
     assert status["degraded"] and "fortunes" in status["missing_apt_packages"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cbm_lm.eval.concept_detection import macro_detection, predicted_chunk_of
+from cbm_lm.eval.concept_detection import macro_detection, predicted_chunk_of, token_detection
 from cbm_lm.eval.dead_concepts import fire_counts, summarize
 from cbm_lm.eval.heldout import HeldoutChunk, HeldoutWindows
 from cbm_lm.model.concepts import ConceptHead
@@ -45,6 +45,36 @@ def test_positions_predicting_a_chunk():
     # AR: position t predicts token t+1; the row's last position predicts nothing here.
     np.testing.assert_array_equal(predicted_chunk_of(chunk_of, "autoregressive"),
                                   [[0, 1, 1, 1, -1, -1]])
+
+
+def _pairwise_auroc(pos, neg):
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
+
+
+def test_token_detection_scores_the_position_predicting_each_labelled_token():
+    # 1 row, 6 positions, 5 real tokens; concept 2 labels tokens [1,3), concept 0 is chunk
+    # level (not scored here), concept 3 labels token 4.
+    w = HeldoutWindows(tokens=np.zeros((1, 6), np.int32),
+                       segment_ids=np.array([[1, 1, 1, 1, 1, 0]], np.int32),
+                       positions=np.arange(6)[None], chunk_of=np.array([[0, 0, 0, 0, 0, -1]]),
+                       chunks=[HeldoutChunk(0, 0, 5, (0,), 1, 0)], doc_keys=["d"],
+                       token_labels=np.array([[0, 1, 3, 2], [0, 4, 5, 3]], np.int32))
+    sp = np.zeros((1, 6, 4))
+    sp[0, :, 2] = [5, 1, 4, 0, 3, 9]     # position 5 is padding: never scored
+    sp[0, :, 3] = [0, 1, 2, 3, 4, 9]
+    # diffusion: positions 0..4 score their own token; concept 2 positives at {1,2}
+    d = token_detection(sp, w, "diffusion", [2, 3], min_positives=1)
+    assert [p["id"] for p in d.per_concept] == [2, 3] and d.num_chunks == 5
+    assert d.per_concept[0]["auroc"] == pytest.approx(_pairwise_auroc([1, 4], [5, 0, 3]))
+    assert d.per_concept[1]["auroc"] == pytest.approx(1.0)      # token 4 scored 4, the most
+    # autoregressive: position t predicts token t+1, so positions 0..3 are scored (token 4 is
+    # the last real one); concept 2 positives at positions {0,1}, concept 3 at {3}
+    d = token_detection(sp, w, "autoregressive", [2, 3], min_positives=1)
+    assert d.num_chunks == 4
+    assert d.per_concept[0]["auroc"] == pytest.approx(_pairwise_auroc([5, 1], [4, 0]))
+    assert d.per_concept[1]["auroc"] == pytest.approx(1.0)      # position 3 scored 3, the most
+    assert d.per_concept[1]["positives"] == 1
+    assert token_detection(sp, w, "diffusion", [], 1).auroc_macro is None
 
 
 def test_macro_detection_matches_pairwise_auroc():

@@ -2,7 +2,7 @@
 
 ``concepts.json`` is ``{"concepts": [{"id", "name", "description", "group",
 "level"}, ...]}`` with ids dense and in order. ``group`` is the kind of concept
-(topic, genre, play, section, supersense, fact, ...); ``level`` says how it is
+(topic, genre, play, section, lexfile, supersense, fact, ...); ``level`` says how it is
 labelled: "chunk" (a whole chunk carries it) or "token" (a lexicon labels the
 tokens of single words). A vocabulary file given to build_corpus may also be a
 bare list of names or of such objects (ids are then assigned in file order).

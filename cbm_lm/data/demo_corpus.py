@@ -46,6 +46,11 @@ class DemoConfig:
 
 
 def _describe(name: str) -> dict:
+    """concepts.json metadata of a demo concept. Each id has one meaning at one level:
+    ``lexfile:X`` labels whole WordNet gloss documents of lexicographer file X (chunk),
+    ``supersense:X`` labels each lexicon word of any source whose first sense is in X
+    (token); one id for both would make a Shakespeare chunk mentioning a dog a
+    noun.animal chunk."""
     group, value = name.split(":", 1)
     text = {
         "genre": f"Shakespeare's plays of the genre '{value}'",
@@ -53,8 +58,12 @@ def _describe(name: str) -> dict:
         "topic": f"fortune-cookie quotes on the topic '{value}'",
         "section": f"the Python 3.11 documentation section '{value}'",
     }.get(group, "")
+    if group == "lexfile":
+        text = (f"a WordNet gloss document of lexicographer file {value} "
+                f"({wordnet.description(value)})")
     if group == "supersense":
-        text = f"WordNet supersense {value}: {wordnet.description(value)}"
+        text = (f"a word whose most frequent WordNet sense is in {value} "
+                f"({wordnet.description(value)}), from lexicon.tsv")
     return {"description": text, "group": group,
             "level": "token" if group == "supersense" else "chunk"}
 

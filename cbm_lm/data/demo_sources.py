@@ -5,7 +5,9 @@
     fortunes     Debian ``fortunes``: fortunes grouped into documents, labelled
                  topic:<file> (43 topic files)
     wordnet      Debian ``wordnet-base``: synset glosses grouped by their
-                 lexicographer file, labelled supersense:<lexname> (45)
+                 lexicographer file, labelled lexfile:<lexname> (45; chunk level:
+                 "a gloss from lexicographer file X"; the token-level
+                 supersense:<lexname> labels come from the lexicon, demo_corpus.py)
     pydoc        Debian ``python3.11-doc``: reST paragraphs of the docs,
                  labelled section:<top-level folder>
 
@@ -112,7 +114,7 @@ def wordnet_glosses(budget: int, wordnet_dir: str = wordnet.DEFAULT_DIR) -> Iter
         step = max(1, sum(map(len, items)) // max(per_lex, 1))
         for i, text in enumerate(_group(items[::step], 1000, "\n")):
             yield {"text": text, "source": "wordnet", "id": f"{lex}-{i:04d}",
-                   "concepts": [f"supersense:{lex}"]}
+                   "concepts": [f"lexfile:{lex}"]}
 
 
 def _rst_paragraphs(text: str) -> list[str]:

@@ -18,6 +18,17 @@ average precision (PR-AUC) are computed on S.
 Macro averages run over concepts with at least ``min_positives`` positive
 and one negative chunk in the held-out windows; how many qualified is
 reported, and per concept group (the name's prefix before ':') in ``by_group``.
+A token-level concept (a lexicon label, e.g. ``supersense:noun.animal``) has no
+chunk labels, so it never qualifies here.
+
+Token-level concepts are scored per position instead (``token_detection``):
+for each real position t whose predicted token u(t) is real (u = t for
+diffusion, t+1 for autoregressive) and each token-level concept j,
+
+  y_tj = [token u(t) lies inside a token label of j],   score_tj = softplus(z_tj)
+
+(monotone in z, so the ranking is the logit's), AUROC per concept over the
+positions of the windows, macro over those with ``min_positives`` positives.
 """
 
 from __future__ import annotations
@@ -80,21 +91,58 @@ def predicted_chunk_of(chunk_of: np.ndarray, objective: str) -> np.ndarray:
     return out
 
 
-def chunk_scores(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
-                 batch: int = 8) -> np.ndarray:
-    """S [n_chunks, n_concepts]: per chunk, softplus(z_tj) summed over the positions
-    predicting its tokens."""
+def position_softplus(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
+                      batch: int = 8) -> np.ndarray:
+    """softplus(z_tj) [N,T,n_concepts] over the windows."""
     w = windows
     ids = jnp.arange(n_concepts, dtype=jnp.int32)
-    sp = map_rows(lambda r: _token_softplus(model, jnp.asarray(w.tokens[r]),
-                                            jnp.asarray(w.positions[r]),
-                                            jnp.asarray(w.segment_ids[r]), ids),
-                  w.num_rows, batch)["sp"]
+    return map_rows(lambda r: _token_softplus(model, jnp.asarray(w.tokens[r]),
+                                              jnp.asarray(w.positions[r]),
+                                              jnp.asarray(w.segment_ids[r]), ids),
+                    w.num_rows, batch)["sp"]
+
+
+def chunk_scores(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
+                 batch: int = 8, sp: np.ndarray | None = None) -> np.ndarray:
+    """S [n_chunks, n_concepts]: per chunk, softplus(z_tj) summed over the positions
+    predicting its tokens (``sp``: position_softplus's output, if already computed)."""
+    w = windows
+    if sp is None:
+        sp = position_softplus(model, w, n_concepts, batch)
     scores = np.zeros((len(w.chunks), n_concepts), np.float64)
     target = predicted_chunk_of(w.chunk_of, model.config.objective)
     real = target >= 0
     np.add.at(scores, target[real], sp[real])
     return scores
+
+
+def token_detection(sp: np.ndarray, windows: HeldoutWindows, objective: str,
+                    concept_ids, min_positives: int = 5) -> ConceptDetection:
+    """Per-position AUROC of the token-level concepts ``concept_ids`` (module docstring).
+
+    sp [N,T,C] scores, C > max(concept_ids); ``per_concept`` ids are corpus ids and
+    ``num_chunks`` counts the scored positions.
+    """
+    w = windows
+    ids = np.asarray(list(concept_ids), np.int64)
+    if ids.size == 0 or len(w.token_labels) == 0:
+        return ConceptDetection(None, None, 0, 0, [])
+    col = np.full(sp.shape[-1], -1, np.int64)
+    col[ids] = np.arange(len(ids))
+    y = np.zeros(w.tokens.shape + (len(ids),), bool)                     # by token index
+    for row, start, end, c in w.token_labels.tolist():
+        if 0 <= c < len(col) and col[c] >= 0:
+            y[row, start:end, col[c]] = True
+    real_token = w.segment_ids > 0
+    if objective == "autoregressive":                                    # position t -> t+1
+        y = np.concatenate([y[:, 1:], np.zeros_like(y[:, :1])], axis=1)
+        real_token = np.concatenate([real_token[:, 1:], np.zeros_like(real_token[:, :1])], 1)
+    elif objective != "diffusion":
+        raise ValueError(f"objective must be 'diffusion' or 'autoregressive', got {objective!r}")
+    ok = real_token & (w.segment_ids > 0)
+    det = macro_detection(sp[ok][:, ids], y[ok], min_positives)
+    per = [dict(p, id=int(ids[p["id"]])) for p in det.per_concept]
+    return dataclasses.replace(det, per_concept=per)
 
 
 def macro_detection(scores: np.ndarray, labels: np.ndarray, min_positives: int = 5
@@ -120,6 +168,11 @@ def macro_detection(scores: np.ndarray, labels: np.ndarray, min_positives: int =
 
 
 def concept_detection(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int, *,
-                      min_positives: int = 5, batch: int = 8) -> ConceptDetection:
-    scores = chunk_scores(model, windows, n_concepts, batch)
-    return macro_detection(scores, windows.labels(n_concepts), min_positives)
+                      min_positives: int = 5, batch: int = 8, token_concepts=()
+                      ) -> tuple[ConceptDetection, ConceptDetection]:
+    """(chunk-level detection of all concepts, per-position detection of ``token_concepts``)."""
+    sp = position_softplus(model, windows, n_concepts, batch)
+    scores = chunk_scores(model, windows, n_concepts, batch, sp=sp)
+    chunk = macro_detection(scores, windows.labels(n_concepts), min_positives)
+    return chunk, token_detection(sp, windows, model.config.objective, token_concepts,
+                                  min_positives)

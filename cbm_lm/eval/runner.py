@@ -97,19 +97,28 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
         missing["baseline_perplexity"] = "no --baseline_workdir given"
 
     progress.start("concepts", f"chunk-level detection of {n_concepts} concepts")
-    det = concept_detection(model, windows, n_concepts, min_positives=opts.min_positives,
-                            batch=opts.batch)
+    token_level = [c.id for c in corpus.concepts.concepts if c.level == "token"]
+    det, tok = concept_detection(model, windows, n_concepts, min_positives=opts.min_positives,
+                                 batch=opts.batch, token_concepts=token_level)
     metrics["concept_auroc_macro"], metrics["concept_prauc_macro"] = det.auroc_macro, det.prauc_macro
     details["concept_detection"] = {
         "concepts_counted": det.num_concepts, "chunks": det.num_chunks,
         "min_positives": opts.min_positives,
         "by_group": det.by_group(corpus.concepts.name),
-        "per_concept": [dict(p, name=corpus.concepts.name(p["id"])) for p in det.per_concept]}
+        "per_concept": [dict(p, name=corpus.concepts.name(p["id"])) for p in det.per_concept],
+        # token-level concepts (no chunk labels): AUROC per position against the token labels
+        "token_level": {
+            "auroc_macro": tok.auroc_macro, "prauc_macro": tok.prauc_macro,
+            "concepts_counted": tok.num_concepts, "positions": tok.num_chunks,
+            "by_group": tok.by_group(corpus.concepts.name),
+            "per_concept": [dict(p, name=corpus.concepts.name(p["id"]))
+                            for p in tok.per_concept]}}
     if det.auroc_macro is None:
         for k in ("concept_auroc_macro", "concept_prauc_macro"):
             missing[k] = (f"no concept has {opts.min_positives} positive chunks in the "
                           f"{windows.num_rows} held-out windows")
-    progress.finish(f"AUROC {det.auroc_macro} over {det.num_concepts} concepts")
+    progress.finish(f"AUROC {det.auroc_macro} over {det.num_concepts} concepts; token-level "
+                    f"{tok.auroc_macro} over {tok.num_concepts} concepts")
 
     progress.start("dead", f"real concepts never in the known head's active set")
     dead = dead_concepts(model, windows, n_concepts, batch=opts.batch)
