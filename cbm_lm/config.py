@@ -353,11 +353,13 @@ class ProvenanceConfig:
                 f"must be >= 0 with a positive sum, got {weights}")
         p.choice(self.pool_weights, f"{prefix}.pool_weights", POOL_WEIGHTS)
         p.check(self.max_chunks_per_row >= 1, f"{prefix}.max_chunks_per_row", "must be >= 1")
-        # The train step does not train the learned head yet: refuse a weight that would
-        # silently do nothing (W would stay 0, which is the fixed key).
-        p.check(self.contrastive_weight == 0, f"{prefix}.contrastive_weight",
-                f"must be 0: training the learned key head is not implemented yet (its W stays "
-                f"0, the fixed key); got {self.contrastive_weight}")
+        p.check(self.contrastive_weight >= 0, f"{prefix}.contrastive_weight",
+                f"must be >= 0, got {self.contrastive_weight}")
+        # The weight trains the learned head's W; the fixed head has nothing it could train.
+        p.check(self.contrastive_weight <= 0 or self.head == "learned",
+                f"{prefix}.contrastive_weight",
+                f"trains the learned key head: > 0 needs {prefix}.head='learned', got "
+                f"contrastive_weight={self.contrastive_weight} with head={self.head!r}")
         p.check(self.contrastive_temperature > 0, f"{prefix}.contrastive_temperature",
                 "must be > 0")
         p.check(0 <= self.token_dropout < 1, f"{prefix}.token_dropout", "must be in [0, 1)")

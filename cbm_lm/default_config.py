@@ -160,9 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
         known_weight=0.2, unknown_weight=0.2, hidden_weight=0.2, lexical_weight=1.0,
         pool_weights="surprisal",  # surprisal (the model's -log p per token) | uniform
         max_chunks_per_row=64,   # chunk slots per packed row; extra chunks get no key
-        contrastive_weight=0.0,  # learned head's InfoNCE weight; must be 0 (not trained yet)
+        # learned head's InfoNCE weight (> 0 needs head="learned"; objectives/key_contrastive.py)
+        contrastive_weight=0.0,
         contrastive_temperature=0.05,
-        token_dropout=0.15,      # autoregressive second view: fraction of tokens masked
+        token_dropout=0.15,      # token-dropout views (AR): fraction of a view's tokens dropped
         log_keys=False,          # training-time key logging to WORKDIR/provenance/keys
         max_sources=64,          # rows of the concept x source mass (source ids must fit)
         exact_max_keys=262144,   # faiss: exact inner product up to this many keys, IVF-PQ above

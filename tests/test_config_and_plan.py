@@ -54,8 +54,10 @@ def test_block_causal_scales_refuse_an_autoregressive_override(name):
     ("loss", "epsilon_dropout", 1.5, ["loss.epsilon_dropout", "[0, 1]"]),
     ("data", "process_split", "Rows", ["data.process_split", "('documents', 'rows')"]),
     ("data", "seq_len", 512, ["data.seq_len", "model.max_seq_len=256"]),
-    # Nothing trains the learned key head yet: a weight would silently do nothing.
-    ("provenance", "contrastive_weight", 0.5, ["provenance.contrastive_weight", "not implemented"]),
+    # The weight trains the learned key head's W; the fixed head (the default) has none.
+    ("provenance", "contrastive_weight", 0.5,
+     ["provenance.contrastive_weight", "provenance.head='learned'", "head='fixed'"]),
+    ("provenance", "contrastive_weight", -0.1, ["provenance.contrastive_weight", ">= 0"]),
 ])
 def test_each_bad_field_is_refused_with_its_allowed_values(section, field, value, needles):
     cfg = load_config("tiny")     # autoregressive + causal: valid as shipped

@@ -13,6 +13,12 @@ a document keeps its own): h'_i = h_{i-1}. Every row of LMOutput then still desc
 the prediction of token i, so samplers, the decomposition and steering read it
 unchanged, while the network predicts each token from the position before it, exactly
 as a next-token model does; AR training carries over to diffusion (train/losses.py).
+
+With a ProvenanceConfig that trains the learned key head (``trains_key_head``: head
+"learned", contrastive_weight > 0) the model also carries ``provenance_head``, a
+ChunkProvenanceHead whose mix W [4 d_p, d_p] is a param like any other: the train step
+trains it (objectives/key_contrastive.py), checkpoints hold it, and re-keying
+(provenance/rekey.py ``make_head``) uses it. The forward pass never reads it.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbm_lm.config import ModelConfig
+from cbm_lm.config import ModelConfig, ProvenanceConfig
 from cbm_lm.model.backbone import Backbone
 from cbm_lm.model.concepts import ConceptActivations
 from cbm_lm.model.layers import normal, param, token_dot
+from cbm_lm.model.provenance import ChunkProvenanceHead, trains_key_head
 from cbm_lm.model.rewrite import ConceptRewrite
 
 
@@ -70,13 +77,18 @@ def shift_to_predictions(h: jax.Array, positions: jax.Array, segment_ids: jax.Ar
 
 
 class ConceptBottleneckLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+                 provenance: ProvenanceConfig | None = None):
+        """provenance: the run's provenance section; the model carries the learned key
+        head when it trains one (module docstring)."""
         self.config = cfg
         self.backbone = Backbone(cfg, rngs=rngs)
         self.rewrite = ConceptRewrite(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
                                  ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
+        if trains_key_head(provenance):
+            self.provenance_head = ChunkProvenanceHead(provenance, cfg, rngs=rngs)
 
     def unembedding(self) -> jax.Array:
         """W [V,D]: logits = composed W^T."""
@@ -132,11 +144,13 @@ class ConceptBottleneckLM(nnx.Module):
                         rw.unknown_features, rw.epsilon, rw.composed, kv_cache)
 
 
-def abstract_lm(cfg: ModelConfig):
+def abstract_lm(cfg: ModelConfig, provenance: ProvenanceConfig | None = None):
     """(graphdef, param State of ShapeDtypeStructs) of the model; nothing is allocated.
+    provenance: as for ConceptBottleneckLM (adds the learned key head's W when trained).
 
     The model holds only nnx.Param state, so ``nnx.merge(graphdef, params)``
     rebuilds a live module from any params of this structure.
     """
-    abstract = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: ConceptBottleneckLM(cfg, rngs=nnx.Rngs(0),
+                                                          provenance=provenance))
     return nnx.split(abstract, nnx.Param)

@@ -29,7 +29,8 @@ names are too alike to tell facts apart); with surprisal weights it is a
 sketch of the chunk's token and bigram bag weighted by how much each token
 told the model, so names and numbers dominate it (bigrams keep a name that
 spans several sub-word tokens together). The learned map starts at the
-fixed key (W = 0) and is trained with ``contrastive_loss``.
+fixed key (W = 0) and is trained with ``contrastive_loss`` between two views of each
+chunk from the train step's own pass (objectives/key_contrastive.py).
 
 Shapes: w, i [B,T,S] (the heads' active sets, never [B,T,C]); h [B,T,D];
 x, segment ids [B,T]; logits [B,T,V]; chunk slots M = ``max_chunks_per_row``:
@@ -62,9 +63,17 @@ class ChunkKeys(NamedTuple):
     tokens: jax.Array   # [B,M] int32 tokens pooled into the slot
 
 
+def trains_key_head(cfg: ProvenanceConfig | None) -> bool:
+    """Whether training learns the key head's W (head "learned", contrastive_weight > 0):
+    then the model carries the head (model/lm.py) and the loss has the contrastive term."""
+    return cfg is not None and cfg.head == "learned" and cfg.contrastive_weight > 0
+
+
 def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """x / max(|x|, eps) along ``axis``."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), _EPS)
+    """x / max(|x|, eps) along ``axis``, as x / sqrt(max(|x|^2, eps^2)): the same value, and a
+    finite gradient at x = 0 (a key slot with no chunk), where d|x|/dx = x/|x| is 0/0."""
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(sq, _EPS * _EPS))
 
 
 def chunk_onehot(chunk_segment_ids: jax.Array, max_chunks: int) -> jax.Array:

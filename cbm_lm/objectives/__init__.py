@@ -8,6 +8,8 @@ from cbm_lm.objectives.concept_loss import (
     sample_negative_ids, shared_logits, soft_or_probability)
 from cbm_lm.objectives.diffusion import (
     T_BUCKETS, corrupt, diffusion_loss, diffusion_loss_from_ce, noise_rate, token_cross_entropy)
+from cbm_lm.objectives.key_contrastive import (KeyView, key_contrastive_loss,
+                                               token_dropout_views)
 from cbm_lm.objectives.label_alignment import align_labels_to_predictions
 from cbm_lm.objectives.regularizers import independence_loss, reconstruction_loss
 from cbm_lm.objectives.schedules import (
@@ -15,7 +17,8 @@ from cbm_lm.objectives.schedules import (
     mask_lookahead, sample_epsilon_dropout, teacher_forcing_alpha, training_fraction)
 
 __all__ = [
-    "T_BUCKETS", "align_labels_to_predictions", "ar_warmup_steps", "in_ar_phase",
+    "KeyView", "T_BUCKETS", "align_labels_to_predictions", "key_contrastive_loss",
+    "token_dropout_views", "ar_warmup_steps", "in_ar_phase",
     "mask_lookahead", "chunk_concept_loss", "chunk_sums",
     "ce_and_hit", "chunked_token_ce", "concept_auroc", "corrupt", "diffusion_loss", "diffusion_loss_from_ce",
     "epsilon_dropout_prob", "hold_decay", "independence_loss", "linear_schedule",

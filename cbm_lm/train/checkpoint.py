@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from cbm_lm.config import ModelConfig, logical_rules_from_config
+from cbm_lm.config import ModelConfig, ProvenanceConfig, logical_rules_from_config
 from cbm_lm.model import abstract_lm
 from cbm_lm.parallel.sharding import state_shardings
 from cbm_lm.train.restore_check import config_differences, tree_differences
@@ -157,6 +157,12 @@ def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
     write_config(ckpt_dir, config)
 
 
+def saved_provenance(config: ml_collections.ConfigDict) -> ProvenanceConfig:
+    """The provenance section of a saved config.json (fields it predates take their
+    defaults; a config without the section trained no key head)."""
+    return ProvenanceConfig.from_config(config.get("provenance"))
+
+
 def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
                step: int | None = None, param_dtype=None, dtype: str | None = None):
     """Restores (ConceptBottleneckLM, ConfigDict) from ``ckpt_dir``.
@@ -171,7 +177,8 @@ def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=N
     model_cfg = ModelConfig.from_config(config.model)
     if dtype is not None:
         model_cfg = model_cfg.replace(dtype=dtype, param_dtype=dtype)
-    graphdef, abs_params = abstract_lm(model_cfg)
+    # A run that trained the learned key head saved its W with the params (model/lm.py).
+    graphdef, abs_params = abstract_lm(model_cfg, saved_provenance(config))
     if mesh is None:
         dev = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: dev, abs_params)

@@ -57,16 +57,19 @@ def join_ids(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
 
 
 def step_outputs(views, batch, prov, model_cfg, log_keys: bool,
-                 tables: ProjectionTables | None = None) -> dict:
+                 tables: ProjectionTables | None = None,
+                 head: ChunkProvenanceHead | None = None) -> dict:
     """{"mass": [C_pad,S]} (when the batch has source_ids) and, with ``log_keys``,
     {"keys": {keys, id_hi, id_lo, valid}} for one (micro-)batch; see the module docstring.
-    tables: ``placed_tables`` (drawn in the step when None)."""
+    tables: ``placed_tables`` (drawn in the step when None); head: the model's trained key
+    head (its W as the step read it), else the fixed key."""
     out = {}
     if "source_ids" in batch:
         out["mass"] = mass_update(views.known.indices, views.known.weights, batch["source_ids"],
                                   model_cfg.concepts.n_known_padded, prov.max_sources)
     if log_keys:
-        head = ChunkProvenanceHead(prov, model_cfg, rngs=nnx.Rngs(prov.seed))  # learned: W=0
+        if head is None:   # a learned head nothing trains has W = 0: the fixed key
+            head = ChunkProvenanceHead(prov, model_cfg, rngs=nnx.Rngs(prov.seed))
         lm_out = SimpleNamespace(logits=None, hidden=views.hidden, known=views.known,
                                  unknown=views.unknown)
         ck = head(lm_out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"],

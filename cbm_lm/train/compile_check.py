@@ -118,7 +118,10 @@ def lower_and_compile(cfg, model_cfg: ModelConfig, mesh, rules):
     from cbm_lm.train.state import abstract_train_state, train_state_shardings
     from cbm_lm.train.step import make_train_step
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.num_steps)
-    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx)
+    from cbm_lm.provenance.build import provenance_config
+    # the params hold the learned key head's W when the config trains it (model/lm.py)
+    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx,
+                                                           provenance=provenance_config(cfg))
     shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
     state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -34,7 +34,8 @@ from cbm_lm.provenance.build import provenance_config
 from cbm_lm.parallel.devices import peak_flops_per_device
 from cbm_lm.train.planning import train_flops_per_token
 from cbm_lm.parallel.sharding import logical_to_spec
-from cbm_lm.train.checkpoint import absolute, restore_params
+from cbm_lm.model.provenance import trains_key_head
+from cbm_lm.train.checkpoint import absolute, read_config, restore_params, saved_provenance
 from cbm_lm.train.checkpointer import TrainCheckpointer
 from cbm_lm.train.chunk_keys import ChunkKeyLogger, split_ids
 from cbm_lm.train.data_feed import agreed_eval_batches, process_pipeline
@@ -92,6 +93,16 @@ def _evaluate(eval_step, params, config, per_process_batch, batch_sharding, n_ba
     return {f"eval_{k}": v / max(n_batches, 1) for k, v in totals.items()}
 
 
+def _restore_init_from(init_from, targets: dict, config):
+    """--init_from's params -> (params, step). A checkpoint that trained no key head (e.g. an
+    imported one) gives every param but the head's W, which keeps its init (0: the fixed
+    key) when this run trains one."""
+    if "provenance_head" in targets and not trains_key_head(
+            saved_provenance(read_config(init_from))):
+        targets = {k: v for k, v in targets.items() if k != "provenance_head"}
+    return restore_params(init_from, targets, config=config)
+
+
 def train(config, workdir: str, init_from: str | None = None) -> dict:
     """Runs (or resumes) training; returns the last logged metrics.
 
@@ -114,7 +125,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     per_process_batch = config.data.batch_size // jax.process_count()
     tx, schedule = make_optimizer(config.optimizer, config.train.num_steps)
     prov = provenance_config(config)
-    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx, prov.max_sources)
+    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx, prov.max_sources, prov)
     shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
@@ -128,11 +139,11 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         start = 0
         # --init_from's shapes are checked before anything is initialized: a checkpoint
         # that does not fit is refused at once, not after a model init.
-        loaded = restore_params(init_from, targets.params, config=config) if init_from else None
+        loaded = _restore_init_from(init_from, targets.params, config) if init_from else None
         graphdef, state, _ = init_train_state(model_cfg, tx, config.seed, mesh, rules,
-                                              prov.max_sources)
+                                              prov.max_sources, prov)
         if loaded is not None:
-            state = state.replace(params=loaded[0])
+            state = state.replace(params={**state.params, **loaded[0]})
             print(f"initialized the params from {init_from} (step {loaded[1]})", flush=True)
     else:
         start = int(restored_step)

@@ -1,6 +1,12 @@
 """The training loss: LM objective + concept terms, each weighted and logged.
 
   loss = w_lm * L_lm + w_c * L_concept + w_rec * L_reconstruction + w_ind * L_independence
+         [+ w_p * L_provenance_contrastive]
+
+The last term (provenance.contrastive_weight, when the model carries the learned key head)
+is the key head's InfoNCE between two views of each chunk from this same pass: the noisy and
+clean streams of two-stream diffusion, else two token-dropout views
+(objectives/key_contrastive.py); it trains only the head's W.
 
 L_lm is masked diffusion (block-causal) or next-token CE (causal), per
 ``model.objective``. With ``loss.diffusion_clean_context`` the diffusion loss runs
@@ -137,9 +143,10 @@ class ForwardViews(NamedTuple):
 
 
 def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool = True,
-                   return_views: bool = False):
+                   return_views: bool = False, key_tables=None):
     """Returns (total loss, metrics dict of scalars), plus ForwardViews with ``return_views``.
-    ``batch`` follows the data contract.
+    ``batch`` follows the data contract; key_tables: the key head's ``placed_tables`` for
+    the contrastive term (drawn in the step when None).
 
     Dispatches between the AR warmup and diffusion phases (module docstring); the metrics
     are the union of both phases' (0 where a phase has none) plus ``ar_phase`` (1 / 0),
@@ -158,7 +165,7 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
     def run(objective, la):
         return lambda: _losses(model, batch, rng, step, loss_cfg=loss_cfg, model_cfg=model_cfg,
                                train=train, objective=objective, lookahead=la,
-                               return_views=return_views)
+                               return_views=return_views, key_tables=key_tables)
 
     if not (adapting and ar_frac > 0):
         return run(model_cfg.objective, lookahead)()
@@ -178,7 +185,7 @@ def compute_losses(model, batch, rng, step, *, loss_cfg, model_cfg, train: bool 
 
 
 def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, lookahead,
-            return_views=False):
+            return_views=False, key_tables=None):
     """compute_losses for one ``objective`` (static) and attention ``lookahead`` (None:
     the model's own mask)."""
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
@@ -322,6 +329,23 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
              "concept_loss": (loss_cfg.concept_weight, concept_loss),
              "reconstruction_loss": (loss_cfg.reconstruction_weight, rec),
              "independence_loss": (loss_cfg.independence_weight, ind)}
+    key_head = getattr(model, "provenance_head", None)
+    if train and key_head is not None:   # the learned key head (objectives/key_contrastive.py)
+        def view(part, toks, chunk_seg, nll):
+            unk = None if rw.unknown is None else jax.tree.map(part, rw.unknown)
+            return obj.KeyView(part(h), jax.tree.map(part, rw.known), unk, toks, chunk_seg, nll)
+        chunk_seg = batch["chunk_segment_ids"]
+        if two_stream:   # the noisy stream (its masked tokens) vs the clean one
+            views = (view(lm_part, lm_part(inputs), chunk_seg, None),
+                     view(concept_part, tokens, chunk_seg, None))
+        else:            # two token-dropout views of the one stream
+            nll = None if diffusion else seen_ce["ce"][:, :-1]
+            seg_a, seg_b = obj.token_dropout_views(jax.random.fold_in(rng, 13), chunk_seg,
+                                                   key_head.cfg.token_dropout)
+            views = (view(lm_part, inputs, seg_a, nll), view(lm_part, inputs, seg_b, nll))
+        kc, kc_metrics = obj.key_contrastive_loss(key_head, *views, seg, key_tables)
+        terms["provenance_contrastive_loss"] = (key_head.cfg.contrastive_weight, kc)
+        metrics.update(kc_metrics)
     steer_w = loss_cfg.get("steering_weight", 0.0)
     if train and steer_w:    # optional steering training (objectives/steering_loss.py)
         st, st_metrics = _steering_term(model, batch, jax.random.fold_in(rng, 11), step,

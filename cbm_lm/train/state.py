@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cbm_lm.config import ModelConfig
+from cbm_lm.config import ModelConfig, ProvenanceConfig
 from cbm_lm.model import ConceptBottleneckLM, abstract_lm
 from cbm_lm.parallel.sharding import state_shardings
 
@@ -65,11 +65,12 @@ def shardings_like_params(tree, param_shardings: dict, mesh: Mesh):
 
 
 def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation,
-                         n_sources: int = 64):
+                         n_sources: int = 64, provenance: ProvenanceConfig | None = None):
     """(graphdef, TrainState of ShapeDtypeStructs, param logical State) with no allocation.
 
-    n_sources: columns of the source mass (provenance.max_sources)."""
-    graphdef, abs_params = abstract_lm(model_cfg)
+    n_sources: columns of the source mass (provenance.max_sources); provenance: the run's
+    section (the params hold the learned key head's W when it is trained, model/lm.py)."""
+    graphdef, abs_params = abstract_lm(model_cfg, provenance)
     pure = abs_params.to_pure_dict()
     abs_opt = jax.eval_shape(tx.init, pure)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -90,16 +91,17 @@ def train_state_shardings(abs_state: TrainState, abs_params: nnx.State, mesh: Me
 
 
 def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                     mesh: Mesh, rules, n_sources: int = 64):
+                     mesh: Mesh, rules, n_sources: int = 64,
+                     provenance: ProvenanceConfig | None = None):
     """Initializes the state directly into its shardings (jit with out_shardings).
 
     Returns (graphdef, state, shardings).
     """
-    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx, n_sources)
+    graphdef, abs_state, abs_params = abstract_train_state(model_cfg, tx, n_sources, provenance)
     shardings = train_state_shardings(abs_state, abs_params, mesh, rules)
 
     def init():
-        model = ConceptBottleneckLM(model_cfg, rngs=nnx.Rngs(seed))
+        model = ConceptBottleneckLM(model_cfg, rngs=nnx.Rngs(seed), provenance=provenance)
         params = nnx.state(model, nnx.Param).to_pure_dict()
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params),

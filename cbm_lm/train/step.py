@@ -6,6 +6,8 @@ train_step(state, batch) -> (state, metrics[, chunk keys]):
   params <- AdamW(clip(grads))                                  (optax)
   source_mass += concept x source mass of the batch, and with provenance.log_keys the
   step also returns its chunks' keys and ids, both from the same pass (train/chunk_keys.py)
+When the model carries the learned key head (``trains_key_head``) the loss has its
+contrastive term (objectives/key_contrastive.py), which trains the head's W alone.
 A non-finite update never reaches the params: make_optimizer wraps it in
 ``optax.apply_if_finite``, which leaves params and moments
 untouched for that step. The step counts it in state.skipped and reports
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cbm_lm.model.provenance import placed_tables
+from cbm_lm.model.provenance import placed_tables, trains_key_head
 from cbm_lm.provenance.build import provenance_config
 from cbm_lm.train.chunk_keys import step_outputs
 from cbm_lm.train.losses import compute_losses
@@ -42,7 +44,8 @@ def _split_micro(batch, n: int):
 
 
 def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule, config):
-    """tables: the key head's fixed tables (``placed_tables``) with provenance.log_keys."""
+    """tables: the key head's fixed tables (``placed_tables``) with provenance.log_keys or a
+    trained key head."""
     model_cfg, loss_cfg = config["model_cfg"], config["loss_cfg"]
     accum = config["grad_accum_steps"]
     if not isinstance(state.opt_state, optax.ApplyIfFiniteState):
@@ -55,8 +58,9 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
         model = nnx.merge(graphdef, params)
         total, metrics, views = compute_losses(model, micro, key, state.step, loss_cfg=loss_cfg,
                                                model_cfg=model_cfg, train=True,
-                                               return_views=True)
-        prov = (step_outputs(views, micro, config["prov_cfg"], model_cfg, log_keys, tables)
+                                               return_views=True, key_tables=tables)
+        prov = (step_outputs(views, micro, config["prov_cfg"], model_cfg, log_keys, tables,
+                             head=getattr(model, "provenance_head", None))
                 if config.get("prov_cfg") is not None else {})
         return total, (metrics, prov.get("mass"), prov.get("keys"))
 
@@ -138,13 +142,14 @@ def make_train_step(graphdef, tx, schedule, config, model_cfg, state_shardings, 
     cbm_lm/train/chunk_keys.py; the keys sharded over the batch like the batch)."""
     cfg = step_config(model_cfg, config)
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=cfg)
-    if not cfg["log_keys"]:
+    if not (cfg["log_keys"] or trains_key_head(cfg["prov_cfg"])):
         return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
     tables = placed_tables(cfg["prov_cfg"], model_cfg, batch_sharding.mesh)
+    outs = (state_shardings, None) + ((batch_sharding,) if cfg["log_keys"] else ())
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_sharding,
                                        jax.tree.map(lambda x: x.sharding, tables)),
-                     out_shardings=(state_shardings, None, batch_sharding), donate_argnums=(0,))
+                     out_shardings=outs, donate_argnums=(0,))
     return _WithTables(jitted, tables)
 
 
