@@ -30,7 +30,7 @@ $(STAMP): setup.cfg pyproject.toml tools/install_steerling_reference.sh
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
