@@ -301,6 +301,7 @@ def logical_rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
 PROVENANCE_HEADS = ("fixed", "learned")
 REKEY_CONTEXTS = ("chunk", "document")
 POOL_WEIGHTS = ("surprisal", "uniform")
+LEXICAL_FEATURES = ("words", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +320,7 @@ class ProvenanceConfig:
     hidden_weight: float = 0.2
     lexical_weight: float = 1.0
     pool_weights: str = "surprisal"
+    lexical: str = "words"
     max_chunks_per_row: int = 64
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.05
@@ -352,6 +354,7 @@ class ProvenanceConfig:
                 f"{prefix}.known_weight/unknown_weight/hidden_weight/lexical_weight",
                 f"must be >= 0 with a positive sum, got {weights}")
         p.choice(self.pool_weights, f"{prefix}.pool_weights", POOL_WEIGHTS)
+        p.choice(self.lexical, f"{prefix}.lexical", LEXICAL_FEATURES)
         p.check(self.max_chunks_per_row >= 1, f"{prefix}.max_chunks_per_row", "must be >= 1")
         p.check(self.contrastive_weight >= 0, f"{prefix}.contrastive_weight",
                 f"must be >= 0, got {self.contrastive_weight}")

@@ -159,6 +159,10 @@ def base_config() -> ml_collections.ConfigDict:
         # key = sum of the normalized parts (model/provenance.py), pooled with pool_weights
         known_weight=0.2, unknown_weight=0.2, hidden_weight=0.2, lexical_weight=1.0,
         pool_weights="surprisal",  # surprisal (the model's -log p per token) | uniform
+        # lexical part: words (whole lowercased words, from the tokenizer's vocabulary; keys
+        # re-keyed and queried with the corpus tokenizer) | tokens (tokens + bigrams; what the
+        # train step logs, as it has no tokenizer)
+        lexical="words",
         max_chunks_per_row=64,   # chunk slots per packed row; extra chunks get no key
         # learned head's InfoNCE weight (> 0 needs head="learned"; objectives/key_contrastive.py)
         contrastive_weight=0.0,

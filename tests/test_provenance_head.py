@@ -180,3 +180,30 @@ def test_learned_head_starts_at_the_fixed_key():
     assert learned.mix[...].shape == (4 * PROV.d_p, PROV.d_p)
     np.testing.assert_allclose(np.asarray(_keys(model, learned, batch).keys),
                                np.asarray(_keys(model, fixed, batch).keys), atol=1e-6)
+
+
+class _FakeTokenizer:
+    """Token strings as a BPE might split one name two ways (line start vs mid-sentence)."""
+    strings = ["Tis", "end", " T", "is", " worked", " who", ",", " Tisend", "\n"]
+    vocab_size = len(strings)
+
+    def decode(self, ids):
+        return "".join(self.strings[i] for i in ids)
+
+
+def test_word_features_match_a_word_however_bpe_split_it():
+    from cbm_lm.model.provenance import word_project, word_tables
+    tables = word_tables(_FakeTokenizer(), 12)      # ids past the tokenizer carry no word
+    # row 0: "Tisend worked"; row 1: " who, Tisend" as " who" "," " T" "is" "end";
+    # row 2: " Tisend" as one token, then "\n" (no word) and a padding token
+    x = jnp.asarray([[0, 1, 4, 0, 0], [5, 6, 2, 3, 1], [7, 8, 0, 0, 0]], jnp.int32)
+    seg = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], jnp.int32)
+    g = np.asarray(word_project(0, x, seg, tables, 64))
+    u = g / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-6)
+    tisend = u[0, 0]
+    for r, t in ((0, 1), (1, 2), (1, 3), (1, 4), (2, 0)):
+        np.testing.assert_allclose(u[r, t], tisend, atol=1e-5)
+    assert abs(float(u[0, 2] @ tisend)) < 0.6          # " worked" is another word
+    assert abs(float(u[1, 0] @ tisend)) < 0.6          # " who"
+    assert not g[1, 1].any() and not g[2, 1].any()     # "," and "\n": no word
+    assert not g[0, 3:].any() and not g[2, 2:].any()   # padding

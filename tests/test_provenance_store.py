@@ -97,6 +97,36 @@ def test_source_distribution_on_a_constructed_two_source_corpus():
     assert p[:2].argmax(-1).tolist() == [0, 1]
 
 
+def test_word_expert_decides_a_chunk_whose_concepts_both_sources_share():
+    """Both sources activate only the shared concept c0 (the concepts cannot tell them
+    apart); source A's words hash to bucket 5, B's to bucket 9. A chunk of A's word goes to
+    A, one of B's to B, by the word x source mass alone."""
+    from cbm_lm.provenance.source_mass import WORD_BUCKETS, word_mass_update
+    idx = jnp.zeros((1, 4, 1), jnp.int32)
+    w = jnp.ones((1, 4, 1))
+    src = jnp.asarray([[0, 0, 1, 1]])
+    mass = mass_update(idx, w, src, n_rows=2, n_sources=2)
+    h = jnp.asarray([[5, 5, 9, 9]], jnp.uint32)
+    counted = jnp.asarray([[True, True, True, False]])
+    wmass = np.asarray(word_mass_update(h, counted, src, n_sources=2))
+    assert wmass.shape == (WORD_BUCKETS, 2)
+    assert wmass[5].tolist() == [2, 0] and wmass[9].tolist() == [0, 1] and wmass.sum() == 3
+    seg = jnp.asarray([[1, 1, 2, 2]])
+    q_h = jnp.asarray([[5, 5, 9, 9]], jnp.uint32)
+    q_counted = jnp.asarray([[False, True, False, True]])
+    without = np.asarray(chunk_source_distribution(idx, w, seg, mass, max_chunks=2))[0]
+    np.testing.assert_allclose(without, 0.5, atol=1e-6)      # concepts alone: a tie
+    p = np.asarray(chunk_source_distribution(idx, w, seg, mass, max_chunks=2,
+                                             words=(q_h, q_counted, jnp.asarray(wmass))))[0]
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+    # log P(w|s) = log((W[w,s] + 1) / (sum_w W[w,s] + WORD_BUCKETS))
+    la = np.log(np.array([3.0, 1.0]) / (np.array([2.0, 1.0]) + WORD_BUCKETS))
+    lb = np.log(np.array([1.0, 2.0]) / (np.array([2.0, 1.0]) + WORD_BUCKETS))
+    np.testing.assert_allclose(p[0], np.exp(la) / np.exp(la).sum(), rtol=1e-4)
+    np.testing.assert_allclose(p[1], np.exp(lb) / np.exp(lb).sum(), rtol=1e-4)
+    assert p.argmax(-1).tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("n,exact_max", [(500, 1000), (4000, 1000)])
 def test_index_finds_each_key_itself(tmp_path, n, exact_max):
     rng = np.random.default_rng(0)

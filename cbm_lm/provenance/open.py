@@ -38,7 +38,7 @@ def open_query(workdir, model, config, method: str = "provenance", index: str | 
     corpus = Corpus(build.corpus_dir(config, workdir, corpus_dir))
     retriever = make_retriever(method, workdir, model, config, corpus, index)
     return ProvenanceQuery(model, prov, corpus, retriever, build.load_mass(workdir),
-                           config.data.seq_len)
+                           config.data.seq_len, word_mass=build.load_mass(workdir, "word"))
 
 
 def training_chunk_view(workdir, model, config, k: int = 10, corpus_dir: str | None = None):

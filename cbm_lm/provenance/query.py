@@ -75,11 +75,16 @@ class ProvenanceQuery:
     """Keys text with ``model`` and answers from ``retriever`` (see module docstring)."""
 
     def __init__(self, model, prov: ProvenanceConfig, corpus: Corpus, retriever: Retriever,
-                 mass: np.ndarray | None, seq_len: int):
+                 mass: np.ndarray | None, seq_len: int, word_mass: np.ndarray | None = None):
         self.model, self.prov, self.corpus = model, prov, corpus
+        self.word_mass = word_mass
         self.retriever, self.mass, self.seq_len = retriever, mass, seq_len
         self.lookup = ChunkLookup(corpus)
-        self.key_fn = make_key_fn(model, prov)
+        # key queries with the lexical features of the index's keys (indexes built before
+        # the field existed hold tokens + bigrams)
+        meta = getattr(getattr(retriever, "index", None), "meta", None)
+        self.lexical = meta.get("lexical", "tokens") if meta is not None else prov.lexical
+        self.key_fn = make_key_fn(model, prov, tokenizer=corpus.tokenizer, lexical=self.lexical)
         self.max_chunk_tokens = int(corpus.manifest.get("max_chunk_tokens", seq_len))
 
     def encode(self, texts: Sequence[str]) -> tuple[_Chunks, list[list[int]]]:
@@ -98,7 +103,8 @@ class ProvenanceQuery:
         for batch in pack_batches(text_units(all_tokens), self.prov.rekey_batch_size,
                                   self.seq_len, self.prov.max_chunks_per_row,
                                   tok.pad_id):
-            res = self.key_fn(batch, mass)
+            res = self.key_fn(batch, mass, None if self.word_mass is None
+                              else self.word_mass[:, :self.prov.max_sources])
             slots = batch["slot_ids"]
             ok = slots >= 0
             keys[slots[ok]] = res["keys"][ok]

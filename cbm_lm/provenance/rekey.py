@@ -1,12 +1,14 @@
 """Keys for packed rows with one checkpoint: the jitted keying function and re-keying.
 
 ``make_key_fn`` jits  params, batch -> (keys [B,M,d_p], valid [B,M],
-source distribution [B,M,S] or None, mass update [C_pad,S])  for one model;
+source distribution [B,M,S] or None, mass update [C_pad,S], and with the corpus
+tokenizer the word x source mass update [WORD_BUCKETS,S])  for one model;
 the forward pass is the model's clean pass (no masking, no dropout).
 
 ``rekey_corpus`` recomputes the key of every training chunk with the given
 checkpoint and writes them as a key store (cbm_lm/provenance/keystore.py),
-plus the concept x source mass of that pass. Multi-host: process p keys the
+plus the concept x source mass of that pass (and its word x source mass,
+``word-mass-p<i>.npy``, when keys get whole-word features). Multi-host: process p keys the
 documents p, p+P, ... and writes its own file set; every process runs the
 same number of batches (short ones padded with empty batches) so the jitted
 step's collectives line up.
@@ -27,13 +29,15 @@ from flax import nnx
 from cbm_lm.config import ModelConfig, ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
-from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables
+from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables, word_hashes, word_tables
 from cbm_lm.provenance import keystore
 from cbm_lm.provenance.packing import pack_batches, record_units
-from cbm_lm.provenance.source_mass import chunk_source_distribution, mass_update
+from cbm_lm.provenance.source_mass import (chunk_source_distribution, mass_update,
+                                           word_mass_update)
 
 DEVICE_FIELDS = ("tokens", "segment_ids", "positions", "chunk_segment_ids", "source_ids")
 MASS_FILE = "mass-p{:05d}.npy"
+WORD_MASS_FILE = "word-mass-p{:05d}.npy"
 
 
 def make_head(prov: ProvenanceConfig, model) -> ChunkProvenanceHead:
@@ -44,35 +48,59 @@ def make_head(prov: ProvenanceConfig, model) -> ChunkProvenanceHead:
     return ChunkProvenanceHead(prov, model.config, rngs=nnx.Rngs(prov.seed))
 
 
-def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None) -> Callable:
-    """Returns key_fn(batch: dict of numpy [B,T], mass or None) -> dict of numpy."""
+def lexical_mode(prov: ProvenanceConfig, tokenizer) -> str:
+    """The lexical features keys get: provenance.lexical where a tokenizer is at hand."""
+    return prov.lexical if tokenizer is not None else "tokens"
+
+
+def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None, tokenizer=None,
+                lexical: str | None = None) -> Callable:
+    """Returns key_fn(batch: dict of numpy [B,T], mass or None) -> dict of numpy.
+
+    tokenizer: the corpus tokenizer; with it (and provenance.lexical "words", or ``lexical``
+    when given) the lexical part of the key is the chunk's whole words (model/provenance.py
+    ``word_project``), else its tokens and bigrams (what the train step logs)."""
     head = make_head(prov, model)
     graphdef, state = nnx.split((model, head))
     n_rows = model.config.concepts.n_known_padded
     tables = placed_tables(head.cfg, model.config,
                            None if batch_sharding is None else batch_sharding.mesh)
+    mode = lexical or lexical_mode(prov, tokenizer)
+    words = (word_tables(tokenizer, model.config.vocab_size)
+             if mode == "words" and tokenizer is not None else None)
 
     @jax.jit
-    def run(state, batch, mass, tables):
+    def run(state, batch, mass, tables, words, word_mass):
         lm, hd = nnx.merge(graphdef, state)
         out = lm(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
         ck = hd(out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"],
-                tables=tables)
+                tables=tables, words=words)
         delta = mass_update(out.known.indices, out.known.weights, batch["source_ids"], n_rows,
                             prov.max_sources)
         res = {"keys": ck.keys, "valid": ck.valid, "mass": delta}
+        wexp = None
+        if words is not None:
+            wh, counted = word_hashes(batch["tokens"], batch["segment_ids"], words)
+            res["word_mass"] = word_mass_update(wh, counted, batch["source_ids"],
+                                                prov.max_sources)
+            if word_mass is not None:
+                wexp = (wh, counted, word_mass)
         if mass is not None:
             res["sources"] = chunk_source_distribution(
                 out.known.indices, out.known.weights, batch["chunk_segment_ids"], mass,
-                prov.max_chunks_per_row)
+                prov.max_chunks_per_row, wexp)
         return res
 
-    def key_fn(batch, mass=None):
+    def key_fn(batch, mass=None, word_mass=None):
+        """word_mass: the word x source mass [WORD_BUCKETS,S] (source distributions with the
+        word expert; used when keys get whole-word features)."""
         dev = {k: np.asarray(batch[k]) for k in DEVICE_FIELDS}
         if batch_sharding is not None:
             dev = {k: jax.make_array_from_process_local_data(batch_sharding, v)
                    for k, v in dev.items()}
-        res = run(state, dev, None if mass is None else jnp.asarray(mass, jnp.float32), tables)
+        res = run(state, dev, None if mass is None else jnp.asarray(mass, jnp.float32), tables,
+                  words, None if word_mass is None or words is None
+                  else jnp.asarray(word_mass, jnp.float32))
         if batch_sharding is not None and jax.process_count() > 1:
             from jax.experimental import multihost_utils
             local = {k: multihost_utils.global_array_to_host_local_array(
@@ -105,13 +133,14 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
     tmp = store.parent / (store.name + ".tmp")
     if tmp.exists() and jax.process_index() == 0:
         tmp.rmtree()
-    key_fn = make_key_fn(model, prov, batch_sharding)
+    key_fn = make_key_fn(model, prov, batch_sharding, tokenizer=corpus.tokenizer)
     pad_id = corpus.tokenizer.pad_id
     units = (u for rec in _process_records(corpus, split)
              for u in record_units(rec, prov.rekey_context, seq_len))
     batches = pack_batches(units, prov.rekey_batch_size, seq_len, prov.max_chunks_per_row, pad_id)
     n_rows = model.config.concepts.n_known_padded
     mass = np.zeros((n_rows, prov.max_sources), np.float64)
+    word_mass = None
     writer = keystore.KeyStoreWriter(tmp, jax.process_index())
     t0, n_chunks, n_batches = time.time(), 0, 0
     empty = None
@@ -120,6 +149,8 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
         valid = batch["slot_ids"] >= 0
         writer.add(batch["slot_ids"][valid], res["keys"][valid], step=0)
         mass += res["mass"]
+        if "word_mass" in res:
+            word_mass = res["word_mass"] + (0.0 if word_mass is None else word_mass)
         n_chunks += int(valid.sum())
         n_batches += 1
         empty = {k: np.zeros_like(v) for k, v in batch.items()}
@@ -136,6 +167,10 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
     buf = io.BytesIO()
     np.save(buf, mass.astype(np.float32), allow_pickle=False)
     (tmp / MASS_FILE.format(jax.process_index())).write_bytes(buf.getvalue())
+    if word_mass is not None:
+        buf = io.BytesIO()
+        np.save(buf, word_mass.astype(np.float32), allow_pickle=False)
+        (tmp / WORD_MASS_FILE.format(jax.process_index())).write_bytes(buf.getvalue())
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("cbm_lm_rekey_written")
@@ -146,9 +181,10 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
     return {"chunks": n_chunks, "batches": n_batches, "seconds": time.time() - t0}
 
 
-def read_mass(store) -> np.ndarray | None:
-    """The summed mass files of a store (None when it has none)."""
-    parts = sorted(epath.Path(store).glob("mass-p*.npy")) if epath.Path(store).exists() else []
+def read_mass(store, pattern: str = "mass-p*.npy") -> np.ndarray | None:
+    """The summed mass files of a store (None when it has none); pattern "word-mass-p*.npy":
+    the word x source mass."""
+    parts = sorted(epath.Path(store).glob(pattern)) if epath.Path(store).exists() else []
     if not parts:
         return None
     return sum(np.load(io.BytesIO(p.read_bytes()), allow_pickle=False).astype(np.float64)
