@@ -3,7 +3,10 @@
 Both steps run on one device at the benchmark shape (benchmarks/configs.py),
 interleaved round by round, each step timed alone. This machine is shared, and
 other work only ever adds time, so the least-disturbed step of each (the minimum,
-as timeit reports) is the estimate; the ratio of medians is reported beside it:
+as timeit reports) is the estimate; the ratio of medians is reported beside it, and the same two ratios in process CPU
+time (``cpu_time_ratio``, ``median_cpu_time_ratio``: all threads' CPU seconds per step,
+which waiting for a core does not inflate; a diagnostic, since under load the wall
+minimum of one side can come from a quieter moment than the other's):
 
   concept_overhead_ratio = min step time (ConceptBottleneckLM, full loss)
                            / min step time (same Backbone + tied LM head, next-token CE)
@@ -66,30 +69,32 @@ def measure_concept_overhead(config, rounds: int = 5, steps: int = 3) -> dict:
                                NamedSharding(mesh, P()))
     plain_step, params, opt_state = make_plain_step(model_cfg, config.optimizer, n_steps)
 
-    def run_cbm(times=None):
+    def run_cbm(times=None, cpu=None):
         nonlocal state
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             state, m = cbm_step(state, batch)
             jax.block_until_ready(m["loss"])
             if times is not None:
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
 
-    def run_plain(times=None):
+    def run_plain(times=None, cpu=None):
         nonlocal params, opt_state
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             params, opt_state, loss = plain_step(params, opt_state, batch)
             jax.block_until_ready(loss)
             if times is not None:
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
 
     with jax.set_mesh(mesh):
         run_cbm(), run_plain()                       # compile + warm up
         peak = measured_matmul_flops()
-        cbm_s, plain_s = [], []
+        cbm_s, plain_s, cbm_c, plain_c = [], [], [], []
         for _ in range(rounds):
-            run_cbm(cbm_s), run_plain(plain_s)
+            run_cbm(cbm_s, cbm_c), run_plain(plain_s, plain_c)
             peak = max(peak, measured_matmul_flops())   # least-disturbed too, every round
     cbm, plain = min(cbm_s), min(plain_s)
     tokens = config.data.batch_size * config.data.seq_len
@@ -97,6 +102,8 @@ def measure_concept_overhead(config, rounds: int = 5, steps: int = 3) -> dict:
     return {"concept_overhead_ratio": cbm / plain, "cbm_step_seconds": cbm,
             "plain_step_seconds": plain,
             "median_ratio": statistics.median(cbm_s) / statistics.median(plain_s),
+            "cpu_time_ratio": min(cbm_c) / min(plain_c),
+            "median_cpu_time_ratio": statistics.median(cbm_c) / statistics.median(plain_c),
             "cbm_step_seconds_all": [round(x, 3) for x in cbm_s],
             "plain_step_seconds_all": [round(x, 3) for x in plain_s], "cbm_train_tokens_per_sec": tokens / cbm,
             "cpu_mfu": model_flops / cbm / peak, "cpu_peak_matmul_flops": peak,
