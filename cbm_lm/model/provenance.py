@@ -307,14 +307,14 @@ def word_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, words: Wo
     word gets the same vector however BPE split it (" Tisend" and "Tisend" at a line's start
     share no token), which is what makes a paraphrase match its source's names."""
     t = tokens.astype(jnp.int32)
-    full, _ = word_hashes(tokens, segment_ids, words)
+    full, counted = word_hashes(tokens, segment_ids, words)
     base = jax.random.fold_in(jax.random.key(seed), 5)
 
     def draw(c):
         return jax.random.normal(jax.random.fold_in(base, c), (d_p,), jnp.float32)
 
     g = jax.vmap(draw)(full.reshape(-1)).reshape(*t.shape, d_p) / jnp.sqrt(jnp.float32(d_p))
-    return jnp.where((words.has[t] & (segment_ids > 0))[..., None], g, 0.0)
+    return jnp.where(counted[..., None], g, 0.0)
 
 
 class ChunkProvenanceHead(nnx.Module):

@@ -65,11 +65,16 @@ def concept_given_source(mass: jax.Array) -> jax.Array:
 WORD_BUCKETS = 1 << 14    # rows of the word x source mass (words hashed into buckets)
 
 
+def word_bucket(word_hash: jax.Array) -> jax.Array:
+    """The word x source mass row [B,T] int32 of each token's word hash [B,T] uint32."""
+    return (word_hash % jnp.uint32(WORD_BUCKETS)).astype(jnp.int32)
+
+
 def word_mass_update(word_hash: jax.Array, counted: jax.Array, source_ids: jax.Array,
                      n_sources: int) -> jax.Array:
     """W for one batch [WORD_BUCKETS, n_sources]: each counted token (model/provenance.py
     ``word_hashes``: its word's hash [B,T], counted [B,T]) adds 1 to its word's bucket."""
-    bucket = (word_hash % jnp.uint32(WORD_BUCKETS)).astype(jnp.int32)[..., None]
+    bucket = word_bucket(word_hash)[..., None]
     return mass_update(bucket, counted.astype(jnp.float32)[..., None], source_ids,
                        WORD_BUCKETS, n_sources)
 
@@ -92,7 +97,7 @@ def chunk_source_distribution(indices: jax.Array, weights: jax.Array,
         word_hash, counted, wmass = words
         wmass = wmass.astype(jnp.float32)
         log_w = jnp.log((wmass + 1.0) / (wmass.sum(axis=0, keepdims=True) + WORD_BUCKETS))
-        bucket = (word_hash % jnp.uint32(WORD_BUCKETS)).astype(jnp.int32)
+        bucket = word_bucket(word_hash)
         c = counted.astype(jnp.float32)
         per_word = jnp.take(log_w, bucket, axis=0) * c[..., None]            # [B,T,S]
         n_words = jnp.einsum("btm,bt->bm", onehot, c)[..., None]
