@@ -146,7 +146,8 @@ CSEG = np.array([[1, 1, 2, 2, 0, 0], [1, 1, 1, 2, 2, 0]], np.int32)
 TOPK = np.array([[[0, 5], [4, 3], [2, 1], [1, 0], [1, 2], [3, 4]],
                  [[3, 2], [0, 4], [5, 1], [5, 0], [2, 3], [1, 5]]], np.int32)
 concept_loss_jit = nnx.jit(chunk_concept_loss,
-                           static_argnames=("n_negatives", "pos_weight", "neg_weight"))
+                           static_argnames=("n_negatives", "pos_weight", "neg_weight",
+                                            "positives"))
 
 
 def _set_head():
@@ -215,6 +216,21 @@ def test_concept_loss_with_negatives_hand_computed(with_topk):
     assert float(aux["n_neg_pairs"]) == len(neg_terms)
     expected_auroc = _np_auroc(pos_s + neg_s, [1] * len(pos_s) + [0] * len(neg_s))
     np.testing.assert_allclose(float(aux["auroc"]), expected_auroc, rtol=1e-6)
+
+
+def test_auroc_is_chunk_detection_under_token_positives():
+    """The trainer's AUROC scores chunks by S_cj under either loss mode (it read a
+    constant 0.5 under positives="token", where the loss forms no chunk sums)."""
+    head = _set_head()
+    rng = jax.random.key(7)
+    neg_ids = [int(i) for i in np.asarray(sample_negative_ids(rng, 5, 6))]
+    _, _, _, neg_s = _reference(neg_ids, None)
+    _, pos_s, _, _ = _reference([], None)
+    expected = _np_auroc(pos_s + neg_s, [1] * len(pos_s) + [0] * len(neg_s))
+    assert expected not in (0.5, 1.0)                         # a ranking that can be wrong
+    _, aux = concept_loss_jit(head, jnp.asarray(HID), CIDS, CSEG, None, rng,
+                              n_negatives=5, positives="token")
+    np.testing.assert_allclose(float(aux["auroc"]), expected, rtol=1e-6)
 
 
 def test_soft_or_matches_brute_force():

@@ -164,8 +164,8 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
       n_neg_pairs     scored (token, negative) pairs (sampled + top-k)
       n_chunks        chunks in the batch
       pos_detected    fraction of positives with P(present) > 0.5
-      auroc           concept_auroc over (chunk, positive) and (chunk, sampled negative)
-                      pairs scored by S_cj (omitted when with_auroc=False: it sorts
+      auroc           concept_auroc over (chunk, chunk-level positive) and (chunk, sampled
+                      negative) pairs scored by S_cj, for either ``positives`` (omitted when with_auroc=False: it sorts
                       B*T*(K+M) entries, all-gathered across data shards)
     """
     b, t, d = hidden.shape
@@ -200,10 +200,9 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
     # one word): a soft-OR over that single token, -log sigmoid(z).
     if positives not in ("soft_or", "token"):
         raise ValueError(f"positives must be 'soft_or' or 'token', got {positives!r}")
-    chunk_level = pos_valid & uniform_over_chunk(jnp.where(pos_valid, pos_ids, -1),
-                                                 chunk_segment_ids)
-    if positives == "token":
-        chunk_level = jnp.zeros_like(chunk_level)
+    chunk_labels = pos_valid & uniform_over_chunk(jnp.where(pos_valid, pos_ids, -1),
+                                                  chunk_segment_ids)
+    chunk_level = jnp.zeros_like(chunk_labels) if positives == "token" else chunk_labels
     token_level = pos_valid & ~chunk_level
     s_pos = chunk_sums(jnp.where(chunk_level, sp_pos, 0.0), chunk_segment_ids)    # [B,T,K]
     chunk_pos_valid = chunk_sums(chunk_level.astype(jnp.int32), chunk_segment_ids) > 0
@@ -241,6 +240,11 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
         / jnp.maximum(n_pos, 1.0),
     }
     if with_auroc:
+        # Chunk detection by S_cj whatever ``positives`` trains (the eval binary's
+        # definition): under "token" the loss scores no chunk sums, so form them here.
+        if positives == "token":
+            s_pos = chunk_sums(jnp.where(chunk_labels, sp_pos, 0.0), chunk_segment_ids)
+            chunk_pos_valid = chunk_sums(chunk_labels.astype(jnp.int32), chunk_segment_ids) > 0
         s_neg = chunk_sums(jnp.where(neg_valid, sp_neg, 0.0), chunk_segment_ids)  # [B,T,M]
         chunk_neg_valid = chunk_sums(neg_valid.astype(jnp.int32), chunk_segment_ids) > 0
         scores = jnp.concatenate([s_pos.reshape(-1), s_neg.reshape(-1)])
