@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from cbm_lm.atomic_io import write_npy_atomic
 from cbm_lm.config import ModelConfig, ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
@@ -164,13 +165,10 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
     writer.flush()
     pdir = keystore.process_dir(tmp, jax.process_index())
     pdir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, mass.astype(np.float32), allow_pickle=False)
-    (tmp / MASS_FILE.format(jax.process_index())).write_bytes(buf.getvalue())
+    write_npy_atomic(tmp / MASS_FILE.format(jax.process_index()), mass.astype(np.float32))
     if word_mass is not None:
-        buf = io.BytesIO()
-        np.save(buf, word_mass.astype(np.float32), allow_pickle=False)
-        (tmp / WORD_MASS_FILE.format(jax.process_index())).write_bytes(buf.getvalue())
+        write_npy_atomic(tmp / WORD_MASS_FILE.format(jax.process_index()),
+                         word_mass.astype(np.float32))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("cbm_lm_rekey_written")
