@@ -74,14 +74,19 @@ def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None, tokenizer=No
     def run(state, batch, mass, tables, words, word_mass):
         lm, hd = nnx.merge(graphdef, state)
         out = lm(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        # each token's whole-word hash, once: the key's lexical part, the word x source mass
+        # and the word expert of the source distributions all read it
+        wh = counted = None
+        if words is not None:
+            wh, counted = word_hashes(batch["tokens"], batch["segment_ids"], words)
         ck = hd(out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"],
-                tables=tables, words=words)
+                tables=tables, words=words,
+                word_hash=None if words is None else (wh, counted))
         delta = mass_update(out.known.indices, out.known.weights, batch["source_ids"], n_rows,
                             prov.max_sources)
         res = {"keys": ck.keys, "valid": ck.valid, "mass": delta}
         wexp = None
         if words is not None:
-            wh, counted = word_hashes(batch["tokens"], batch["segment_ids"], words)
             res["word_mass"] = word_mass_update(wh, counted, batch["source_ids"],
                                                 prov.max_sources)
             if word_mass is not None:
