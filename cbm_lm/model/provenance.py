@@ -40,7 +40,9 @@ line ("Tis" "end") while a question says " T" "is" "end": tokens and bigrams sha
 with words 0.978 (0.990), MRR 0.629 -> 0.928 (BM25, word-level: 1.000). The rest is
 d_p = 256 Johnson-Lindenstrauss noise: the same bags compared exactly (no sketch) reach
 1.000 with words and 0.975 with tokens + bigrams (offline numpy on the same pooled
-surprisal weights, 2026-12-04).
+surprisal weights, 2026-12-04); re-keyed at d_p = 1024 (what gin_configs/tiny.py now sets;
+the tables are seeded, not trained, so d_p changes without retraining) the same checkpoint
+reaches 1.000 (1.000), MRR 0.940.
 The train step has no tokenizer and logs token + bigram keys; each index records which
 features its keys hold (meta "lexical") and queries key alike. The learned map starts at the
 fixed key (W = 0) and is trained with ``contrastive_loss`` between two views of each
