@@ -6,6 +6,7 @@ reader never sees half a file and a failed write leaves the old file intact.
 
 from __future__ import annotations
 
+import io
 import os
 
 from etils import epath
@@ -23,6 +24,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> epath.Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_npy_atomic(path: str | os.PathLike, a) -> epath.Path:
+    """``write_bytes_atomic`` of the .npy of array ``a`` (no pickles)."""
+    import numpy as np
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> epath.Path:

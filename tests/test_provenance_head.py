@@ -207,3 +207,27 @@ def test_word_features_match_a_word_however_bpe_split_it():
     assert abs(float(u[1, 0] @ tisend)) < 0.6          # " who"
     assert not g[1, 1].any() and not g[2, 1].any()     # "," and "\n": no word
     assert not g[0, 3:].any() and not g[2, 2:].any()   # padding
+
+
+def test_word_tables_hash_each_tokens_letters_and_are_cached():
+    """The vectorized tables equal the per-token definition: H(s) = sum_i s_i B^(n-1-i) and
+    B^n mod 2^32 over the lowercased alphanumeric bytes s; one tokenizer's tables are computed
+    once."""
+    from cbm_lm.model import provenance as prov_lib
+
+    tok = _FakeTokenizer()
+    tables = prov_lib.word_tables(tok, 12)
+    for i in range(12):
+        s = tok.decode([i]) if i < tok.vocab_size else ""
+        norm = "".join(ch for ch in s.lower() if ch.isalnum()).encode()
+        h, m = 0, 1
+        for b in norm:
+            h, m = (h * prov_lib._WORD_BASE + b) % 2**32, (m * prov_lib._WORD_BASE) % 2**32
+        assert int(tables.hash[i]) == h and int(tables.mult[i]) == m, i
+        assert bool(tables.has[i]) == bool(norm)
+        assert bool(tables.start[i]) == (i >= tok.vocab_size or not s[:1].isalnum())
+    calls = []
+    tok.decode = lambda ids: calls.append(ids) or _FakeTokenizer.decode(tok, ids)
+    again = prov_lib.word_tables(tok, 12)
+    assert not calls
+    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(tables, again))

@@ -171,9 +171,9 @@ def test_rebuilding_replaces_the_saved_arrays(tmp_path):
     mass.npy instead of failing on the existing file."""
     from etils import epath
 
-    from cbm_lm.provenance.build import _save_npy
+    from cbm_lm.atomic_io import write_npy_atomic
     path = epath.Path(tmp_path) / "mass.npy"
-    _save_npy(path, np.ones((2, 3), np.float32))
-    _save_npy(path, np.full((2, 3), 7.0, np.float32))
+    write_npy_atomic(path, np.ones((2, 3), np.float32))
+    write_npy_atomic(path, np.full((2, 3), 7.0, np.float32))
     np.testing.assert_array_equal(np.load(path), np.full((2, 3), 7.0, np.float32))
     assert [p.name for p in epath.Path(tmp_path).iterdir()] == ["mass.npy"]

@@ -40,7 +40,9 @@ line ("Tis" "end") while a question says " T" "is" "end": tokens and bigrams sha
 with words 0.978 (0.990), MRR 0.629 -> 0.928 (BM25, word-level: 1.000). The rest is
 d_p = 256 Johnson-Lindenstrauss noise: the same bags compared exactly (no sketch) reach
 1.000 with words and 0.975 with tokens + bigrams (offline numpy on the same pooled
-surprisal weights, 2026-12-04).
+surprisal weights, 2026-12-04); re-keyed at d_p = 1024 (what gin_configs/tiny.py now sets;
+the tables are seeded, not trained, so d_p changes without retraining) the same checkpoint
+reaches 1.000 (1.000), MRR 0.940.
 The train step has no tokenizer and logs token + bigram keys; each index records which
 features its keys hold (meta "lexical") and queries key alike. The learned map starts at the
 fixed key (W = 0) and is trained with ``contrastive_loss`` between two views of each
@@ -56,10 +58,12 @@ the rest of the model; the concept parts pool in concept space first ([B,M,C],
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core.spmd import get_logical_axis_rules
 
@@ -245,27 +249,51 @@ class WordTables(NamedTuple):
 _WORD_BASE = 1000003
 
 
+# word_tables of each tokenizer object by vocab_size, as numpy (a query, the eval and the
+# re-keying pass each make a key function; decoding the vocabulary is the cost)
+_WORD_TABLES = weakref.WeakKeyDictionary()
+
+
 def word_tables(tokenizer, vocab_size: int) -> WordTables:
     """``WordTables`` of a tokenizer (token strings decoded one id at a time; ids the
-    tokenizer lacks carry no word). Deterministic in the vocabulary."""
-    import numpy as np
+    tokenizer lacks carry no word). Deterministic in the vocabulary; computed once per
+    tokenizer object and vocab_size."""
+    try:
+        per_tok = _WORD_TABLES.setdefault(tokenizer, {})
+    except TypeError:         # not weak-referenceable or hashable: no cache
+        per_tok = {}
+    if vocab_size not in per_tok:
+        per_tok[vocab_size] = _word_tables_np(tokenizer, vocab_size)
+    return WordTables(*(jnp.asarray(a) for a in per_tok[vocab_size]))
+
+
+def _word_tables_np(tokenizer, vocab_size: int) -> tuple[np.ndarray, ...]:
+    """(start, hash, mult, has) of ``WordTables`` as numpy; the hash is Horner's rule
+    h <- h B + byte over the columns of the [V, longest] byte matrix, in uint32 (wrapping
+    arithmetic is the mod 2^32)."""
     start = np.ones(vocab_size, bool)
-    h = np.zeros(vocab_size, np.uint32)
-    mult = np.ones(vocab_size, np.uint32)
-    has = np.zeros(vocab_size, bool)
+    norms = [b""] * vocab_size
     for i in range(min(vocab_size, tokenizer.vocab_size)):
         try:
             s = tokenizer.decode([i])
         except Exception:   # noqa: BLE001 (an undecodable id carries no word)
             continue
         start[i] = not s[:1].isalnum()
-        norm = "".join(ch for ch in s.lower() if ch.isalnum())
-        hv, mv = 0, 1
-        for b in norm.encode("utf-8"):
-            hv = (hv * _WORD_BASE + b) % (1 << 32)
-            mv = (mv * _WORD_BASE) % (1 << 32)
-        h[i], mult[i], has[i] = hv, mv, bool(norm)
-    return WordTables(jnp.asarray(start), jnp.asarray(h), jnp.asarray(mult), jnp.asarray(has))
+        norms[i] = "".join(ch for ch in s.lower() if ch.isalnum()).encode("utf-8")
+    lens = np.fromiter(map(len, norms), np.int64, vocab_size)
+    width = int(lens.max(initial=0))
+    codes = np.zeros((vocab_size, width), np.uint32)
+    row = np.repeat(np.arange(vocab_size), lens)
+    col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    codes[row, col] = np.frombuffer(b"".join(norms), np.uint8)
+    h = np.zeros(vocab_size, np.uint32)
+    mult = np.ones(vocab_size, np.uint32)
+    base = np.uint32(_WORD_BASE)
+    for j in range(width):
+        on = j < lens
+        h = np.where(on, h * base + codes[:, j], h)
+        mult = np.where(on, mult * base, mult)
+    return start, h, mult, lens > 0
 
 
 def word_hashes(tokens: jax.Array, segment_ids: jax.Array, words: WordTables
@@ -296,7 +324,7 @@ def word_hashes(tokens: jax.Array, segment_ids: jax.Array, words: WordTables
 
 
 def word_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, words: WordTables,
-                 d_p: int) -> jax.Array:
+                 d_p: int, hashes: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """w(word(x_t)) [B,T,d_p]: a Gaussian vector per whole word, keyed by the hash of the
     word's lowercased alphanumeric characters, at every token of the word that carries
     characters (0 elsewhere), so the pooled mean weighs a word by its tokens' pi.
@@ -305,9 +333,11 @@ def word_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, words: Wo
     token) to the token before the next start; its hash is the segmented scan
     (h, p) . (h', p') = (h p' + h', p p') over its tokens, read at its last token. The same
     word gets the same vector however BPE split it (" Tisend" and "Tisend" at a line's start
-    share no token), which is what makes a paraphrase match its source's names."""
+    share no token), which is what makes a paraphrase match its source's names.
+    hashes: ``word_hashes(tokens, segment_ids, words)`` when the caller has them already
+    (the re-keying pass also sums the word x source mass from them)."""
     t = tokens.astype(jnp.int32)
-    full, counted = word_hashes(tokens, segment_ids, words)
+    full, counted = word_hashes(tokens, segment_ids, words) if hashes is None else hashes
     base = jax.random.fold_in(jax.random.key(seed), 5)
 
     def draw(c):
@@ -328,14 +358,16 @@ class ChunkProvenanceHead(nnx.Module):
 
     def parts(self, out, tokens: jax.Array, segment_ids: jax.Array,
               chunk_segment_ids: jax.Array, nll: jax.Array | None = None,
-              tables: ProjectionTables | None = None, words: WordTables | None = None
+              tables: ProjectionTables | None = None, words: WordTables | None = None,
+              word_hash: tuple[jax.Array, jax.Array] | None = None
               ) -> tuple[jax.Array, jax.Array]:
         """Normalized pooled parts [B,M,4,d_p] (known, unknown, hidden, lexical), counts [B,M].
 
         nll [B,T-1]: next-token losses to pool by in place of ``out.logits`` (the train step
         has them without a [B,T,V] tensor); tables: ``projection_tables`` computed once by the
         caller (drawn here when None); words: ``word_tables`` of the tokenizer: the lexical
-        part is then the chunk's whole words (``word_project``), else its tokens + bigrams."""
+        part is then the chunk's whole words (``word_project``), else its tokens + bigrams;
+        word_hash: ``word_hashes`` of these tokens with ``words``, when the caller has them."""
         c = self.cfg
         r = projection_tables(c, self.model_cfg) if tables is None else tables
         onehot = chunk_onehot(chunk_segment_ids, c.max_chunks_per_row)
@@ -349,7 +381,7 @@ class ChunkProvenanceHead(nnx.Module):
         unknown = (jnp.zeros_like(known) if out.unknown is None else pooled_sparse_project(
             onehot, out.unknown.indices, out.unknown.weights, r.unknown, pi))
         if words is not None:
-            lexical = word_project(c.seed, tokens, segment_ids, words, c.d_p)
+            lexical = word_project(c.seed, tokens, segment_ids, words, c.d_p, word_hash)
         else:
             lexical = (jnp.take(r.vocab, tokens.astype(jnp.int32), axis=0) + bigram_project(
                 c.seed, tokens, segment_ids, self.model_cfg.vocab_size, c.d_p))
@@ -363,13 +395,13 @@ class ChunkProvenanceHead(nnx.Module):
 
     def __call__(self, out, tokens: jax.Array, segment_ids: jax.Array,
                  chunk_segment_ids: jax.Array, nll: jax.Array | None = None,
-                 tables: ProjectionTables | None = None, words: WordTables | None = None
-                 ) -> ChunkKeys:
+                 tables: ProjectionTables | None = None, words: WordTables | None = None,
+                 word_hash: tuple[jax.Array, jax.Array] | None = None) -> ChunkKeys:
         """out: the LMOutput of ``tokens`` [B,T] (logits may be None: uniform pooling);
-        nll, tables, words: see ``parts``."""
+        nll, tables, words, word_hash: see ``parts``."""
         c = self.cfg
         parts, counts = self.parts(out, tokens, segment_ids, chunk_segment_ids, nll, tables,
-                                   words)
+                                   words, word_hash)
         lam = jnp.asarray([c.known_weight, c.unknown_weight, c.hidden_weight, c.lexical_weight],
                           jnp.float32)
         u = jnp.einsum("bmpd,p->bmd", parts, lam)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from cbm_lm.atomic_io import write_bytes_atomic
+from cbm_lm.atomic_io import write_npy_atomic
 from cbm_lm.config import ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.default_config import base_config
@@ -78,13 +78,6 @@ def has_store(path) -> bool:
     return p.exists() and any(keystore.segments(d) for d in p.iterdir() if d.name.startswith("p"))
 
 
-def _save_npy(path: epath.Path, a: np.ndarray) -> None:
-    """Writes (or atomically replaces: rebuilding an index over an existing one) an .npy."""
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    write_bytes_atomic(path, buf.getvalue())
-
-
 def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print) -> KeyIndex:
     rows = keystore.read_store(store_path(workdir, name))
     ids, keys = keystore.latest_keys(rows)
@@ -123,17 +116,17 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
               REKEYED: read_mass(store_path(workdir, REKEYED))}
     masses = {k: v for k, v in masses.items() if v is not None and v.sum() > 0}
     for name, m in masses.items():    # each kept, for the benchmark to compare
-        _save_npy(root(workdir) / MASS_OF.format(name), m.astype(np.float32))
+        write_npy_atomic(root(workdir) / MASS_OF.format(name), m.astype(np.float32))
     if masses:
         # the re-keying pass's mass first: it comes from the same clean pass (chunk context,
         # final checkpoint) that keys queries, where the train step's is summed over training
         # passes of a changing model (held-out source accuracy on the demo run: 0.812 vs 0.733)
         name = REKEYED if REKEYED in masses else next(iter(masses))
-        _save_npy(root(workdir) / "mass.npy", masses[name].astype(np.float32))
+        write_npy_atomic(root(workdir) / "mass.npy", masses[name].astype(np.float32))
         log(f"source distributions use the {name} mass ({MASS_KINDS[name]})")
     word_mass = read_mass(store_path(workdir, REKEYED), "word-mass-p*.npy")
     if word_mass is not None and word_mass.sum() > 0:
-        _save_npy(root(workdir) / WORD_MASS, word_mass.astype(np.float32))
+        write_npy_atomic(root(workdir) / WORD_MASS, word_mass.astype(np.float32))
         log("source distributions add the word x source mass of the re-keying pass")
     default = REKEYED if REKEYED in built else LOGGED
     (root(workdir) / "DEFAULT").write_text(default + "\n")

@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from cbm_lm.atomic_io import write_npy_atomic
 from cbm_lm.config import ModelConfig, ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
@@ -73,14 +74,19 @@ def make_key_fn(model, prov: ProvenanceConfig, batch_sharding=None, tokenizer=No
     def run(state, batch, mass, tables, words, word_mass):
         lm, hd = nnx.merge(graphdef, state)
         out = lm(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        # each token's whole-word hash, once: the key's lexical part, the word x source mass
+        # and the word expert of the source distributions all read it
+        wh = counted = None
+        if words is not None:
+            wh, counted = word_hashes(batch["tokens"], batch["segment_ids"], words)
         ck = hd(out, batch["tokens"], batch["segment_ids"], batch["chunk_segment_ids"],
-                tables=tables, words=words)
+                tables=tables, words=words,
+                word_hash=None if words is None else (wh, counted))
         delta = mass_update(out.known.indices, out.known.weights, batch["source_ids"], n_rows,
                             prov.max_sources)
         res = {"keys": ck.keys, "valid": ck.valid, "mass": delta}
         wexp = None
         if words is not None:
-            wh, counted = word_hashes(batch["tokens"], batch["segment_ids"], words)
             res["word_mass"] = word_mass_update(wh, counted, batch["source_ids"],
                                                 prov.max_sources)
             if word_mass is not None:
@@ -164,13 +170,10 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
     writer.flush()
     pdir = keystore.process_dir(tmp, jax.process_index())
     pdir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, mass.astype(np.float32), allow_pickle=False)
-    (tmp / MASS_FILE.format(jax.process_index())).write_bytes(buf.getvalue())
+    write_npy_atomic(tmp / MASS_FILE.format(jax.process_index()), mass.astype(np.float32))
     if word_mass is not None:
-        buf = io.BytesIO()
-        np.save(buf, word_mass.astype(np.float32), allow_pickle=False)
-        (tmp / WORD_MASS_FILE.format(jax.process_index())).write_bytes(buf.getvalue())
+        write_npy_atomic(tmp / WORD_MASS_FILE.format(jax.process_index()),
+                         word_mass.astype(np.float32))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("cbm_lm_rekey_written")
