@@ -45,7 +45,9 @@ VARIANTS = {
     "cfg_dropout_0.1": ["loss.cfg_dropout=0.1"],
     "independence_report": ["loss.independence_normalization=report"],
     "all_known_slots": ["data.known_concepts_from_corpus=False"],
-    "topk16": ["model.concepts.known_topk=16"],
+    "topk8": ["model.concepts.known_topk=8"],      # tiny.py keeps the top-16
+    "topk32": ["model.concepts.known_topk=32"],
+    "concept_balance": ["loss.concept_balance=concept"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
 }

@@ -18,7 +18,8 @@ LOSS_CHOICES = {"diffusion_noise": ("uniform", "gaussian"),
                 "teacher_forcing_schedule": ("linear", "report"),
                 "reconstruction_target": ("predicted", "labels"),
                 "independence_normalization": ("population", "report"),
-                "concept_positives": ("soft_or", "token")}
+                "concept_positives": ("soft_or", "token"),
+                "concept_balance": ("none", "concept")}
 
 
 def check_loss_fields(loss: Mapping[str, Any], p: Problems) -> None:

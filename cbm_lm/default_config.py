@@ -106,6 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
         concept_negatives=64,           # sampled negative concepts per batch
         concept_positives="soft_or",    # chunk label: soft-OR over its tokens | "token":
                                         # every labelled token scored -log sigmoid(z)
+        concept_balance="none",         # positive term: mean over pairs | "concept": mean
+                                        # over the batch's labelled concepts of their means
         reconstruction_weight=1.0,
         reconstruction_target="predicted",  # sg(h - k_pred) | "labels": sg(h - k_gt) (report)
         independence_weight=0.1,

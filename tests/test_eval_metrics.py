@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cbm_lm.eval.concept_detection import chunk_scores, macro_detection
+from cbm_lm.eval.concept_detection import chunk_positions, chunk_scores, macro_detection
 from cbm_lm.eval.deletion import deletion_auc
 from cbm_lm.eval.forward import forward
 from cbm_lm.eval.heldout import HeldoutChunk, HeldoutWindows
@@ -67,6 +67,9 @@ def test_chunk_scores_are_the_soft_or_of_the_dense_logits():
         # autoregressive: the positions predicting tokens start..end-1 are start-1..end-2
         np.testing.assert_allclose(got[i], sp[c.row, max(c.start - 1, 0):c.end - 1].sum(0),
                                    rtol=1e-5)
+    n = chunk_positions(w, "autoregressive")
+    np.testing.assert_array_equal(
+        n, [c.end - 1 - max(c.start - 1, 0) for c in w.chunks])
     # P(present) = 1 - prod(1 - sigmoid(z)) ranks like the score
     p = 1 - np.prod(1 - 1 / (1 + np.exp(-z[0, 0:3])), axis=0)
     np.testing.assert_allclose(p, 1 - np.exp(-got[0]), rtol=1e-5)

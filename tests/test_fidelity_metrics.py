@@ -117,3 +117,42 @@ def test_token_positives_score_every_labelled_token():
     with pytest.raises(ValueError, match="positives"):
         chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
                            n_negatives=0, positives="chunk")
+
+
+def test_concept_balanced_positives_by_hand():
+    """balance="concept": mean over labelled concepts of each concept's mean positive term."""
+    head = ConceptHead(n_concepts=4, n_padded=4, d_model=3, rank=0, topk=2, report_topk=None,
+                       block_size=4, dense_threshold=100, clip=15.0,
+                       axis_name="known_concepts", init_std=0.5, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    p = rng.normal(size=(4, 3)).astype(np.float32)
+    head.predictor[...] = jnp.asarray(p)
+    h = rng.normal(size=(1, 5, 3)).astype(np.float32)
+    # chunk 1 (tokens 0-2): chunk label 0 in slot 0; token label 2 at tokens 0, 1;
+    # chunk 2 (token 3): chunk label 1 twice (counted once); token 4 padding
+    ids = np.array([[[0, 2], [0, 2], [0, -1], [1, 1], [-1, -1]]], np.int32)
+    seg = np.array([[1, 1, 1, 2, 0]], np.int32)
+    z = h[0].astype(np.float64) @ p.T.astype(np.float64)
+    nls = lambda t, j: np.logaddexp(0, -z[t, j])                   # -log sigmoid
+    sp = lambda t, j: np.logaddexp(0, z[t, j])                      # softplus
+    by_concept = {0: [nls(0, 0), nls(1, 0), nls(2, 0)], 1: [nls(3, 1)], 2: [nls(0, 2), nls(1, 2)]}
+    want = np.mean([np.mean(v) for v in by_concept.values()])
+    tok, _ = chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
+                                n_negatives=0, positives="token", with_auroc=False,
+                                balance="concept")
+    np.testing.assert_allclose(float(tok), want, rtol=1e-5)
+    plain, _ = chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
+                                  n_negatives=0, positives="token", with_auroc=False)
+    np.testing.assert_allclose(float(plain), np.mean(sum(by_concept.values(), [])), rtol=1e-5)
+    # soft-OR: concept 0 is one chunk pair (-log(1 - exp(-S))), concept 1 one, concept 2 the
+    # token-level slot at tokens 0 and 1
+    s0 = sum(sp(t, 0) for t in range(3))
+    soft = {0: [-np.log(-np.expm1(-s0))], 1: [-np.log(-np.expm1(-sp(3, 1)))],
+            2: by_concept[2]}
+    got, _ = chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
+                                n_negatives=0, with_auroc=False, balance="concept")
+    np.testing.assert_allclose(float(got), np.mean([np.mean(v) for v in soft.values()]),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="balance"):
+        chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
+                           n_negatives=0, balance="class")

@@ -53,6 +53,10 @@ class ConceptDetection:
     num_concepts: int          # concepts that qualified
     num_chunks: int
     per_concept: list[dict]    # {id, auroc, prauc, positives}
+    # diagnostic: the same macro with S_cj / (positions predicting chunk c), the mean
+    # softplus; chunks run from 2 to 64 positions, and S grows with length for every
+    # concept while the labels are the document's (README "Fidelity")
+    mean_pooled_auroc_macro: float | None = None
 
     def by_group(self, name_of) -> dict[str, dict]:
         """{group: {concepts, auroc, prauc}} means over the counted concepts of each group."""
@@ -116,6 +120,12 @@ def chunk_scores(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts
     return scores
 
 
+def chunk_positions(windows: HeldoutWindows, objective: str) -> np.ndarray:
+    """[n_chunks] int: positions predicting each chunk's tokens (chunk_scores' summands)."""
+    target = predicted_chunk_of(windows.chunk_of, objective)
+    return np.bincount(target[target >= 0], minlength=len(windows.chunks))
+
+
 def token_detection(sp: np.ndarray, windows: HeldoutWindows, objective: str,
                     concept_ids, min_positives: int = 5) -> ConceptDetection:
     """Per-position AUROC of the token-level concepts ``concept_ids`` (module docstring).
@@ -173,6 +183,10 @@ def concept_detection(model: ConceptBottleneckLM, windows: HeldoutWindows, n_con
     """(chunk-level detection of all concepts, per-position detection of ``token_concepts``)."""
     sp = position_softplus(model, windows, n_concepts, batch)
     scores = chunk_scores(model, windows, n_concepts, batch, sp=sp)
-    chunk = macro_detection(scores, windows.labels(n_concepts), min_positives)
+    labels = windows.labels(n_concepts)
+    chunk = macro_detection(scores, labels, min_positives)
+    n = chunk_positions(windows, model.config.objective)
+    mean = macro_detection(scores / np.maximum(n, 1)[:, None], labels, min_positives)
+    chunk = dataclasses.replace(chunk, mean_pooled_auroc_macro=mean.auroc_macro)
     return chunk, token_detection(sp, windows, model.config.objective, token_concepts,
                                   min_positives)

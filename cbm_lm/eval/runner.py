@@ -103,6 +103,7 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
     metrics["concept_auroc_macro"], metrics["concept_prauc_macro"] = det.auroc_macro, det.prauc_macro
     details["concept_detection"] = {
         "concepts_counted": det.num_concepts, "chunks": det.num_chunks,
+        "mean_pooled_auroc_macro": det.mean_pooled_auroc_macro,
         "min_positives": opts.min_positives,
         "by_group": det.by_group(corpus.concepts.name),
         "per_concept": [dict(p, name=corpus.concepts.name(p["id"])) for p in det.per_concept],

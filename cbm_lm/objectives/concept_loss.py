@@ -151,12 +151,15 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
                        chunk_segment_ids: jax.Array, topk_ids: jax.Array | None,
                        rng: jax.Array, *, n_negatives: int, pos_weight: float = 1.0,
                        neg_weight: float = 1.0, with_auroc: bool = True,
-                       positives: str = "soft_or", topk_logits: jax.Array | None = None
-                       ) -> tuple[jax.Array, dict]:
+                       positives: str = "soft_or", topk_logits: jax.Array | None = None,
+                       balance: str = "none") -> tuple[jax.Array, dict]:
     """Soft-OR BCE of ``head`` (a ConceptHead) against chunk labels; see the module docstring.
 
     topk_logits [B,T,k]: the forward's capped logits of ``topk_ids`` (reused, not
     recomputed); None scores them again from ``hidden``.
+    balance: "none" (the positive term is the mean over positive pairs) or
+    "concept" (the mean over the concepts labelled in the batch of each concept's
+    mean positive term; see ``concept_balanced_mean``).
 
     Returns (loss scalar, aux) with aux:
       pos_loss, neg_loss, neg_sampled_loss, neg_topk_loss   the mean terms
@@ -211,9 +214,22 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
     n_pos_token = jnp.sum(token_level.astype(jnp.float32))
     n_pos = n_pos_chunk + n_pos_token
     pos_terms = positive_bce(jnp.where(chunk_pos_valid, s_pos, 1.0))
-    pos_sum = (jnp.sum(jnp.where(chunk_pos_valid, pos_terms, 0.0))
-               + jnp.sum(jnp.where(token_level, tok_terms, 0.0)))
-    pos_loss = pos_sum / jnp.maximum(n_pos, 1.0)
+    if balance == "concept":
+        # the id of a chunk-level (chunk, slot) pair: the slot's id, the same at every token
+        chunk_ids_of = jax.vmap(lambda v, i: jax.ops.segment_max(v, i, t))(
+            jnp.where(chunk_level, pos_ids, -1).reshape(b, t, k),
+            chunk_segment_ids.astype(jnp.int32) - 1)                               # [B,T,K]
+        pos_loss = concept_balanced_mean(
+            jnp.concatenate([pos_terms.reshape(-1), tok_terms.reshape(-1)]),
+            jnp.concatenate([chunk_ids_of.reshape(-1), pos_ids.reshape(-1)]),
+            jnp.concatenate([chunk_pos_valid.reshape(-1), token_level.reshape(-1)]),
+            head.n_concepts)
+    elif balance == "none":
+        pos_sum = (jnp.sum(jnp.where(chunk_pos_valid, pos_terms, 0.0))
+                   + jnp.sum(jnp.where(token_level, tok_terms, 0.0)))
+        pos_loss = pos_sum / jnp.maximum(n_pos, 1.0)
+    else:
+        raise ValueError(f"balance must be 'none' or 'concept', got {balance!r}")
 
     # (b) + (c) negatives: per-token softplus.
     neg_sum = jnp.sum(jnp.where(neg_valid, sp_neg, 0.0))
@@ -252,6 +268,24 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
         mask = jnp.concatenate([chunk_pos_valid.reshape(-1), chunk_neg_valid.reshape(-1)])
         aux["auroc"] = concept_auroc(sg(scores), labels, mask)
     return loss, aux
+
+
+def concept_balanced_mean(terms: jax.Array, ids: jax.Array, valid: jax.Array,
+                          n_concepts: int) -> jax.Array:
+    """Mean over the concepts with a valid pair of each concept's mean term.
+
+    terms, ids, valid [P]. Pair p weighs 1 / (n_j * J), n_j the valid pairs of its
+    concept j, J the concepts with any: a concept on thousands of tokens (a play's
+    label on every token of its scenes) and one on a single gloss document weigh
+    the same, where the plain mean over pairs lets the frequent labels decide the
+    ranking of the head's logits (and the rare ones never reach a token's top-k).
+    O(P + C): one segment sum of counts over the concept axis.
+    """
+    ids = jnp.where(valid, ids, 0).astype(jnp.int32)
+    counts = jax.ops.segment_sum(valid.astype(jnp.float32), ids, n_concepts)        # [C]
+    n_labelled = jnp.sum((counts > 0).astype(jnp.float32))
+    weight = jnp.where(valid, 1.0 / jnp.maximum(counts[ids], 1.0), 0.0)
+    return jnp.sum(jnp.where(valid, terms, 0.0) * weight) / jnp.maximum(n_labelled, 1.0)
 
 
 def pooled_label_features(head, concept_ids: jax.Array) -> jax.Array:

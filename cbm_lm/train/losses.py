@@ -315,7 +315,7 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
         n_negatives=loss_cfg.concept_negatives,
         pos_weight=loss_cfg.concept_pos_weight, neg_weight=loss_cfg.concept_neg_weight,
         positives=loss_cfg.get("concept_positives", "soft_or"),
-        topk_logits=known_c.topk_logits)
+        topk_logits=known_c.topk_logits, balance=loss_cfg.get("concept_balance", "none"))
     if rw.unknown is not None:
         unknown_c = concept_part(rw.unknown_features)
         rec_known = k_gt if loss_cfg.reconstruction_target == "labels" else known_c.features
