@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 
 from cbm_lm.atomic_io import write_npy_atomic
-from cbm_lm.config import ModelConfig, ProvenanceConfig
+from cbm_lm.config import ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
 from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables, word_hashes, word_tables
