@@ -302,6 +302,7 @@ PROVENANCE_HEADS = ("fixed", "learned")
 REKEY_CONTEXTS = ("chunk", "document")
 POOL_WEIGHTS = ("surprisal", "uniform")
 LEXICAL_FEATURES = ("words", "tokens")
+HASHED_VECTORS = ("signs", "gaussian")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +322,7 @@ class ProvenanceConfig:
     lexical_weight: float = 1.0
     pool_weights: str = "surprisal"
     lexical: str = "words"
+    hashed_vectors: str = "signs"
     max_chunks_per_row: int = 64
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.05
@@ -355,6 +357,7 @@ class ProvenanceConfig:
                 f"must be >= 0 with a positive sum, got {weights}")
         p.choice(self.pool_weights, f"{prefix}.pool_weights", POOL_WEIGHTS)
         p.choice(self.lexical, f"{prefix}.lexical", LEXICAL_FEATURES)
+        p.choice(self.hashed_vectors, f"{prefix}.hashed_vectors", HASHED_VECTORS)
         p.check(self.max_chunks_per_row >= 1, f"{prefix}.max_chunks_per_row", "must be >= 1")
         p.check(self.contrastive_weight >= 0, f"{prefix}.contrastive_weight",
                 f"must be >= 0, got {self.contrastive_weight}")

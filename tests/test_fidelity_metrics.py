@@ -93,15 +93,20 @@ def test_macro_detection_matches_pairwise_auroc():
     assert set(groups) == {"a", "b"} and groups["a"]["concepts"] == 1
 
 
-def test_token_positives_score_every_labelled_token():
-    """positives="token": mean over (token, distinct label) of -log sigmoid(z_tj)."""
+def _random_head(seed: int):
+    """A 4-concept dense head with random predictor p [4,3] and hidden states h [1,5,3]."""
     head = ConceptHead(n_concepts=4, n_padded=4, d_model=3, rank=0, topk=2, report_topk=None,
                        block_size=4, dense_threshold=100, clip=15.0,
                        axis_name="known_concepts", init_std=0.5, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     p = rng.normal(size=(4, 3)).astype(np.float32)
     head.predictor[...] = jnp.asarray(p)
-    h = rng.normal(size=(1, 5, 3)).astype(np.float32)
+    return head, p, rng.normal(size=(1, 5, 3)).astype(np.float32)
+
+
+def test_token_positives_score_every_labelled_token():
+    """positives="token": mean over (token, distinct label) of -log sigmoid(z_tj)."""
+    head, p, h = _random_head(1)
     ids = np.array([[[0, 2], [0, 2], [0, -1], [1, 1], [-1, -1]]], np.int32)   # slot 1 token-level
     seg = np.array([[1, 1, 1, 2, 0]], np.int32)
     z = h[0].astype(np.float64) @ p.T.astype(np.float64)
@@ -121,13 +126,7 @@ def test_token_positives_score_every_labelled_token():
 
 def test_concept_balanced_positives_by_hand():
     """balance="concept": mean over labelled concepts of each concept's mean positive term."""
-    head = ConceptHead(n_concepts=4, n_padded=4, d_model=3, rank=0, topk=2, report_topk=None,
-                       block_size=4, dense_threshold=100, clip=15.0,
-                       axis_name="known_concepts", init_std=0.5, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(2)
-    p = rng.normal(size=(4, 3)).astype(np.float32)
-    head.predictor[...] = jnp.asarray(p)
-    h = rng.normal(size=(1, 5, 3)).astype(np.float32)
+    head, p, h = _random_head(2)
     # chunk 1 (tokens 0-2): chunk label 0 in slot 0; token label 2 at tokens 0, 1;
     # chunk 2 (token 3): chunk label 1 twice (counted once); token 4 padding
     ids = np.array([[[0, 2], [0, 2], [0, -1], [1, 1], [-1, -1]]], np.int32)

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -72,12 +73,26 @@ def test_keys_are_unit_deterministic_and_independent_of_packing():
         np.testing.assert_array_equal(k2[cid], k_packed[cid])
 
 
-def test_fixed_key_is_the_weighted_sum_of_normalized_projected_parts():
+def _bigram_vector(prov, code: int) -> np.ndarray:
+    """The hashed vector of one bigram code, from the threefry stream the docstring names:
+    normal draws, or the stream's bits unpacked little-endian as signs."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(prov.seed), 4), code)
+    if prov.hashed_vectors == "gaussian":
+        v = np.asarray(jax.random.normal(key, (prov.d_p,)))
+    else:
+        words = np.asarray(jax.random.bits(key, (-(-prov.d_p // 32),), jnp.uint32))
+        bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")
+        v = 2.0 * bits[:prov.d_p] - 1.0
+    return v / np.sqrt(prov.d_p)
+
+
+@pytest.mark.parametrize("hashed", ["signs", "gaussian"])
+def test_fixed_key_is_the_weighted_sum_of_normalized_projected_parts(hashed):
     """Independent numpy reference of the module docstring's equations (surprisal pooling)."""
     cfg = tiny_config(max_seq_len=16, objective="autoregressive", attention="causal")
     model = make_model(cfg)
     prov = dataclasses.replace(PROV, known_weight=1.0, unknown_weight=0.5, hidden_weight=2.0,
-                               lexical_weight=0.7)
+                               lexical_weight=0.7, hashed_vectors=hashed)
     head = ChunkProvenanceHead(prov, cfg, rngs=nnx.Rngs(0))
     toks = np.arange(1, 9, dtype=np.int32)[None]
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]], np.int32)      # two documents + padding
@@ -107,11 +122,8 @@ def test_fixed_key_is_the_weighted_sum_of_normalized_projected_parts():
             idx, wt = np.asarray(acts.indices)[0][sel], np.asarray(acts.weights)[0][sel]
             parts.append(unit(mean(np.einsum("ts,tsd->td", wt, table[idx]))))
         parts.append(unit(mean(np.asarray(out.hidden)[0][sel]) @ tables[2]))
-        base = jax.random.fold_in(jax.random.key(prov.seed), 4)
-        bigram = [np.asarray(jax.random.normal(jax.random.fold_in(base, toks[0, t - 1] * cfg.vocab_size
-                                                                  + toks[0, t]), (d_p,)))
-                  / np.sqrt(d_p) if t and seg[0, t] == seg[0, t - 1] else np.zeros(d_p)
-                  for t in range(8)]
+        bigram = [_bigram_vector(prov, int(toks[0, t - 1]) * cfg.vocab_size + int(toks[0, t]))
+                  if t and seg[0, t] == seg[0, t - 1] else np.zeros(d_p) for t in range(8)]
         lex = tables[3][toks[0]] + np.asarray(bigram)
         parts.append(unit(mean(lex[sel])))
         want = unit(1.0 * parts[0] + 0.5 * parts[1] + 2.0 * parts[2] + 0.7 * parts[3])

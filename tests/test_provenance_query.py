@@ -120,3 +120,33 @@ def test_training_chunk_view_for_the_explainer(run_dir, tmp_path):
     assert len(got) == 2 and got[0]["text"] == "Rust borrows are checked at compile"
     assert got[0]["score"] >= got[1]["score"] and got[0]["source"] == "code"
     assert training_chunk_view(tmp_path, model, config) is None     # no index: no view
+
+
+def test_queries_draw_the_hashed_vectors_their_index_holds(run_dir, tmp_path):
+    """An index records which hashed word / bigram vectors its keys hold; queries draw the
+    same. One written before the field existed (no "hashed_vectors" in its meta, from a
+    config.json without it) held gaussian vectors: a query keyed with signs would not find
+    its own chunk."""
+    import shutil
+    workdir, model, config = run_dir
+    meta = json.loads((build.index_path(workdir, build.REKEYED) / "meta.json").read_text())
+    assert meta["hashed_vectors"] == config.provenance.hashed_vectors == "signs"
+    text = "Rust borrows are checked at compile"
+
+    def top(wd):
+        q = open_query(wd, model, config)
+        chunks, _ = q.encode([text])
+        scores, _ = q.retriever.search(chunks, 1)
+        return q.prov.hashed_vectors, float(scores[0, 0])
+
+    assert top(workdir) == ("signs", pytest.approx(1.0, abs=1e-3))
+    old = tmp_path / "train"
+    shutil.copytree(workdir, old)
+    m = old / "provenance" / "index" / build.REKEYED / "meta.json"
+    m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items()
+                             if k != "hashed_vectors"}))
+    kind, score = top(old)       # the signs keys queried with gaussian vectors: no longer 1
+    assert kind == "gaussian" and score < 0.99
+    saved = config.copy_and_resolve_references()
+    del saved.provenance["hashed_vectors"]
+    assert build.provenance_config(saved).hashed_vectors == "gaussian"

@@ -18,8 +18,9 @@ T_j of chunk j, and pooling weights pi_t (uniform, or the model's surprisal):
   (b) learned: key_j = n(u_j + [n(a^k), n(a^u), n(a^h), n(a^x)] W)      W [4 d_p, d_p], init 0
 
 n(x) = x / max(|x|, 1e-6). R_k [C_k, d_p], R_u [C_u, d_p], R_h [D, d_p] and
-R_x [V, d_p] are Gaussian, and so is g(a, b), drawn per token from the key
-fold_in(seed, a V + b) (zero for a segment's first token), all from
+R_x [V, d_p] are Gaussian; g(a, b) is drawn per token from the key
+fold_in(seed, a V + b) (zero for a segment's first token; ``hashed_vectors``: random
+signs by default, provenance.hashed_vectors), all from
 ``provenance.seed`` (the same for every
 checkpoint and every sharding: threefry is partitionable), so the fixed key
 is a Johnson-Lindenstrauss sketch of the concatenated normalized parts: its
@@ -32,7 +33,7 @@ told the model, so names and numbers dominate it (bigrams keep a name that
 spans several sub-word tokens together).
 
 Whole words (``word_project``; the re-keying pass and queries, which have the corpus
-tokenizer, with provenance.lexical "words"): w(word) is a Gaussian vector drawn from the
+tokenizer, with provenance.lexical "words"): w(word) is a random vector drawn from the
 hash of the word's lowercased letters and digits, so a name matches however BPE split it.
 On the make-demo run the planted statements "Tisend worked for forty years ..." begin a
 line ("Tis" "end") while a question says " T" "is" "end": tokens and bigrams share only
@@ -193,19 +194,39 @@ def placed_tables(cfg: ProvenanceConfig, model_cfg: ModelConfig, mesh=None) -> P
     return jax.jit(lambda: projection_tables(cfg, model_cfg), out_shardings=shardings)()
 
 
+def hashed_vectors(seed: int, part: int, codes: jax.Array, d_p: int, kind: str = "signs"
+                   ) -> jax.Array:
+    """v(c) [*codes.shape, d_p]: a random vector per integer code, seeded by (seed, part, c),
+    entries of variance 1/d_p, so E[v(a) . v(b)] = [a = b] (a Johnson-Lindenstrauss sketch
+    of the bag of codes).
+
+    kind "signs": v(c)_i = (2 bit_i - 1) / sqrt(d_p), bit i = bit (i mod 32) of word
+    floor(i / 32) of ``jax.random.bits(fold_in(key(seed, part), c), ceil(d_p / 32))``: one
+    threefry word per 32 entries. kind "gaussian": ``jax.random.normal`` of the same key /
+    sqrt(d_p), one threefry word per entry; per token of a train step at d_p 1024 that draw
+    cost as much as a tenth of the tiny model's step (provenance.hashed_vectors)."""
+    base = jax.random.fold_in(jax.random.key(seed), part)
+    flat = codes.reshape(-1)
+    if kind == "gaussian":
+        v = jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(base, c), (d_p,),
+                                                 jnp.float32))(flat)
+    else:
+        n_words = -(-d_p // 32)
+        words = jax.vmap(lambda c: jax.random.bits(jax.random.fold_in(base, c), (n_words,),
+                                                   jnp.uint32))(flat)           # [N, n_words]
+        bits = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+        v = bits.reshape(flat.shape[0], 32 * n_words)[:, :d_p].astype(jnp.float32) * 2.0 - 1.0
+    return v.reshape(*codes.shape, d_p) / jnp.sqrt(jnp.float32(d_p))
+
+
 def bigram_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, vocab: int,
-                   d_p: int) -> jax.Array:
-    """g(x_{t-1}, x_t) [B,T,d_p]: a Gaussian vector per bigram, 0 at a segment's first token."""
+                   d_p: int, kind: str = "signs") -> jax.Array:
+    """g(x_{t-1}, x_t) [B,T,d_p]: ``hashed_vectors`` of code x_{t-1} V + x_t (part 4) per
+    bigram, 0 at a segment's first token."""
     prev = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
     has = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0))) & (segment_ids > 0)
     code = prev.astype(jnp.uint32) * jnp.uint32(vocab) + tokens.astype(jnp.uint32)
-    base = jax.random.fold_in(jax.random.key(seed), 4)
-
-    def draw(c):
-        return jax.random.normal(jax.random.fold_in(base, c), (d_p,), jnp.float32)
-
-    g = jax.vmap(draw)(code.reshape(-1)).reshape(*tokens.shape, d_p) / jnp.sqrt(jnp.float32(d_p))
-    return jnp.where(has[..., None], g, 0.0)
+    return jnp.where(has[..., None], hashed_vectors(seed, 4, code, d_p, kind), 0.0)
 
 
 def pooled_sparse_project(onehot: jax.Array, indices: jax.Array, weights: jax.Array,
@@ -324,8 +345,9 @@ def word_hashes(tokens: jax.Array, segment_ids: jax.Array, words: WordTables
 
 
 def word_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, words: WordTables,
-                 d_p: int, hashes: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """w(word(x_t)) [B,T,d_p]: a Gaussian vector per whole word, keyed by the hash of the
+                 d_p: int, hashes: tuple[jax.Array, jax.Array] | None = None,
+                 kind: str = "signs") -> jax.Array:
+    """w(word(x_t)) [B,T,d_p]: ``hashed_vectors`` (part 5) per whole word, keyed by the hash of the
     word's lowercased alphanumeric characters, at every token of the word that carries
     characters (0 elsewhere), so the pooled mean weighs a word by its tokens' pi.
 
@@ -336,15 +358,8 @@ def word_project(seed: int, tokens: jax.Array, segment_ids: jax.Array, words: Wo
     share no token), which is what makes a paraphrase match its source's names.
     hashes: ``word_hashes(tokens, segment_ids, words)`` when the caller has them already
     (the re-keying pass also sums the word x source mass from them)."""
-    t = tokens.astype(jnp.int32)
     full, counted = word_hashes(tokens, segment_ids, words) if hashes is None else hashes
-    base = jax.random.fold_in(jax.random.key(seed), 5)
-
-    def draw(c):
-        return jax.random.normal(jax.random.fold_in(base, c), (d_p,), jnp.float32)
-
-    g = jax.vmap(draw)(full.reshape(-1)).reshape(*t.shape, d_p) / jnp.sqrt(jnp.float32(d_p))
-    return jnp.where(counted[..., None], g, 0.0)
+    return jnp.where(counted[..., None], hashed_vectors(seed, 5, full, d_p, kind), 0.0)
 
 
 class ChunkProvenanceHead(nnx.Module):
@@ -381,10 +396,12 @@ class ChunkProvenanceHead(nnx.Module):
         unknown = (jnp.zeros_like(known) if out.unknown is None else pooled_sparse_project(
             onehot, out.unknown.indices, out.unknown.weights, r.unknown, pi))
         if words is not None:
-            lexical = word_project(c.seed, tokens, segment_ids, words, c.d_p, word_hash)
+            lexical = word_project(c.seed, tokens, segment_ids, words, c.d_p, word_hash,
+                                   c.hashed_vectors)
         else:
             lexical = (jnp.take(r.vocab, tokens.astype(jnp.int32), axis=0) + bigram_project(
-                c.seed, tokens, segment_ids, self.model_cfg.vocab_size, c.d_p))
+                c.seed, tokens, segment_ids, self.model_cfg.vocab_size, c.d_p,
+                c.hashed_vectors))
         b, t = tokens.shape
         x = jnp.concatenate([out.hidden.astype(jnp.float32), lexical], axis=-1)  # [B,T,D+d_p]
         pooled_x, counts = pool_mean(onehot, x, pi)

@@ -42,7 +42,10 @@ MASS_KINDS = {"train": "summed by the train step over every training token, from
 def provenance_config(config: ml_collections.ConfigDict) -> ProvenanceConfig:
     """The run's provenance section, defaults filled for configs that predate it."""
     values = base_config().provenance.to_dict()
-    values.update(dict(config.get("provenance", {}) or {}))
+    saved = dict(config.get("provenance", {}) or {})
+    if saved and "hashed_vectors" not in saved:   # its keys were drawn before signs existed
+        saved["hashed_vectors"] = "gaussian"
+    values.update(saved)
     return ProvenanceConfig.from_config(values)
 
 
@@ -86,7 +89,8 @@ def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print
     lexical = prov.lexical if name == REKEYED else "tokens"
     idx = KeyIndex.build(ids, keys, prov, meta={"store": name, "checkpoint_step": int(step),
                                                  "rows": int(len(rows["ids"])),
-                                                 "lexical": lexical})
+                                                 "lexical": lexical,
+                                                 "hashed_vectors": prov.hashed_vectors})
     idx.save(index_path(workdir, name))
     log(f"{name}: indexed {len(ids)} chunks ({len(rows['ids'])} rows) as {idx.meta['kind']}, "
         f"{idx.nbytes() / len(ids):.0f} bytes/chunk -> {index_path(workdir, name)}")

@@ -15,6 +15,7 @@ source mass (cbm_lm/provenance/source_mass.py). The matches come from a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -76,13 +77,16 @@ class ProvenanceQuery:
 
     def __init__(self, model, prov: ProvenanceConfig, corpus: Corpus, retriever: Retriever,
                  mass: np.ndarray | None, seq_len: int, word_mass: np.ndarray | None = None):
+        meta = getattr(getattr(retriever, "index", None), "meta", None)
+        if meta is not None:   # key queries as the index's keys were (indexes that predate
+            # the field hold gaussian word / bigram vectors)
+            prov = dataclasses.replace(prov, hashed_vectors=meta.get("hashed_vectors", "gaussian"))
         self.model, self.prov, self.corpus = model, prov, corpus
         self.word_mass = word_mass
         self.retriever, self.mass, self.seq_len = retriever, mass, seq_len
         self.lookup = ChunkLookup(corpus)
         # key queries with the lexical features of the index's keys (indexes built before
         # the field existed hold tokens + bigrams)
-        meta = getattr(getattr(retriever, "index", None), "meta", None)
         self.lexical = meta.get("lexical", "tokens") if meta is not None else prov.lexical
         self.key_fn = make_key_fn(model, prov, tokenizer=corpus.tokenizer, lexical=self.lexical)
         self.max_chunk_tokens = int(corpus.manifest.get("max_chunk_tokens", seq_len))
