@@ -40,6 +40,9 @@ _SOURCE_CHUNKS = flags.DEFINE_integer("source_chunks", 1000, "Held-out chunks fo
 _QUERIES = flags.DEFINE_integer("latency_queries", 200, "Queries timed at scale.")
 _OVERHEAD = flags.DEFINE_integer("overhead_steps", 20, "Train steps per timed block for the "
                                  "logging overhead (0 skips it).")
+_ROUNDS = flags.DEFINE_integer("overhead_rounds", 3, "Interleaved timed rounds (medians).")
+_VECTORS = flags.DEFINE_list("compare_hashed_vectors", [], "Also time logging with these "
+                             "provenance.hashed_vectors kinds (e.g. gaussian), side by side.")
 
 
 def scale_benchmark(prov, n: int, n_queries: int) -> dict:
@@ -81,15 +84,17 @@ def scale_benchmark(prov, n: int, n_queries: int) -> dict:
             "index_bytes_per_chunk": idx.nbytes() / n}
 
 
-def logging_overhead(config, steps: int, rounds: int = 3) -> dict:
+def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) -> dict:
     """Train-step time of the run's config without and with provenance, side by side.
 
     Three jitted steps on one device and one synthetic batch of the data contract
     (with source and 64-bit chunk ids): ``base`` (no source ids: no mass), ``mass``
     (the concept x source mass only, what every run pays), and ``logged`` (mass +
     chunk keys + the host writer appending them to a key store in a temporary
-    directory, as the loop does). Each round times ``steps`` steps of each, in turn,
-    blocking once per block as the loop does between log steps; medians over rounds.
+    directory, as the loop does), and ``logged_<kind>`` for each kind of
+    ``compare_vectors`` (the same with provenance.hashed_vectors=kind). Each round times
+    ``steps`` steps of each, in turn, blocking once per block as the loop does between
+    log steps; medians over rounds.
     """
     import tempfile
 
@@ -114,12 +119,16 @@ def logging_overhead(config, steps: int, rounds: int = 3) -> dict:
     sources = np.repeat(rng.integers(0, 4, (b, 1)), t, 1).astype(np.int32)
     ids = (np.int64(3) << 40) + np.arange(b * t, dtype=np.int64).reshape(b, t) // 32
     with_ids = dict(batch, source_ids=sources, **split_ids(ids))
-    variants = {"base": (False, batch), "mass": (False, with_ids), "logged": (True, with_ids)}
+    kind = config.provenance.get("hashed_vectors", "signs")
+    variants = {"base": (False, batch, kind), "mass": (False, with_ids, kind),
+                "logged": (True, with_ids, kind)}
+    variants.update({f"logged_{k}": (True, with_ids, k) for k in compare_vectors})
     tmp = tempfile.TemporaryDirectory()
     runs = {}
-    for name, (log, data) in variants.items():
+    for name, (log, data, vectors) in variants.items():
         cfg = config.copy_and_resolve_references()
         cfg.provenance.log_keys = log
+        cfg.provenance.hashed_vectors = vectors
         tx, schedule = make_optimizer(cfg.optimizer, 10**6)
         graphdef, state, sh = init_train_state(model_cfg, tx, 0, mesh, rules,
                                                cfg.provenance.max_sources)
@@ -148,7 +157,10 @@ def logging_overhead(config, steps: int, rounds: int = 3) -> dict:
     # CPU seconds of this process (all its threads) per step: on a shared machine other
     # processes stretch the wall time of whichever block they overlap, much less its CPU time.
     cpu_ms = {name: 1e3 * float(np.median(r[5][1:])) for name, r in runs.items()}
-    return {"step_ms": ms, "step_cpu_ms": cpu_ms, "steps_per_block": steps, "rounds": rounds,
+    compared = {f"logging_overhead_{k}": ms[f"logged_{k}"] / ms["mass"] - 1
+                for k in compare_vectors}
+    return {**compared, "step_ms": ms, "step_cpu_ms": cpu_ms, "steps_per_block": steps,
+            "rounds": rounds, "hashed_vectors": kind,
             "mass_overhead": ms["mass"] / ms["base"] - 1,
             "logging_overhead": ms["logged"] / ms["mass"] - 1,
             "total_overhead": ms["logged"] / ms["base"] - 1,
@@ -175,7 +187,8 @@ def main(argv):
     if _SCALE.value:
         res["scale"] = scale_benchmark(prov, _SCALE.value, _QUERIES.value)
     if _OVERHEAD.value:
-        res["logging"] = logging_overhead(config, _OVERHEAD.value)
+        res["logging"] = logging_overhead(config, _OVERHEAD.value, _ROUNDS.value,
+                                          tuple(_VECTORS.value))
 
     print(f"\n{'method':22s} {'query':12s} {'R@1':>6s} {'R@10':>6s} {'MRR':>6s}")
     for name, r in res["quality"].items():
@@ -199,7 +212,11 @@ def main(argv):
         print("train step ms: " + ", ".join(f"{k} {v:.1f}" for k, v in lo["step_ms"].items())
               + f"; logging overhead {100 * lo['logging_overhead']:+.1f}% (vs mass only), "
               f"mass {100 * lo['mass_overhead']:+.1f}%, total {100 * lo['total_overhead']:+.1f}%; "
-              f"in CPU time {100 * lo['logging_overhead_cpu']:+.1f}%")
+              f"in CPU time {100 * lo['logging_overhead_cpu']:+.1f}% "
+              f"({lo['hashed_vectors']} hashed vectors)")
+        for k in _VECTORS.value:
+            print(f"  with {k} hashed vectors: logging overhead "
+                  f"{100 * lo[f'logging_overhead_{k}']:+.1f}% (vs mass only)")
     out = _OUT.value or str(root(_WORKDIR.value) / "benchmark.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)

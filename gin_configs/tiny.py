@@ -59,11 +59,11 @@ def get_config():
     c.train.eval_every = 300
     c.checkpoint.every_steps = 300
     # Provenance keys of 1024 dims (the default is 256). The make-demo checkpoint re-keyed at
-    # d_p 256 / 512 / 1024 / 2048: paraphrased planted-fact Recall@10 0.978 / 0.993 / 1.000 /
-    # 1.000 (BM25 1.000; first paraphrases 0.990 / 0.995 / 1.000 / 1.000), so the misses at 256
-    # were the sketch's noise. The demo's exact index holds 4 KiB per chunk (1 KiB at 256);
-    # re-keying and queries draw 4x the word vectors. The run logs no keys: logging at 1024
-    # costs +11.4% CPU per step (+2.7% at 256), so set d_p 256 with provenance.log_keys
-    # (README "Training-data provenance").
+    # d_p 256 / 512 / 1024 / 2048 (gaussian word vectors): paraphrased planted-fact Recall@10
+    # 0.978 / 0.993 / 1.000 / 1.000 (BM25 1.000), so the misses at 256 were the sketch's noise.
+    # With the random-sign word vectors (provenance.hashed_vectors, measured 2026-12-04):
+    # 1024 -> R@10 0.996 (one of 275 at rank 11; first paraphrases 1.000), key logging +2.4%
+    # per step; 2048 -> R@10 1.000, logging +14.4% (per-token [B,T,d_p] work). The demo's exact
+    # index holds 4 KiB per chunk (README "Training-data provenance").
     c.provenance.d_p = 1024
     return c
