@@ -81,7 +81,7 @@ def test_blockwise_scoring_model_equals_gather_model():
             o = m(tokens, intervene_known=iv)
             return jnp.sum(o.logits ** 2) * 1e-3 + jnp.sum(o.unknown_features ** 2), o
 
-        (_, o), g = nnx.value_and_grad(loss, has_aux=True)(model)
+        (_, o), g = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)   # one compile
         outs.append(o)
         grads.append(nnx.to_pure_dict(g))
     np.testing.assert_allclose(outs[0].logits, outs[1].logits, rtol=1e-5, atol=1e-5)
