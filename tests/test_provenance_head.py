@@ -204,7 +204,7 @@ class _FakeTokenizer:
 
 
 def test_word_features_match_a_word_however_bpe_split_it():
-    from cbm_lm.model.provenance import word_project, word_tables
+    from cbm_lm.model.lexical_keys import word_project, word_tables
     tables = word_tables(_FakeTokenizer(), 12)      # ids past the tokenizer carry no word
     # row 0: "Tisend worked"; row 1: " who, Tisend" as " who" "," " T" "is" "end";
     # row 2: " Tisend" as one token, then "\n" (no word) and a padding token
@@ -225,7 +225,7 @@ def test_word_tables_hash_each_tokens_letters_and_are_cached():
     """The vectorized tables equal the per-token definition: H(s) = sum_i s_i B^(n-1-i) and
     B^n mod 2^32 over the lowercased alphanumeric bytes s; one tokenizer's tables are computed
     once."""
-    from cbm_lm.model import provenance as prov_lib
+    from cbm_lm.model import lexical_keys as prov_lib
 
     tok = _FakeTokenizer()
     tables = prov_lib.word_tables(tok, 12)

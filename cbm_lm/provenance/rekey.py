@@ -30,7 +30,8 @@ from cbm_lm.atomic_io import write_npy_atomic
 from cbm_lm.config import ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
-from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables, word_hashes, word_tables
+from cbm_lm.model.lexical_keys import word_hashes, word_tables
+from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables
 from cbm_lm.provenance import keystore
 from cbm_lm.provenance.packing import pack_batches, record_units
 from cbm_lm.provenance.source_mass import (chunk_source_distribution, mass_update,

@@ -13,7 +13,7 @@ is naive Bayes over its concept shares (a product of experts):
              (the training source prior for a chunk with no active weight)
 
 With a word x source mass W [WORD_BUCKETS, S] (hashed whole words of the
-re-keying pass, model/provenance.py ``word_hashes``), a second expert adds the
+re-keying pass, model/lexical_keys.py ``word_hashes``), a second expert adds the
 mean over the chunk's words of log P(w | s), Laplace-smoothed.
 
 Measured on the make-demo run (1000 held-out chunks, argmax accuracy): 0.733
