@@ -168,8 +168,9 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
       n_chunks        chunks in the batch
       pos_detected    fraction of positives with P(present) > 0.5
       auroc           concept_auroc over (chunk, chunk-level positive) and (chunk, sampled
-                      negative) pairs scored by S_cj, for either ``positives`` (omitted when with_auroc=False: it sorts
-                      B*T*(K+M) entries, all-gathered across data shards)
+                      negative) pairs scored by S_cj, for either ``positives`` (omitted
+                      when with_auroc=False: it sorts B*T*(K+M) entries, all-gathered
+                      across data shards)
     """
     b, t, d = hidden.shape
     n, k = b * t, concept_ids.shape[-1]
