@@ -29,7 +29,10 @@ def train_args(corpus: pathlib.Path, workdir: pathlib.Path, **overrides) -> list
            # The diffusion path draws the most randomness per step (masks, noise
            # levels), so it is the strictest test of determinism and resume.
            "model.objective": "diffusion", "model.attention": "block_causal",
-           "model.diffusion_block_size": 8}
+           "model.diffusion_block_size": 8,
+           # A nominal MFU denominator: without one, every launch on a CPU first times a
+           # 1024^3 matmul (train/loop.py), ~0.5 s of each of the suite's ~40 launches.
+           "hardware.peak_flops_per_device": 1e11}
     cfg.update(overrides)
     return ([sys.executable, str(ROOT / "launch" / "train.py"),
              "--config", str(ROOT / "gin_configs" / "tiny.py"), "--workdir", str(workdir)]
