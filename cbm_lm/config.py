@@ -335,6 +335,7 @@ class ProvenanceConfig:
     nprobe: int = 16
     rekey_batch_size: int = 32
     rekey_context: str = "chunk"
+    rekey_d_p: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ProvenanceConfig":
@@ -375,3 +376,21 @@ class ProvenanceConfig:
         p.check(self.nprobe >= 1, f"{prefix}.nprobe", "must be >= 1")
         p.check(self.rekey_batch_size >= 1, f"{prefix}.rekey_batch_size", "must be >= 1")
         p.choice(self.rekey_context, f"{prefix}.rekey_context", REKEY_CONTEXTS)
+        p.check(self.rekey_d_p >= 0, f"{prefix}.rekey_d_p",
+                f"must be >= 0 (0: re-key at d_p), got {self.rekey_d_p}")
+        # The fixed head's tables are seeded, so it keys one checkpoint at any width; the
+        # learned head's W is [4 d_p, d_p] and keys at its trained width only.
+        p.check(self.rekey_d_p in (0, self.d_p) or self.head == "fixed", f"{prefix}.rekey_d_p",
+                f"re-keying at another width needs {prefix}.head='fixed' (the learned head's W "
+                f"is d_p={self.d_p} wide), got rekey_d_p={self.rekey_d_p} with head={self.head!r}")
+        p.check(self.rekey_d_p <= 0 or self.rekey_d_p % max(self.pq_m, 1) == 0,
+                f"{prefix}.rekey_d_p", f"must be a multiple of pq_m={self.pq_m}, got "
+                f"{self.rekey_d_p}")
+
+    def for_rekeying(self) -> "ProvenanceConfig":
+        """The config the re-keying pass keys with: d_p = rekey_d_p where set (> 0).
+
+        Training-time logging pays per-token [B,T,d_p] work on every step; re-keying is
+        one pass, so its index can afford a wider (less noisy) sketch."""
+        return self if self.rekey_d_p in (0, self.d_p) else dataclasses.replace(
+            self, d_p=self.rekey_d_p)

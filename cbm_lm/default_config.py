@@ -183,6 +183,10 @@ def base_config() -> ml_collections.ConfigDict:
         nprobe=16,
         rekey_batch_size=32,     # rows per re-keying batch
         rekey_context="chunk",   # chunk: each chunk keyed alone (as queries are) | document
+        # key width of the re-keyed index (0: d_p). The fixed head's tables are seeded, so the
+        # one-off re-keying pass (and queries against its index) can key wider than the train
+        # step logs, where the per-token [B,T,d_p] work costs every step
+        rekey_d_p=0,
     ))
     c.hardware = ml_collections.ConfigDict(dict(
         peak_flops_per_device=0.0,  # for MFU; 0 = look up from the device kind

@@ -150,3 +150,44 @@ def test_queries_draw_the_hashed_vectors_their_index_holds(run_dir, tmp_path):
     saved = config.copy_and_resolve_references()
     del saved.provenance["hashed_vectors"]
     assert build.provenance_config(saved).hashed_vectors == "gaussian"
+
+
+def test_rekeying_wider_than_the_logged_keys(run_dir, tmp_path):
+    """provenance.rekey_d_p keys the re-keyed index (and so its queries) wider than d_p: the
+    store and index hold rekey_d_p-dim unit keys, a verbatim training chunk still finds
+    itself at cosine 1, and the query follows the index's width, not the config's."""
+    import shutil
+    workdir, model, config = run_dir
+    wide = tmp_path / "train"
+    shutil.copytree(workdir, wide)
+    cfg = config.copy_and_resolve_references()
+    d_p = cfg.provenance.d_p
+    cfg.provenance.rekey_d_p = 2 * d_p
+    build.build_index(wide, model, cfg, 0, rekey=True, log=lambda m: None)
+    rows = keystore.read_store(build.store_path(wide, build.REKEYED))
+    assert rows["keys"].shape[1] == 2 * d_p
+    np.testing.assert_allclose(np.linalg.norm(rows["keys"], axis=1), 1.0, rtol=1e-5)
+    meta = json.loads((build.index_path(wide, build.REKEYED) / "meta.json").read_text())
+    assert meta["d_p"] == 2 * d_p
+    # queried with the run's own config (d_p unchanged): the index's width wins
+    q = open_query(wide, model, config)
+    assert q.prov.d_p == 2 * d_p
+    chunks, _ = q.encode(["Rust borrows are checked at compile"])
+    assert chunks.keys.shape == (1, 2 * d_p)
+    scores, ids = q.retriever.search(chunks, 1)
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-3)
+    assert ChunkLookup(q.corpus).text(int(ids[0, 0])) == "Rust borrows are checked at compile"
+
+
+def test_rekey_width_needs_the_fixed_head():
+    from cbm_lm.config import ProvenanceConfig
+    with pytest.raises(ValueError, match="rekey_d_p"):
+        ProvenanceConfig(d_p=64, head="learned", rekey_d_p=128).validate()
+    with pytest.raises(ValueError, match="rekey_d_p"):
+        ProvenanceConfig(d_p=64, rekey_d_p=72, pq_m=16).validate()
+    from cbm_lm.provenance.query import keying_like
+    with pytest.raises(ValueError, match="128-dim keys"):
+        keying_like(ProvenanceConfig(d_p=64, head="learned"), {"store": "rekeyed", "d_p": 128})
+    assert keying_like(ProvenanceConfig(d_p=64), {"store": "rekeyed", "d_p": 128}).d_p == 128
+    # the gradient reference's index (no store) keeps the run's width
+    assert keying_like(ProvenanceConfig(d_p=64), {"method": "gradient", "d_p": 128}).d_p == 64

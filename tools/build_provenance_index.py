@@ -1,6 +1,7 @@
 """Builds the provenance index of a training run, beside its checkpoints.
 
-  python tools/build_provenance_index.py --workdir DIR [--rekey] [--gradient] [--corpus_dir CORPUS]
+  python tools/build_provenance_index.py --workdir DIR [--rekey [--rekey_d_p N]] [--gradient]
+      [--corpus_dir CORPUS]
 
 Indexes the training-time key store (DIR/provenance/keys/logged). With
 --rekey, or when the run logged no keys, every training chunk is first keyed
@@ -27,6 +28,8 @@ _GRADIENT_DIM = flags.DEFINE_integer("gradient_dim", 1024, "CountSketch dimensio
                                      "gradient reference.")
 _CONTEXT = flags.DEFINE_enum("context", None, ["chunk", "document"],
                              "Override provenance.rekey_context for re-keying.")
+_REKEY_D_P = flags.DEFINE_integer("rekey_d_p", None, "Override provenance.rekey_d_p: the key "
+                                  "width of the re-keyed index (fixed head only; 0 = d_p).")
 
 
 def main(argv):
@@ -40,6 +43,8 @@ def main(argv):
         config.data.dir = _CORPUS.value
     if _CONTEXT.value:
         config.provenance = dict(config.get("provenance", {}) or {}, rekey_context=_CONTEXT.value)
+    if _REKEY_D_P.value is not None:
+        config.provenance = dict(config.get("provenance", {}) or {}, rekey_d_p=_REKEY_D_P.value)
     built = build_index(_WORKDIR.value, model, config, step, rekey=_REKEY.value,
                         log=lambda m: print(m, flush=True))
     if _GRADIENT.value:

@@ -109,11 +109,12 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
         if not logged and not rekey:
             log(f"no training-time key store at {store_path(workdir, LOGGED)}: re-keying every "
                 f"training chunk with the checkpoint of step {step} instead")
-        stats = rekey_corpus(model, corpus, prov, config.data.seq_len,
+        rprov = prov.for_rekeying()
+        stats = rekey_corpus(model, corpus, rprov, config.data.seq_len,
                              store_path(workdir, REKEYED), batch_sharding=batch_sharding, log=log)
         log(f"re-keyed {stats['chunks']} chunks in {stats['seconds']:.1f}s "
-            f"(context={prov.rekey_context}, step {step})")
-        built[REKEYED] = index_store(workdir, REKEYED, prov, step, log).meta
+            f"(context={prov.rekey_context}, d_p {rprov.d_p}, step {step})")
+        built[REKEYED] = index_store(workdir, REKEYED, rprov, step, log).meta
     if logged:
         built[LOGGED] = index_store(workdir, LOGGED, prov, step, log).meta
     masses = {"train": restore_source_mass(workdir, step),

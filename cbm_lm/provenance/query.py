@@ -57,6 +57,23 @@ def split_text(text: str, tokenizer, max_chunk_tokens: int) -> list[np.ndarray]:
     return out
 
 
+def keying_like(prov: ProvenanceConfig, meta: dict | None) -> ProvenanceConfig:
+    """The config that keys queries as the index described by ``meta`` (its meta.json) keyed
+    its chunks: its d_p (a key index, which names its store; the gradient reference's does
+    not) and the hashed vectors it names (indexes that predate the field hold gaussian ones)."""
+    if meta is None:
+        return prov
+    out = dataclasses.replace(prov, hashed_vectors=meta.get("hashed_vectors", "gaussian"))
+    d = int(meta.get("d_p", prov.d_p))
+    if "store" in meta and d != prov.d_p:
+        if prov.head != "fixed":
+            raise ValueError(f"the index holds {d}-dim keys but the run's learned key head keys "
+                             f"at provenance.d_p={prov.d_p}; rebuild the index "
+                             "(tools/build_provenance_index.py --rekey)")
+        out = dataclasses.replace(out, d_p=d)
+    return out
+
+
 class _Chunks:
     def __init__(self, texts, tokens, keys, sources):
         self.texts, self.tokens, self.keys, self.sources = texts, tokens, keys, sources
@@ -78,9 +95,7 @@ class ProvenanceQuery:
     def __init__(self, model, prov: ProvenanceConfig, corpus: Corpus, retriever: Retriever,
                  mass: np.ndarray | None, seq_len: int, word_mass: np.ndarray | None = None):
         meta = getattr(getattr(retriever, "index", None), "meta", None)
-        if meta is not None:   # key queries as the index's keys were (indexes that predate
-            # the field hold gaussian word / bigram vectors)
-            prov = dataclasses.replace(prov, hashed_vectors=meta.get("hashed_vectors", "gaussian"))
+        prov = keying_like(prov, meta)   # key queries as the index's keys were
         self.model, self.prov, self.corpus = model, prov, corpus
         self.word_mass = word_mass
         self.retriever, self.mass, self.seq_len = retriever, mass, seq_len
