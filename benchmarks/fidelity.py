@@ -41,7 +41,7 @@ VARIANTS = {
     "report_tf": ["loss.teacher_forcing=hard", "loss.teacher_forcing_schedule=report"],
     "unknown_tf": ["loss.unknown_teacher_forcing=True"],
     "rec_target_labels": ["loss.reconstruction_target=labels"],
-    "eps_dropout_0.1": ["loss.epsilon_dropout=0.1"],
+    "eps_dropout_0.5": ["loss.epsilon_dropout=0.5"],   # the default until issue 13 measured 0.1
     "cfg_dropout_0.1": ["loss.cfg_dropout=0.1"],
     "independence_report": ["loss.independence_normalization=report"],
     "all_known_slots": ["data.known_concepts_from_corpus=False"],
