@@ -392,5 +392,4 @@ class ProvenanceConfig:
 
         Training-time logging pays per-token [B,T,d_p] work on every step; re-keying is
         one pass, so its index can afford a wider (less noisy) sketch."""
-        return self if self.rekey_d_p in (0, self.d_p) else dataclasses.replace(
-            self, d_p=self.rekey_d_p)
+        return dataclasses.replace(self, d_p=self.rekey_d_p or self.d_p)

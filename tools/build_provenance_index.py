@@ -41,10 +41,10 @@ def main(argv):
         step = _STEP.value if _STEP.value is not None else mngr.latest_step()
     if _CORPUS.value:
         config.data.dir = _CORPUS.value
-    if _CONTEXT.value:
-        config.provenance = dict(config.get("provenance", {}) or {}, rekey_context=_CONTEXT.value)
-    if _REKEY_D_P.value is not None:
-        config.provenance = dict(config.get("provenance", {}) or {}, rekey_d_p=_REKEY_D_P.value)
+    overrides = {k: v for k, v in (("rekey_context", _CONTEXT.value),
+                                   ("rekey_d_p", _REKEY_D_P.value)) if v is not None}
+    if overrides:
+        config.provenance = dict(config.get("provenance", {}) or {}, **overrides)
     built = build_index(_WORKDIR.value, model, config, step, rekey=_REKEY.value,
                         log=lambda m: print(m, flush=True))
     if _GRADIENT.value:

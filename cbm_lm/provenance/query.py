@@ -60,10 +60,12 @@ def split_text(text: str, tokenizer, max_chunk_tokens: int) -> list[np.ndarray]:
 def keying_like(prov: ProvenanceConfig, meta: dict | None) -> ProvenanceConfig:
     """The config that keys queries as the index described by ``meta`` (its meta.json) keyed
     its chunks: its d_p (a key index, which names its store; the gradient reference's does
-    not) and the hashed vectors it names (indexes that predate the field hold gaussian ones)."""
+    not), and the hashed vectors and lexical features it names (indexes that predate those
+    fields hold gaussian vectors of tokens + bigrams)."""
     if meta is None:
         return prov
-    out = dataclasses.replace(prov, hashed_vectors=meta.get("hashed_vectors", "gaussian"))
+    out = dataclasses.replace(prov, hashed_vectors=meta.get("hashed_vectors", "gaussian"),
+                              lexical=meta.get("lexical", "tokens"))
     d = int(meta.get("d_p", prov.d_p))
     if "store" in meta and d != prov.d_p:
         if prov.head != "fixed":
@@ -100,10 +102,7 @@ class ProvenanceQuery:
         self.word_mass = word_mass
         self.retriever, self.mass, self.seq_len = retriever, mass, seq_len
         self.lookup = ChunkLookup(corpus)
-        # key queries with the lexical features of the index's keys (indexes built before
-        # the field existed hold tokens + bigrams)
-        self.lexical = meta.get("lexical", "tokens") if meta is not None else prov.lexical
-        self.key_fn = make_key_fn(model, prov, tokenizer=corpus.tokenizer, lexical=self.lexical)
+        self.key_fn = make_key_fn(model, prov, tokenizer=corpus.tokenizer, lexical=prov.lexical)
         self.max_chunk_tokens = int(corpus.manifest.get("max_chunk_tokens", seq_len))
 
     def encode(self, texts: Sequence[str]) -> tuple[_Chunks, list[list[int]]]:
