@@ -8,6 +8,10 @@ absolute times are noisy):
   concept_flops_overhead_8b   XLA FLOPs at 8B, with / without the rewrite layer, minus 1 (<= 0.05)
   steerling_forward_speedup   cbm_lm jitted forward / Steerling PyTorch forward, tokens/s (>= 3)
   cpu_mfu                     model FLOPs / step time / peak fp32 matmul FLOP/s (>= 0.60)
+  ceilings                    what each CPU ratio could reach on this machine, same run:
+                              concept_flops_ratio (overhead at equal efficiency), plain_mfu
+                              (the backbone's own MFU), speedup_ceiling (every forward
+                              matmul at the peak); see concept_overhead.py, steerling_forward.py
   data_pipeline_ratio         grain pipeline tokens/s / concept-bottleneck train step tokens/s
   aot_8b                      per TPU topology: XLA per-device bytes, fit, compile s, MFU bound
   scan_depth                  train-step HLO size and compile s at 2 vs 8 layers, scanned / unrolled
@@ -93,6 +97,11 @@ def main(argv=None) -> int:
                concept_overhead_detail=step)
     fwd = measure_steerling_forward(rounds=args.rounds)
     res.update(steerling_forward_speedup=fwd["steerling_forward_speedup"], steerling_forward=fwd)
+    res["ceilings"] = {"concept_flops_ratio": step["concept_flops_ratio"],
+                       "plain_mfu": step["plain_mfu"],
+                       "steerling_forward_speedup_ceiling": fwd["speedup_ceiling"],
+                       "cbm_forward_mfu": fwd["cbm_forward_mfu"],
+                       "steerling_forward_mfu": fwd["steerling_forward_mfu"]}
     flops = measure_concept_flops(load_config_file(ROOT / "gin_configs" / "steerling_8b.py"))
     res.update(concept_flops_overhead_8b=flops["concept_flops_overhead_8b"], concept_flops_8b=flops)
     from benchmarks.scan_depth import measure_scan_depth
@@ -126,6 +135,12 @@ def main(argv=None) -> int:
                         ("data_pipeline_ratio", ">= 10"), ("provenance_query_p50_ms", ""),
                         ("provenance_logging_overhead", "")):
         print(f"{key:<32} {_fmt(res.get(key)):>10}  {target}")
+    c = res["ceilings"]
+    print(f"ceilings: concept overhead >= {c['concept_flops_ratio']:.3f} at equal efficiency; "
+          f"plain backbone MFU {c['plain_mfu']:.3f}; forward speedup <= "
+          f"{c['steerling_forward_speedup_ceiling']:.2f} with every matmul at the peak "
+          f"(forward MFU: cbm_lm {c['cbm_forward_mfu']:.3f}, Steerling "
+          f"{c['steerling_forward_mfu']:.3f})")
     for form, d in res["scan_depth"].items():
         print(f"layers 2 -> 8, {form:<9} HLO x{d['hlo_growth']:.2f}  compile x{d['compile_growth']:.2f}")
     for topology, r in (res["aot_8b"] or {}).items():

@@ -9,6 +9,16 @@ fp32, interleaved round by round so machine noise hits both alike.
 its least-disturbed forward (the minimum over rounds: on this shared machine other
 work only adds time); the ratio of medians is reported beside it. Threads: torch
 uses torch.get_num_threads() (all cores), XLA's CPU client one thread per core.
+
+Both forwards do the same matmuls, F = planning.forward_flops_per_token x tokens
+(93 GFLOP at the benchmark shape), so with P this machine's fp32 matmul peak
+(a 1024^3 jitted matmul, best of 5 in every round) each side's forward MFU is
+F / time / P, and
+
+  speedup_ceiling = Steerling's forward time / (F / P)
+
+is the speedup cbm_lm's forward would have if every matmul ran at the peak and
+nothing else took time: no fp32 forward of this model can beat it.
 """
 
 from __future__ import annotations
@@ -57,6 +67,8 @@ def measure_steerling_forward(batch_size: int = 8, seq_len: int = 256, vocab: in
     from flax import nnx
 
     from cbm_lm.interop import import_steerling
+    from cbm_lm.train.metrics import measured_matmul_flops
+    from cbm_lm.train.planning import forward_flops_per_token
 
     ref, cfg, ccfg = _steerling_model(vocab, d, layers, seq_len)
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,14 +89,20 @@ def measure_steerling_forward(batch_size: int = 8, seq_len: int = 256, vocab: in
             ref(ids_t)
 
     run_ours(), run_ref()                        # compile / warm up
-    ours_s, ref_s = [], []
+    ours_s, ref_s, peak = [], [], 0.0
     for _ in range(rounds):
         for fn, out in ((run_ours, ours_s), (run_ref, ref_s)):
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
+        peak = max(peak, measured_matmul_flops())
     tokens = batch_size * seq_len
     o, r = min(ours_s), min(ref_s)
+    flops = forward_flops_per_token(ours.config, seq_len) * tokens
     return {"steerling_forward_speedup": r / o,
-            "median_speedup": statistics.median(ref_s) / statistics.median(ours_s), "cbm_forward_tokens_per_sec": tokens / o,
-            "steerling_forward_tokens_per_sec": tokens / r, "torch_threads": torch.get_num_threads()}
+            "median_speedup": statistics.median(ref_s) / statistics.median(ours_s),
+            "cbm_forward_tokens_per_sec": tokens / o,
+            "steerling_forward_tokens_per_sec": tokens / r, "torch_threads": torch.get_num_threads(),
+            "forward_flops": flops, "cpu_peak_matmul_flops": peak,
+            "cbm_forward_mfu": flops / o / peak, "steerling_forward_mfu": flops / r / peak,
+            "speedup_ceiling": r / (flops / peak)}

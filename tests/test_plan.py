@@ -198,3 +198,29 @@ def test_cli_compile_tiny():
     assert "compile check: real sharded train step on 8 simulated CPU devices" in out
     assert "compile: OK" in out
     assert re.search(r"compiled temp bytes per device +[\d.,]+ [KMG]?i?B", out)
+
+
+def test_backbone_flops_match_xla_cost_analysis():
+    """The concept-overhead benchmark's FLOP floor divides by the plain step's FLOPs
+    (benchmarks/concept_overhead.py backbone_flops_per_token): XLA's count of the
+    plain backbone's loss gradient must agree with it."""
+    from flax import nnx
+    import jax.numpy as jnp
+    from benchmarks.concept_overhead import backbone_flops_per_token
+    from benchmarks.plain_backbone import PlainLM
+
+    B, T = 2, 128
+    cfg = ModelConfig(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                      mlp_dim=1024, max_seq_len=T, attention="causal", objective="autoregressive",
+                      scan_layers=False, remat="none")
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: PlainLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def loss(p, t):
+        pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+        h = nnx.merge(graphdef, p)(t, pos, jnp.ones((B, T), jnp.int32))
+        logits = h @ p["backbone"]["embedding"][...].T      # a constant cotangent would let
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])  # XLA fold its backward into sums
+
+    train = _xla_flops(jax.grad(loss), params, tokens)
+    assert train / (B * T * backbone_flops_per_token(cfg, T)) == pytest.approx(1.0, abs=0.05)
