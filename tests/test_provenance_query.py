@@ -179,6 +179,36 @@ def test_rekeying_wider_than_the_logged_keys(run_dir, tmp_path):
     assert ChunkLookup(q.corpus).text(int(ids[0, 0])) == "Rust borrows are checked at compile"
 
 
+def test_building_again_reuses_the_rekeyed_index_of_the_same_checkpoint_and_config(
+        run_dir, tmp_path, monkeypatch):
+    """The index tool after the eval binary: the same step, corpus and re-keying config
+    reuse the re-keyed index (no second pass), and the same DEFAULT and mass come out;
+    another step or another re-keying config, or --rekey, keys the corpus again."""
+    import shutil
+    workdir, model, config = run_dir
+    wd = tmp_path / "train"
+    shutil.copytree(workdir, wd)
+    passes = []
+    real = build.rekey_corpus
+    monkeypatch.setattr(build, "rekey_corpus", lambda *a, **k: passes.append(1) or real(*a, **k))
+    mass = build.load_mass(wd)
+    logs = []
+    built = build.build_index(wd, model, config, 0, log=logs.append)
+    assert passes == [] and any("reusing" in m for m in logs)
+    assert built["rekeyed"]["rekeyed_with"]["checkpoint_step"] == 0
+    assert build.default_index(wd) == "rekeyed"
+    np.testing.assert_array_equal(build.load_mass(wd), mass)
+    build.build_index(wd, model, config, 1, log=logs.append)             # another step
+    assert passes == [1]
+    build.build_index(wd, model, config, 1, log=logs.append)             # now that one
+    assert passes == [1]
+    cfg = config.copy_and_resolve_references()
+    cfg.provenance.rekey_context = "document" if cfg.provenance.rekey_context == "chunk" else "chunk"
+    build.build_index(wd, model, cfg, 1, log=logs.append)                # another config
+    build.build_index(wd, model, cfg, 1, rekey=True, log=logs.append)    # asked for
+    assert passes == [1, 1, 1]
+
+
 def test_rekey_width_needs_the_fixed_head():
     from cbm_lm.config import ProvenanceConfig
     with pytest.raises(ValueError, match="rekey_d_p"):

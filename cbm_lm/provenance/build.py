@@ -11,11 +11,17 @@
 
 Without a training-time key store (a run trained before logging existed, or
 with provenance.log_keys off), building re-keys with the checkpoint instead.
+A re-keyed index already built from the same checkpoint step, corpus and
+re-keying config is reused unless ``rekey`` asks for a new pass (the pass is the
+whole cost: about 100 s on the demo run; the eval binary builds it first).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import os
 
 import ml_collections
@@ -81,7 +87,29 @@ def has_store(path) -> bool:
     return p.exists() and any(keystore.segments(d) for d in p.iterdir() if d.name.startswith("p"))
 
 
-def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print) -> KeyIndex:
+def rekey_fingerprint(prov: ProvenanceConfig, step: int, corpus: Corpus) -> dict:
+    """What a re-keyed store depends on: the checkpoint step, the re-keying config (width,
+    context, lexical features, weights, seeds) and the corpus (its manifest's digest)."""
+    manifest = hashlib.sha256((epath.Path(corpus.dir) / "manifest.json").read_bytes())
+    return {"checkpoint_step": int(step), "corpus_manifest_sha256": manifest.hexdigest(),
+            "config": json.loads(json.dumps(dataclasses.asdict(prov)))}
+
+
+def reusable_rekeyed(workdir, fingerprint: dict) -> dict | None:
+    """The meta of the re-keyed index of ``workdir`` when it was built with ``fingerprint``
+    and its store is intact; None otherwise (indexes from before the fingerprint never match)."""
+    meta_file = index_path(workdir, REKEYED) / "meta.json"
+    if not (meta_file.exists() and has_store(store_path(workdir, REKEYED))):
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("rekeyed_with") != fingerprint:
+        return None
+    meta.pop("mu", None)
+    return meta
+
+
+def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print,
+                extra_meta: dict | None = None) -> KeyIndex:
     rows = keystore.read_store(store_path(workdir, name))
     ids, keys = keystore.latest_keys(rows)
     # the lexical features its keys hold, for queries to key alike: the train step logs
@@ -90,7 +118,8 @@ def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print
     idx = KeyIndex.build(ids, keys, prov, meta={"store": name, "checkpoint_step": int(step),
                                                  "rows": int(len(rows["ids"])),
                                                  "lexical": lexical,
-                                                 "hashed_vectors": prov.hashed_vectors})
+                                                 "hashed_vectors": prov.hashed_vectors,
+                                                 **(extra_meta or {})})
     idx.save(index_path(workdir, name))
     log(f"{name}: indexed {len(ids)} chunks ({len(rows['ids'])} rows) as {idx.meta['kind']}, "
         f"{idx.nbytes() / len(ids):.0f} bytes/chunk -> {index_path(workdir, name)}")
@@ -105,16 +134,23 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
     root(workdir).mkdir(parents=True, exist_ok=True)
     built = {}
     logged = has_store(store_path(workdir, LOGGED))
-    if rekey or not logged:
+    rprov = prov.for_rekeying()
+    fingerprint = rekey_fingerprint(rprov, step, corpus)
+    reuse = None if rekey else reusable_rekeyed(workdir, fingerprint)
+    if reuse is not None:
+        built[REKEYED] = reuse
+        log(f"{REKEYED}: reusing the index of step {step} already built with this config and "
+            f"corpus ({reuse['n']} chunks, d_p {reuse['d_p']}); --rekey builds it again")
+    elif rekey or not logged:
         if not logged and not rekey:
             log(f"no training-time key store at {store_path(workdir, LOGGED)}: re-keying every "
                 f"training chunk with the checkpoint of step {step} instead")
-        rprov = prov.for_rekeying()
         stats = rekey_corpus(model, corpus, rprov, config.data.seq_len,
                              store_path(workdir, REKEYED), batch_sharding=batch_sharding, log=log)
         log(f"re-keyed {stats['chunks']} chunks in {stats['seconds']:.1f}s "
             f"(context={prov.rekey_context}, d_p {rprov.d_p}, step {step})")
-        built[REKEYED] = index_store(workdir, REKEYED, rprov, step, log).meta
+        built[REKEYED] = index_store(workdir, REKEYED, rprov, step, log,
+                                     extra_meta={"rekeyed_with": fingerprint}).meta
     if logged:
         built[LOGGED] = index_store(workdir, LOGGED, prov, step, log).meta
     masses = {"train": restore_source_mass(workdir, step),
