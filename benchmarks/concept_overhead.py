@@ -51,7 +51,7 @@ from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.data.synthetic import synthetic_batch
 from cbm_lm.train.metrics import measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
-from cbm_lm.train.planning import layer_forward_flops_per_token, train_flops_per_token
+from cbm_lm.train.planning import backbone_train_flops_per_token, train_flops_per_token
 from cbm_lm.train.state import init_train_state
 from cbm_lm.train.step import make_train_step
 
@@ -64,14 +64,6 @@ def model_flops_per_token(model_cfg, seq_len: int) -> float:
     if cc.use_unknown:
         select += 2 * cc.n_unknown * (cc.unknown_rank or model_cfg.d_model)
     return train_flops_per_token(model_cfg, seq_len) - 2 * select
-
-
-def backbone_flops_per_token(model_cfg, seq_len: int) -> float:
-    """Train FLOPs per token of the plain step: the blocks and the tied LM head, with the
-    trainer's forward multiplier (3, or 4 under remat)."""
-    fwd = (model_cfg.n_layers * layer_forward_flops_per_token(model_cfg, seq_len)
-           + 2 * model_cfg.vocab_size * model_cfg.d_model)
-    return fwd * (4.0 if model_cfg.remat != "none" else 3.0)
 
 
 def measure_concept_overhead(config, rounds: int = 5, steps: int = 3) -> dict:
@@ -117,7 +109,7 @@ def measure_concept_overhead(config, rounds: int = 5, steps: int = 3) -> dict:
     cbm, plain = min(cbm_s), min(plain_s)
     tokens = config.data.batch_size * config.data.seq_len
     model_flops = model_flops_per_token(model_cfg, config.data.seq_len) * tokens
-    plain_flops = backbone_flops_per_token(model_cfg, config.data.seq_len) * tokens
+    plain_flops = backbone_train_flops_per_token(model_cfg, config.data.seq_len) * tokens
     return {"concept_overhead_ratio": cbm / plain, "cbm_step_seconds": cbm,
             "plain_step_seconds": plain,
             "median_ratio": statistics.median(cbm_s) / statistics.median(plain_s),

@@ -167,6 +167,22 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
             "logging_overhead_cpu": cpu_ms["logged"] / cpu_ms["mass"] - 1}
 
 
+def measure(config_file: str = "gin_configs/tiny.py", scale_keys: int = 1_000_000,
+            latency_queries: int = 200, overhead_steps: int = 20, rounds: int = 3) -> dict:
+    """The two numbers benchmarks/run_all.py reports, from a config alone (no trained
+    workdir): query p50 at ``scale_keys`` synthetic keys (part 3) and the logging
+    overhead of the config's train step (part 4)."""
+    import pathlib
+
+    from cbm_lm.default_config import load_config_file
+    config = load_config_file(pathlib.Path(__file__).resolve().parents[1] / config_file)
+    scale = scale_benchmark(provenance_config(config), scale_keys, latency_queries)
+    overhead = logging_overhead(config, overhead_steps, rounds)
+    return {"provenance_query_p50_ms": scale["query_p50_ms"],
+            "provenance_logging_overhead": overhead["logging_overhead"],
+            "provenance": {"config": config_file, "scale": scale, "logging": overhead}}
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:

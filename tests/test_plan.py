@@ -202,25 +202,25 @@ def test_cli_compile_tiny():
 
 def test_backbone_flops_match_xla_cost_analysis():
     """The concept-overhead benchmark's FLOP floor divides by the plain step's FLOPs
-    (benchmarks/concept_overhead.py backbone_flops_per_token): XLA's count of the
-    plain backbone's loss gradient must agree with it."""
+    (planning.backbone_train_flops_per_token): XLA's count of the plain backbone's loss
+    gradient (blocks + tied LM head, no concept layer) must agree with it."""
     from flax import nnx
     import jax.numpy as jnp
-    from benchmarks.concept_overhead import backbone_flops_per_token
-    from benchmarks.plain_backbone import PlainLM
+    from cbm_lm.model.backbone import Backbone
+    from cbm_lm.train.planning import backbone_train_flops_per_token
 
     B, T = 2, 128
     cfg = ModelConfig(vocab_size=2048, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
                       mlp_dim=1024, max_seq_len=T, attention="causal", objective="autoregressive",
                       scan_layers=False, remat="none")
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: PlainLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Backbone(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
 
     def loss(p, t):
         pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-        h = nnx.merge(graphdef, p)(t, pos, jnp.ones((B, T), jnp.int32))
-        logits = h @ p["backbone"]["embedding"][...].T      # a constant cotangent would let
+        h = nnx.merge(graphdef, p)(t, positions=pos, segment_ids=jnp.ones((B, T), jnp.int32))
+        logits = h @ p["embedding"][...].T      # a constant cotangent would let
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0])  # XLA fold its backward into sums
 
     train = _xla_flops(jax.grad(loss), params, tokens)
-    assert train / (B * T * backbone_flops_per_token(cfg, T)) == pytest.approx(1.0, abs=0.05)
+    assert train / (B * T * backbone_train_flops_per_token(cfg, T)) == pytest.approx(1.0, abs=0.05)

@@ -78,6 +78,15 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return float(cfg.n_layers * per_layer + 2 * cfg.vocab_size * d + known + unknown)
 
 
+def backbone_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """``train_flops_per_token`` of the same model without the concept layer: the blocks and
+    the tied LM head, n_layers x layer + 2 V D forward, times the trainer's multiplier (the
+    concept-overhead benchmark's plain step, and the denominator of its FLOP floor)."""
+    fwd = (cfg.n_layers * layer_forward_flops_per_token(cfg, seq_len)
+           + 2 * cfg.vocab_size * cfg.d_model)
+    return fwd * (4.0 if cfg.remat != "none" else 3.0)
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, layer_only: bool = False) -> float:
     """Forward + backward (2x forward), plus one forward recomputed under remat
     (of the whole model, or with ``layer_only`` of one block)."""
