@@ -6,7 +6,10 @@
 Indexes the training-time key store (DIR/provenance/keys/logged). With
 --rekey, or when the run logged no keys, every training chunk is first keyed
 again with the checkpoint (--step, default the latest) and that store is
-indexed too; queries use the re-keyed index then. See cbm_lm/provenance/build.py.
+indexed too; queries use the re-keyed index then. A re-keyed index already built
+from the same step, corpus and re-keying config (by the eval binary, or an earlier
+--rekey) is reused, and stays the default, unless --rekey asks for a new pass.
+See cbm_lm/provenance/build.py.
 --gradient also builds the projected-gradient reference (cbm_lm/provenance/gradient.py).
 """
 

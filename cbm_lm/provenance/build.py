@@ -87,12 +87,13 @@ def has_store(path) -> bool:
     return p.exists() and any(keystore.segments(d) for d in p.iterdir() if d.name.startswith("p"))
 
 
-def rekey_fingerprint(prov: ProvenanceConfig, step: int, corpus: Corpus) -> dict:
+def rekey_fingerprint(prov: ProvenanceConfig, step: int, corpus: Corpus, seq_len: int) -> dict:
     """What a re-keyed store depends on: the checkpoint step, the re-keying config (width,
-    context, lexical features, weights, seeds) and the corpus (its manifest's digest)."""
+    context, lexical features, weights, seeds), the window length and the corpus (its
+    manifest's digest)."""
     manifest = hashlib.sha256((epath.Path(corpus.dir) / "manifest.json").read_bytes())
     return {"checkpoint_step": int(step), "corpus_manifest_sha256": manifest.hexdigest(),
-            "config": json.loads(json.dumps(dataclasses.asdict(prov)))}
+            "seq_len": int(seq_len), "config": json.loads(json.dumps(dataclasses.asdict(prov)))}
 
 
 def reusable_rekeyed(workdir, fingerprint: dict) -> dict | None:
@@ -135,7 +136,7 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
     built = {}
     logged = has_store(store_path(workdir, LOGGED))
     rprov = prov.for_rekeying()
-    fingerprint = rekey_fingerprint(rprov, step, corpus)
+    fingerprint = rekey_fingerprint(rprov, step, corpus, config.data.seq_len)
     reuse = None if rekey else reusable_rekeyed(workdir, fingerprint)
     if reuse is not None:
         built[REKEYED] = reuse
