@@ -56,6 +56,12 @@ def layer_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
                  + 2 * 2 * seq_len * h * hd)
 
 
+def backbone_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The blocks and the tied LM head without the concept layer: n_layers x layer + 2 V D."""
+    return float(cfg.n_layers * layer_forward_flops_per_token(cfg, seq_len)
+                 + 2 * cfg.vocab_size * cfg.d_model)
+
+
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Matmul FLOPs of one forward pass per token (2 per multiply-add).
 
@@ -65,7 +71,6 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     every concept) plus its k gathered rows, and the factorized unknown head.
     """
     d = cfg.d_model
-    per_layer = layer_forward_flops_per_token(cfg, seq_len)
     cc = cfg.concepts
     known = 2 * (cc.n_known * d + 2 * cc.known_topk * d)
     unknown = 0
@@ -75,16 +80,18 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         unknown = 2 * (cc.n_unknown * q_dim + 2 * k_u * q_dim)
         if cc.unknown_rank:
             unknown += 2 * 2 * d * cc.unknown_rank
-    return float(cfg.n_layers * per_layer + 2 * cfg.vocab_size * d + known + unknown)
+    return backbone_forward_flops_per_token(cfg, seq_len) + float(known + unknown)
+
+
+def _train_multiplier(cfg: ModelConfig) -> float:
+    """Forward + backward (2x forward), plus one forward recomputed under remat."""
+    return 4.0 if cfg.remat != "none" else 3.0
 
 
 def backbone_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """``train_flops_per_token`` of the same model without the concept layer: the blocks and
-    the tied LM head, n_layers x layer + 2 V D forward, times the trainer's multiplier (the
+    """``train_flops_per_token`` of the same model without the concept layer (the
     concept-overhead benchmark's plain step, and the denominator of its FLOP floor)."""
-    fwd = (cfg.n_layers * layer_forward_flops_per_token(cfg, seq_len)
-           + 2 * cfg.vocab_size * cfg.d_model)
-    return fwd * (4.0 if cfg.remat != "none" else 3.0)
+    return backbone_forward_flops_per_token(cfg, seq_len) * _train_multiplier(cfg)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, layer_only: bool = False) -> float:
@@ -92,4 +99,4 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, layer_only: bool = 
     (of the whole model, or with ``layer_only`` of one block)."""
     fwd = (layer_forward_flops_per_token(cfg, seq_len) if layer_only
            else forward_flops_per_token(cfg, seq_len))
-    return fwd * (4.0 if cfg.remat != "none" else 3.0)
+    return fwd * _train_multiplier(cfg)
