@@ -38,11 +38,7 @@ VARIANTS = {
                          "loss.teacher_forcing_start=0.0", "loss.cfg_dropout=0.0"],
     "soft_or_positives": ["loss.concept_positives=soft_or", "loss.concept_weight=1.0"],
     "token_positives": ["loss.concept_positives=token"],
-    # tiny.py's concept terms on tiny_diffusion.py (soft-OR at weight 1 there)
-    "token_positives_0.2": ["loss.concept_positives=token", "loss.concept_weight=0.2"],
-    "token_positives_0.2_no_unknown_tf": ["loss.concept_positives=token",
-                                          "loss.concept_weight=0.2",
-                                          "loss.unknown_teacher_forcing=False"],
+    "no_unknown_tf": ["loss.unknown_teacher_forcing=False"],   # tiny_diffusion.py has it on
     "report_tf": ["loss.teacher_forcing=hard", "loss.teacher_forcing_schedule=report"],
     "unknown_tf": ["loss.unknown_teacher_forcing=True"],
     "rec_target_labels": ["loss.reconstruction_target=labels"],
@@ -59,8 +55,7 @@ VARIANTS = {
     "no_context_window": ["loss.context_window=0"],
 }
 CONFIGS = {"autoregressive": "gin_configs/tiny.py", "diffusion": "gin_configs/tiny_diffusion.py"}
-DIFFUSION_ONLY = {"uniform_noise", "no_context_window", "token_positives_0.2",
-                  "token_positives_0.2_no_unknown_tf"}
+DIFFUSION_ONLY = {"uniform_noise", "no_context_window", "no_unknown_tf"}
 COLUMNS = ("concept_auroc_macro", "logit_share_known", "logit_share_unknown",
            "logit_share_epsilon", "dead_real_concepts", "perplexity", "baseline_perplexity",
            "ppl_ratio", "steering_success", "eval_masked_ce")
