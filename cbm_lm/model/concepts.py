@@ -48,6 +48,7 @@ from flax import nnx
 from cbm_lm.model.concept_topk import cap_logits, sharded_streaming_topk
 from cbm_lm.model.layers import normal, param
 from cbm_lm.model.sparse_rows import mix, pick
+from cbm_lm.model.topk_cpu import top_k_ids
 
 
 class ConceptActivations(NamedTuple):
@@ -103,8 +104,9 @@ class ConceptHead(nnx.Module):
                  topk: int | None, report_topk: int | None, block_size: int,
                  dense_threshold: int, clip: float, axis_name: str, init_std: float,
                  rngs: nnx.Rngs, param_dtype=jnp.float32, clip_mode: str = "hard",
-                 scoring: str = "gather"):
+                 scoring: str = "gather", topk_kernel: str = "auto"):
         self.n_concepts, self.rank, self.topk = n_concepts, rank, topk
+        self.topk_kernel = topk_kernel
         self.report_topk = report_topk if report_topk is not None else (topk or 64)
         self.report_topk = min(self.report_topk, n_concepts)
         self.block_size, self.dense_threshold, self.clip = block_size, dense_threshold, clip
@@ -167,7 +169,7 @@ class ConceptHead(nnx.Module):
         keys = jax.lax.stop_gradient(self.keys())
         if self.n_concepts <= self.dense_threshold:
             z = self.cap(q @ keys[: self.n_concepts].astype(jnp.float32).T)
-            return jax.lax.top_k(z, k)[1].astype(jnp.int32)
+            return top_k_ids(z, k, self.topk_kernel)
         return sharded_streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip,
                                       self.clip_mode, concept_axis=self.axis_name)[1]
 
@@ -176,7 +178,7 @@ class ConceptHead(nnx.Module):
         (n_concepts <= dense_threshold); the logits carry the gathered-row gradient."""
         keys = self.keys()[: self.n_concepts]
         z = jax.lax.stop_gradient(q) @ jax.lax.stop_gradient(keys).astype(jnp.float32).T
-        ids = jax.lax.top_k(self.cap(z), k)[1].astype(jnp.int32)
+        ids = top_k_ids(self.cap(z), k, self.topk_kernel)
         return ids, self.cap(picked_logits(q, keys, ids, z))
 
     def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:
@@ -218,7 +220,7 @@ class ConceptHead(nnx.Module):
         if self.report_topk == ids.shape[-1] and self.topk is not None:
             top_ids, top_logits = ids, logits
         else:
-            _, pos = jax.lax.top_k(jax.lax.stop_gradient(logits), self.report_topk)
+            pos = top_k_ids(logits, self.report_topk, self.topk_kernel)
             top_ids = jnp.take_along_axis(ids, pos, axis=-1)
             top_logits = jnp.take_along_axis(logits, pos, axis=-1)
 

@@ -1,0 +1,125 @@
+"""The compiled CPU top-k kernel (cbm_lm/model/topk_cpu.py) against XLA:CPU's TopK.
+
+Side by side in one run, interleaved round by round, each timing the least-disturbed
+(minimum) of its rounds:
+
+  op:    top-k ids of x [2048, n] f32 (B 8 x T 256 tokens) at the benchmark shape's two
+         selections: known n 2785, k 32; unknown n 8192, k 128
+         op_speedup = lax.top_k time / kernel time
+  step:  the concept train step at the benchmark shape (benchmarks/configs.py) with
+         model.concepts.topk_kernel "xla" and "auto"
+         step_speedup = step time (xla) / step time (auto)
+
+Usage: python benchmarks/topk.py [--rounds 5] [--out topk.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OP_SHAPES = {"known": (2048, 2785, 32), "unknown": (2048, 8192, 128)}
+
+
+def _best(f, *args, reps: int = 3) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_op(rounds: int = 5) -> dict:
+    from cbm_lm.model.topk_cpu import top_k_ids
+    out = {}
+    rng = np.random.default_rng(0)
+    for name, (rows, n, k) in OP_SHAPES.items():
+        x = jnp.asarray(rng.standard_normal((rows, n)).astype(np.float32))
+        fns = {kern: jax.jit(lambda v, kern=kern: top_k_ids(v, k, kern)) for kern in ("xla", "auto")}
+        np.testing.assert_array_equal(np.asarray(fns["xla"](x)), np.asarray(fns["auto"](x)))
+        t = {kern: float("inf") for kern in fns}
+        for _ in range(rounds):
+            for kern, f in fns.items():
+                t[kern] = min(t[kern], _best(f, x))
+        out[name] = {"rows": rows, "n": n, "k": k, "xla_ms": 1e3 * t["xla"],
+                     "kernel_ms": 1e3 * t["auto"], "op_speedup": t["xla"] / t["auto"]}
+    return out
+
+
+def measure_step(rounds: int = 5, steps: int = 3) -> dict:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from benchmarks.configs import steerling_proportions_config
+    from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+    from cbm_lm.data.synthetic import synthetic_batch
+    from cbm_lm.parallel.mesh import make_mesh
+    from cbm_lm.train.optimizer import make_optimizer
+    from cbm_lm.train.state import init_train_state
+    from cbm_lm.train.step import make_train_step
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    runs = {}
+    for kern in ("xla", "auto"):
+        cfg = steerling_proportions_config()
+        cfg.model.concepts.topk_kernel = kern
+        model_cfg = ModelConfig.from_config(cfg.model)
+        rules = logical_rules_from_config(cfg.rules)
+        tx, schedule = make_optimizer(cfg.optimizer, (rounds + 1) * steps)
+        graphdef, state, shardings = init_train_state(model_cfg, tx, 0, mesh, rules)
+        batch = synthetic_batch(model_cfg, cfg.data.batch_size, cfg.data.seq_len,
+                                cfg.data.max_chunk_concepts)
+        step = make_train_step(graphdef, tx, schedule, cfg, model_cfg, shardings,
+                               NamedSharding(mesh, P()))
+        runs[kern] = {"step": step, "state": state, "batch": batch, "times": [], "loss": []}
+
+    def run(r, record):
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            r["state"], m = r["step"](r["state"], r["batch"])
+            loss = float(jax.block_until_ready(m["loss"]))
+            if record:
+                r["times"].append(time.perf_counter() - t0)
+                r["loss"].append(loss)
+
+    with jax.set_mesh(mesh):
+        for r in runs.values():
+            run(r, False)                                   # compile + warm up
+        for _ in range(rounds):
+            for r in runs.values():
+                run(r, True)
+    xla, auto = min(runs["xla"]["times"]), min(runs["auto"]["times"])
+    return {"xla_step_seconds": xla, "kernel_step_seconds": auto, "step_speedup": xla / auto,
+            # same init, same batch, same selection: the two trajectories must agree
+            "max_loss_difference": float(np.max(np.abs(np.subtract(runs["xla"]["loss"],
+                                                                   runs["auto"]["loss"]))))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--skip_step", action="store_true", help="the op only (seconds, not minutes)")
+    args = ap.parse_args(argv)
+    res = {"op": measure_op(args.rounds)}
+    for name, r in res["op"].items():
+        print(f"{name:<8} top-{r['k']} of {r['n']} x {r['rows']} rows: lax.top_k "
+              f"{r['xla_ms']:.1f} ms, kernel {r['kernel_ms']:.1f} ms, speedup {r['op_speedup']:.2f}")
+    if not args.skip_step:
+        res["step"] = s = measure_step(args.rounds)
+        print(f"concept train step: xla {s['xla_step_seconds']:.3f} s, kernel "
+              f"{s['kernel_step_seconds']:.3f} s, speedup {s['step_speedup']:.3f} "
+              f"(max loss difference {s['max_loss_difference']:.2e})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
