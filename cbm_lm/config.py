@@ -20,7 +20,7 @@ NORM_ORDERS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
 CLIP_MODES = ("hard", "straight_through", "soft")   # model/concept_topk.py cap_logits
-TOPK_KERNELS = ("auto", "xla")                      # model/topk_cpu.py KERNELS
+KERNELS = ("auto", "xla")                           # model/cpu_kernels.py KERNELS
 
 
 class ConfigError(ValueError):
@@ -95,8 +95,9 @@ class ConceptConfig:
     scoring: how the top-k rows are read: "gather" (row gathers; cheap on CPU)
         or "blockwise" (dense blocks of the table, no [N,k,D] gathers; for
         TPU/GPU at scale, model/sparse_rows.py).
-    topk_kernel: "auto" (the compiled top-k kernel where XLA lowers for CPU,
-        model/topk_cpu.py; lax.top_k on TPU/GPU) or "xla" (lax.top_k everywhere).
+    kernels: "auto" (compiled kernels where XLA lowers for CPU: the top-k,
+        model/topk_cpu.py, and the gathered-row products, model/sparse_rows_cpu.py;
+        XLA's ops on TPU/GPU) or "xla" (XLA's ops everywhere).
     """
     n_known: int = 64
     known_topk: int = 8
@@ -112,7 +113,7 @@ class ConceptConfig:
     logit_clip: float = 15.0
     clip_mode: str = "straight_through"   # hard (Steerling) | straight_through | soft
     scoring: str = "gather"
-    topk_kernel: str = "auto"
+    kernels: str = "auto"
 
     @property
     def n_known_padded(self) -> int:
@@ -158,7 +159,7 @@ class ConceptConfig:
         p.check(self.dense_threshold >= 0, f"{prefix}.dense_threshold", "must be >= 0")
         p.check(self.logit_clip > 0, f"{prefix}.logit_clip", "must be > 0")
         p.choice(self.clip_mode, f"{prefix}.clip_mode", CLIP_MODES)
-        p.choice(self.topk_kernel, f"{prefix}.topk_kernel", TOPK_KERNELS)
+        p.choice(self.kernels, f"{prefix}.kernels", KERNELS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
         # imported Steerling checkpoints use "hard".
         clip_mode="straight_through",
         scoring="gather",       # gather | blockwise (no [N,k,D] row gathers; TPU/GPU scale)
-        topk_kernel="auto",     # auto (compiled kernel on CPU, model/topk_cpu.py) | xla
+        kernels="auto",         # auto (compiled kernels on CPU, model/cpu_kernels.py) | xla
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(

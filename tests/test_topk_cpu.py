@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cbm_lm.model import topk_cpu
+from cbm_lm.model import cpu_kernels, topk_cpu
 from cbm_lm.model.topk_cpu import top_k_ids
 
 
@@ -19,7 +19,7 @@ def _reference(x, k):
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    assert topk_cpu.available(), topk_cpu._state.get("error")
+    assert topk_cpu.available(), cpu_kernels.errors.get(topk_cpu.SOURCE.name)
 
 
 def _hard_rows(rng, rows, n):
@@ -94,12 +94,12 @@ def test_failed_build_names_the_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CBM_LM_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
     with pytest.raises(RuntimeError, match="/bin/false"):
-        topk_cpu.build()
+        cpu_kernels.build(topk_cpu.SOURCE)
     assert list(tmp_path.iterdir()) == []           # no half-written library left behind
 
 
 def test_unavailable_kernel_falls_back(monkeypatch):
-    monkeypatch.setattr(topk_cpu, "_state", {"registered": False, "error": "test"})
+    monkeypatch.setitem(cpu_kernels._registered, topk_cpu.SOURCE.name, False)
     x = np.random.default_rng(3).standard_normal((4, 30)).astype(np.float32)
     text = jax.jit(lambda v: top_k_ids(v, 6)).lower(x).as_text()
     assert topk_cpu._TARGET not in text

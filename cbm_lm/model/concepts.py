@@ -39,6 +39,7 @@ decomposition holds with and without interventions.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -48,6 +49,7 @@ from flax import nnx
 from cbm_lm.model.concept_topk import cap_logits, sharded_streaming_topk
 from cbm_lm.model.layers import normal, param
 from cbm_lm.model.sparse_rows import mix, pick
+from cbm_lm.model.sparse_rows_cpu import gather_mix, gather_pick
 from cbm_lm.model.topk_cpu import top_k_ids
 
 
@@ -71,25 +73,26 @@ class ConceptActivations(NamedTuple):
         return jax.nn.sigmoid(self.topk_logits)
 
 
-def _rows_dot(q, keys, ids):
-    """q [N,Q] . keys[ids] [N,S,Q] -> [N,S] fp32, by gathering the rows."""
-    return jnp.einsum("nq,nsq->ns", q, jnp.take(keys, ids, axis=0).astype(jnp.float32))
+def _rows_dot(q, keys, ids, kernels="auto"):
+    """q [N,Q] . keys[ids] [N,S,Q] -> [N,S] fp32, reading the rows (sparse_rows_cpu)."""
+    return gather_pick(q, keys, ids, kernels)
 
 
-@jax.custom_vjp
-def picked_logits(q: jax.Array, keys: jax.Array, ids: jax.Array, z: jax.Array) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def picked_logits(q: jax.Array, keys: jax.Array, ids: jax.Array, z: jax.Array,
+                  kernels: str = "auto") -> jax.Array:
     """z[n, ids[n,s]] where z = q keys^T [N,C] was already formed (the dense selection),
     with the gradient of q[n] . keys[ids[n,s]] (``_rows_dot``); z itself gets none."""
     return jnp.take_along_axis(z, ids, axis=1)
 
 
-def _picked_fwd(q, keys, ids, z):
-    return picked_logits(q, keys, ids, z), (q, keys, ids, z)
+def _picked_fwd(q, keys, ids, z, kernels):
+    return picked_logits(q, keys, ids, z, kernels), (q, keys, ids, z)
 
 
-def _picked_bwd(res, g):
+def _picked_bwd(kernels, res, g):
     q, keys, ids, z = res
-    _, vjp = jax.vjp(lambda q_, k_: _rows_dot(q_, k_, ids), q, keys)
+    _, vjp = jax.vjp(lambda q_, k_: _rows_dot(q_, k_, ids, kernels), q, keys)
     dq, dkeys = vjp(g)
     return dq, dkeys, None, jnp.zeros_like(z)
 
@@ -104,9 +107,9 @@ class ConceptHead(nnx.Module):
                  topk: int | None, report_topk: int | None, block_size: int,
                  dense_threshold: int, clip: float, axis_name: str, init_std: float,
                  rngs: nnx.Rngs, param_dtype=jnp.float32, clip_mode: str = "hard",
-                 scoring: str = "gather", topk_kernel: str = "auto"):
+                 scoring: str = "gather", kernels: str = "auto"):
         self.n_concepts, self.rank, self.topk = n_concepts, rank, topk
-        self.topk_kernel = topk_kernel
+        self.kernels = kernels
         self.report_topk = report_topk if report_topk is not None else (topk or 64)
         self.report_topk = min(self.report_topk, n_concepts)
         self.block_size, self.dense_threshold, self.clip = block_size, dense_threshold, clip
@@ -147,8 +150,7 @@ class ConceptHead(nnx.Module):
         gathering the rows."""
         if self.scoring == "blockwise":
             return mix(weights, ids, self.values(), self.block_size)
-        rows = jnp.take(self.values(), ids, axis=0).astype(jnp.float32)           # [N,S,V]
-        return jnp.einsum("ns,nsv->nv", weights.astype(jnp.float32), rows)
+        return gather_mix(weights, ids, self.values(), self.kernels)
 
     def concept_vectors(self, ids: jax.Array) -> jax.Array:
         """E[ids]: the feature direction of each concept, [...,D]."""
@@ -169,7 +171,7 @@ class ConceptHead(nnx.Module):
         keys = jax.lax.stop_gradient(self.keys())
         if self.n_concepts <= self.dense_threshold:
             z = self.cap(q @ keys[: self.n_concepts].astype(jnp.float32).T)
-            return top_k_ids(z, k, self.topk_kernel)
+            return top_k_ids(z, k, self.kernels)
         return sharded_streaming_topk(q, keys, self.n_concepts, k, self.block_size, self.clip,
                                       self.clip_mode, concept_axis=self.axis_name)[1]
 
@@ -178,14 +180,14 @@ class ConceptHead(nnx.Module):
         (n_concepts <= dense_threshold); the logits carry the gathered-row gradient."""
         keys = self.keys()[: self.n_concepts]
         z = jax.lax.stop_gradient(q) @ jax.lax.stop_gradient(keys).astype(jnp.float32).T
-        ids = top_k_ids(self.cap(z), k, self.topk_kernel)
-        return ids, self.cap(picked_logits(q, keys, ids, z))
+        ids = top_k_ids(self.cap(z), k, self.kernels)
+        return ids, self.cap(picked_logits(q, keys, ids, z, self.kernels))
 
     def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:
         """Capped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""
         if self.scoring == "blockwise":
             return self.cap(pick(q, self.keys(), ids, self.block_size))
-        return self.cap(_rows_dot(q, self.keys(), ids))
+        return self.cap(_rows_dot(q, self.keys(), ids, self.kernels))
 
     def cap(self, z: jax.Array) -> jax.Array:
         """Raw logits -> capped logits (``clip_mode``), the only place the cap is applied."""
@@ -220,7 +222,7 @@ class ConceptHead(nnx.Module):
         if self.report_topk == ids.shape[-1] and self.topk is not None:
             top_ids, top_logits = ids, logits
         else:
-            pos = top_k_ids(logits, self.report_topk, self.topk_kernel)
+            pos = top_k_ids(logits, self.report_topk, self.kernels)
             top_ids = jnp.take_along_axis(ids, pos, axis=-1)
             top_logits = jnp.take_along_axis(logits, pos, axis=-1)
 

@@ -50,7 +50,7 @@ class ConceptRewrite(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         common = dict(d_model=cfg.d_model, block_size=cc.block_size,
                       dense_threshold=cc.dense_threshold, clip=cc.logit_clip, clip_mode=cc.clip_mode,
-                      scoring=cc.scoring, topk_kernel=cc.topk_kernel,
+                      scoring=cc.scoring, kernels=cc.kernels,
                       init_std=cfg.init_std, rngs=rngs, param_dtype=pd)
         self.known_head = ConceptHead(
             n_concepts=cc.n_known, n_padded=cc.n_known_padded, rank=0, topk=cc.known_topk,

@@ -13,112 +13,34 @@ The choice is made when the computation is lowered (one primitive, a lowering pe
 platform): CPU lowerings call the kernel, TPU/GPU lowerings (an AOT compile for a TPU
 topology included) keep ``lax.top_k``. The CPU lowering is annotated batch-partitionable,
 so sharded leading dims stay sharded; the ranked axis is gathered whole. It is compiled on first
-use with the system C++ compiler into a per-machine cache; where no compiler is found or
-the build fails, a warning is logged once and ``lax.top_k`` is used.
+use (model/cpu_kernels.py); where no compiler is found or the build fails, a warning is
+logged once and ``lax.top_k`` is used.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
 from functools import partial
 from pathlib import Path
 
 import jax
 import jax.extend
 import jax.numpy as jnp
-from absl import logging
 from jax._src import dispatch
 from jax._src.core import ShapedArray
 from jax._src.custom_partitioning_sharding_rule import (sdy_sharding_rule_to_mlir,
                                                         str_to_sdy_sharding_rule)
 from jax.interpreters import batching, mlir
 
-KERNELS = ("auto", "xla")     # auto: the compiled kernel on CPU; xla: lax.top_k everywhere
+from cbm_lm.model import cpu_kernels
+
+KERNELS = cpu_kernels.KERNELS
 _TARGET = "cbm_lm_topk_indices"
-_SOURCE = Path(__file__).with_name("topk_cpu.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_lock = threading.Lock()
-_state: dict[str, object] = {}     # "registered": bool, "error": str
-
-
-def _cpu_fingerprint() -> str:
-    """-march=native code runs only on CPUs with these features: part of the cache key."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("CBM_LM_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cbm_lm", "kernels")
-    return Path(root)
-
-
-def library_path() -> Path:
-    """Where the kernel for this source, jaxlib, compiler flags and CPU is cached."""
-    import jaxlib
-    digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), " ".join(_FLAGS).encode(),
-                 platform.machine().encode(), _cpu_fingerprint().encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    return _cache_dir() / f"topk_cpu-{digest.hexdigest()[:16]}.so"
-
-
-def build() -> Path:
-    """Compiles topk_cpu.cc (if not cached) and returns the shared library's path.
-
-    Raises RuntimeError naming the compiler and its output when the build fails."""
-    path = library_path()
-    if path.exists():
-        return path
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)
-    os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
-                               f"{done.stderr[-2000:]}")
-        os.replace(tmp, path)     # atomic: a concurrent build never sees a half-written .so
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    logging.info("compiled the CPU top-k kernel in %.1f s: %s", time.perf_counter() - start, path)
-    return path
+SOURCE = Path(__file__).with_name("topk_cpu.cc")
 
 
 def available() -> bool:
-    """Builds and registers the kernel once per process; False (warned once) if it cannot."""
-    with _lock:
-        if "registered" not in _state:
-            try:
-                lib = ctypes.cdll.LoadLibrary(str(build()))
-                jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.CbmTopKIndices),
-                                            platform="cpu")
-                jax.ffi.register_ffi_target_as_batch_partitionable(_TARGET)
-                _state["registered"] = True
-            except Exception as e:   # noqa: BLE001 - any build/load failure means: fall back
-                _state["registered"], _state["error"] = False, str(e)
-                logging.warning("CPU top-k kernel unavailable, using lax.top_k: %s", e)
-        return bool(_state["registered"])
+    """Builds and registers the kernel once per process (cpu_kernels.register)."""
+    return cpu_kernels.register(SOURCE, {_TARGET: "CbmTopKIndices"}, batch_partitionable=[_TARGET])
 
 
 def _xla_ids(x: jax.Array, k: int) -> jax.Array:

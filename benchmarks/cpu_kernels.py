@@ -1,16 +1,18 @@
-"""The compiled CPU top-k kernel (cbm_lm/model/topk_cpu.py) against XLA:CPU's TopK.
+"""The compiled CPU kernels (cbm_lm/model/cpu_kernels.py) against XLA:CPU's own ops.
 
 Side by side in one run, interleaved round by round, each timing the least-disturbed
-(minimum) of its rounds:
+(minimum) of its rounds, at the benchmark shape (benchmarks/configs.py: 2048 tokens):
 
-  op:    top-k ids of x [2048, n] f32 (B 8 x T 256 tokens) at the benchmark shape's two
-         selections: known n 2785, k 32; unknown n 8192, k 128
-         op_speedup = lax.top_k time / kernel time
-  step:  the concept train step at the benchmark shape (benchmarks/configs.py) with
-         model.concepts.topk_kernel "xla" and "auto"
-         step_speedup = step time (xla) / step time (auto)
+  top-k:  ids of x [2048, n] f32 at the two selections: known n 2785, k 32; unknown
+          n 8192, k 128 (model/topk_cpu.py against lax.top_k)
+  rows:   the known head's feature mix sum_s w[n,s] E[ids[n,s]] and selected-logit
+          recompute q[n] . K[ids[n,s]] (32 of 2785 rows of 512 per token), forward and
+          forward + backward (model/sparse_rows_cpu.py against jnp.take + einsum)
+          op_speedup = XLA time / kernel time
+  step:   the concept train step with model.concepts.kernels "xla" and "auto"
+          step_speedup = step time (xla) / step time (auto)
 
-Usage: python benchmarks/topk.py [--rounds 5] [--out topk.json]
+Usage: python -m benchmarks.cpu_kernels [--rounds 5] [--skip_step] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -35,7 +37,36 @@ def _best(f, *args, reps: int = 3) -> float:
     return best
 
 
-def measure_op(rounds: int = 5) -> dict:
+def _race(fns: dict, args, rounds: int) -> dict:
+    """{name: best seconds}, the candidates interleaved round by round."""
+    t = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t[name] = min(t[name], _best(f, *args))
+    return t
+
+
+def measure_rows(rounds: int = 5, n: int = 2048, s: int = 32, c: int = 2785, v: int = 512) -> dict:
+    from cbm_lm.model.sparse_rows_cpu import gather_mix, gather_pick
+    rng = np.random.default_rng(0)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    w, table, q, g, gs = f(n, s), f(c, v), f(n, v), f(n, v), f(n, s)
+    ids = jnp.asarray(rng.integers(0, c, (n, s)), jnp.int32)
+    ops = {"mix": (lambda k: lambda w_, t_: gather_mix(w_, ids, t_, k), (w, table), g),
+           "pick": (lambda k: lambda q_, t_: gather_pick(q_, t_, ids, k), (q, table), gs)}
+    out = {}
+    for name, (make, args, cot) in ops.items():
+        fwd = {k: jax.jit(make(k)) for k in ("xla", "auto")}
+        both = {k: jax.jit(lambda *a, k=k: jax.vjp(make(k), *a)[1](cot)) for k in ("xla", "auto")}
+        np.testing.assert_allclose(fwd["xla"](*args), fwd["auto"](*args), rtol=1e-4, atol=1e-3)
+        tf, tb = _race(fwd, args, rounds), _race(both, args, rounds)
+        out[name] = {"xla_fwd_ms": 1e3 * tf["xla"], "kernel_fwd_ms": 1e3 * tf["auto"],
+                     "xla_fwd_bwd_ms": 1e3 * tb["xla"], "kernel_fwd_bwd_ms": 1e3 * tb["auto"],
+                     "op_speedup": tb["xla"] / tb["auto"]}
+    return out
+
+
+def measure_topk(rounds: int = 5) -> dict:
     from cbm_lm.model.topk_cpu import top_k_ids
     out = {}
     rng = np.random.default_rng(0)
@@ -43,10 +74,7 @@ def measure_op(rounds: int = 5) -> dict:
         x = jnp.asarray(rng.standard_normal((rows, n)).astype(np.float32))
         fns = {kern: jax.jit(lambda v, kern=kern: top_k_ids(v, k, kern)) for kern in ("xla", "auto")}
         np.testing.assert_array_equal(np.asarray(fns["xla"](x)), np.asarray(fns["auto"](x)))
-        t = {kern: float("inf") for kern in fns}
-        for _ in range(rounds):
-            for kern, f in fns.items():
-                t[kern] = min(t[kern], _best(f, x))
+        t = _race(fns, (x,), rounds)
         out[name] = {"rows": rows, "n": n, "k": k, "xla_ms": 1e3 * t["xla"],
                      "kernel_ms": 1e3 * t["auto"], "op_speedup": t["xla"] / t["auto"]}
     return out
@@ -67,7 +95,7 @@ def measure_step(rounds: int = 5, steps: int = 3) -> dict:
     runs = {}
     for kern in ("xla", "auto"):
         cfg = steerling_proportions_config()
-        cfg.model.concepts.topk_kernel = kern
+        cfg.model.concepts.kernels = kern
         model_cfg = ModelConfig.from_config(cfg.model)
         rules = logical_rules_from_config(cfg.rules)
         tx, schedule = make_optimizer(cfg.optimizer, (rounds + 1) * steps)
@@ -106,10 +134,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--skip_step", action="store_true", help="the op only (seconds, not minutes)")
     args = ap.parse_args(argv)
-    res = {"op": measure_op(args.rounds)}
-    for name, r in res["op"].items():
-        print(f"{name:<8} top-{r['k']} of {r['n']} x {r['rows']} rows: lax.top_k "
+    res = {"topk": measure_topk(args.rounds), "rows": measure_rows(args.rounds)}
+    for name, r in res["topk"].items():
+        print(f"top-k {name:<8} top-{r['k']} of {r['n']} x {r['rows']} rows: lax.top_k "
               f"{r['xla_ms']:.1f} ms, kernel {r['kernel_ms']:.1f} ms, speedup {r['op_speedup']:.2f}")
+    for name, r in res["rows"].items():
+        print(f"rows  {name:<8} forward: XLA {r['xla_fwd_ms']:.1f} ms, kernel {r['kernel_fwd_ms']:.1f} ms;"
+              f" forward + backward: XLA {r['xla_fwd_bwd_ms']:.1f} ms, kernel "
+              f"{r['kernel_fwd_bwd_ms']:.1f} ms, speedup {r['op_speedup']:.2f}")
     if not args.skip_step:
         res["step"] = s = measure_step(args.rounds)
         print(f"concept train step: xla {s['xla_step_seconds']:.3f} s, kernel "

@@ -1,0 +1,170 @@
+// A few table rows per token, without forming the [N,S,V] gather: XLA FFI kernels for CPU.
+//
+//   mix(w, ids, T)[n]       = sum_s w[n,s] T[ids[n,s]]            w [N,S], T [C,V] -> [N,V]
+//   pick(q, T, ids)[n,s]    = q[n] . T[ids[n,s]]                  q [N,V]          -> [N,S]
+//   scatter(a, ids, b)[c]   = sum_{n,s: ids[n,s] = c} a[n,s] b[n] a [N,S], b [N,V] -> [C,V]
+//
+// (scatter is the table gradient of both: dT of mix is scatter(w, ids, g), of pick
+// scatter(g, ids, q).) Ids outside [0, C) contribute nothing. All f32; leading dims of
+// w / q / ids / b are flattened into N. Why not XLA's gather: XLA:CPU materializes the
+// [N,S,V] rows (134 MB for 2048 tokens x 32 concepts x 512) and scatters as much back in
+// the backward. mix and pick split tokens over XLA's intra-op thread pool; scatter splits
+// table rows, each thread summing its rows' contributions in token order (deterministic).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs body(begin, end) over [0, total) in blocks handed out from a shared counter; the
+// caller works too and then waits only for blocks a pool thread claimed (state is
+// shared_ptr-owned, so a pool task that starts after the call returned finds no work).
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t block, Body body) {
+  if (total <= 0) return;
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const int64_t n_blocks = (total + block - 1) / block;
+  auto run = [state, n_blocks, total, block, body]() {
+    for (int64_t b; (b = state->next.fetch_add(1)) < n_blocks;) {
+      body(b * block, std::min(total, (b + 1) * block));
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), n_blocks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run]() { run(); });
+  run();
+  while (state->done.load(std::memory_order_acquire) < n_blocks) std::this_thread::yield();
+}
+
+// x . y with kLanes independent partial sums: a float sum vectorizes only as lanes
+// (reassociating one running sum would need -ffast-math).
+inline float Dot(const float* __restrict x, const float* __restrict y, int64_t v) {
+  constexpr int64_t kLanes = 16;
+  float lanes[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= v; d += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[d + l] * y[d + l];
+  }
+  float acc = 0.0f;
+  for (; d < v; ++d) acc += x[d] * y[d];
+  for (int64_t l = 0; l < kLanes; ++l) acc += lanes[l];
+  return acc;
+}
+
+int64_t Block(ffi::ThreadPool& pool, int64_t total) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(64, total / (4 * threads) + 1));
+}
+
+ffi::Error MixImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> ids,
+                   ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t s = w.dimensions().back();
+  const int64_t n = s ? w.element_count() / s : 0;
+  const int64_t c = table.dimensions().front(), v = table.dimensions().back();
+  const float* wp = w.typed_data();
+  const int32_t* ip = ids.typed_data();
+  const float* tp = table.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, n, Block(pool, n), [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* __restrict o = op + i * v;
+      std::fill(o, o + v, 0.0f);
+      for (int64_t j = 0; j < s; ++j) {
+        const int32_t id = ip[i * s + j];
+        if (id < 0 || id >= c) continue;
+        const float a = wp[i * s + j];
+        const float* __restrict row = tp + static_cast<int64_t>(id) * v;
+        for (int64_t d = 0; d < v; ++d) o[d] += a * row[d];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error PickImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> table,
+                    ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t s = ids.dimensions().back();
+  const int64_t n = s ? ids.element_count() / s : 0;
+  const int64_t c = table.dimensions().front(), v = table.dimensions().back();
+  const float* qp = q.typed_data();
+  const int32_t* ip = ids.typed_data();
+  const float* tp = table.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, n, Block(pool, n), [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* __restrict x = qp + i * v;
+      for (int64_t j = 0; j < s; ++j) {
+        const int32_t id = ip[i * s + j];
+        op[i * s + j] = (id >= 0 && id < c) ? Dot(x, tp + static_cast<int64_t>(id) * v, v) : 0.0f;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ScatterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::S32> ids,
+                       ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t s = ids.dimensions().back();
+  const int64_t n = s ? ids.element_count() / s : 0;
+  const int64_t c = out->dimensions().front(), v = out->dimensions().back();
+  const float* ap = a.typed_data();
+  const int32_t* ip = ids.typed_data();
+  const float* bp = b.typed_data();
+  float* op = out->typed_data();
+  // Each thread owns a range of table rows and walks every (n, s) in order: the sum for a
+  // row is always taken in the same order, whatever the thread count.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t rows_per = std::max<int64_t>(1, (c + threads - 1) / threads);
+  ParallelFor(pool, c, rows_per, [=](int64_t begin, int64_t end) {
+    std::fill(op + begin * v, op + end * v, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* __restrict x = bp + i * v;
+      for (int64_t j = 0; j < s; ++j) {
+        const int32_t id = ip[i * s + j];
+        if (id < begin || id >= end) continue;
+        const float w = ap[i * s + j];
+        float* __restrict row = op + static_cast<int64_t>(id) * v;
+        for (int64_t d = 0; d < v; ++d) row[d] += w * x[d];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmRowsMix, MixImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmRowsPick, PickImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmRowsScatter, ScatterImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
