@@ -3,7 +3,8 @@
 Each kernel source is compiled on first use with the system C++ compiler
 (``$CXX``, else g++ / c++) against the XLA FFI headers that ship with jaxlib, into a
 per-machine cache (``$CBM_LM_KERNEL_CACHE``, else ``~/.cache/cbm_lm/kernels``) keyed by
-the source, jaxlib's version, the flags and the CPU's feature flags (``-march=native``).
+the source and the headers beside it, jaxlib's version, the flags and the CPU's feature
+flags (``-march=native``).
 The write is atomic, so concurrent processes never load a half-written library. Where
 no compiler is found or the build fails, ``register`` logs a warning once and returns
 False, and callers keep their XLA path: a kernel is an optimization, never a dependency.
@@ -57,8 +58,10 @@ def library_path(source: Path) -> Path:
     """Where the library built from ``source`` for this jaxlib, flag set and CPU is cached."""
     import jaxlib
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), jaxlib.__version__.encode(), " ".join(FLAGS).encode(),
-                 platform.machine().encode(), _cpu_fingerprint().encode()):
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]   # the sources include
+    for part in (source.read_bytes(), *headers, jaxlib.__version__.encode(),
+                 " ".join(FLAGS).encode(), platform.machine().encode(),
+                 _cpu_fingerprint().encode()):
         digest.update(part)
         digest.update(b"\0")
     return _cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"

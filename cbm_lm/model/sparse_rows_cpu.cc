@@ -1,7 +1,7 @@
 // A few table rows per token, without forming the [N,S,V] gather: XLA FFI kernels for CPU.
 //
 //   mix(w, ids, T)[n]       = sum_s w[n,s] T[ids[n,s]]            w [N,S], T [C,V] -> [N,V]
-//   pick(q, T, ids)[n,s]    = q[n] . T[ids[n,s]]                  q [N,V]          -> [N,S]
+//   pick(q, ids, T)[n,s]    = q[n] . T[ids[n,s]]                  q [N,V]          -> [N,S]
 //   scatter(a, ids, b)[c]   = sum_{n,s: ids[n,s] = c} a[n,s] b[n] a [N,S], b [N,V] -> [C,V]
 //
 // (scatter is the table gradient of both: dT of mix is scatter(w, ids, g), of pick
@@ -12,41 +12,17 @@
 // table rows, each thread summing its rows' contributions in token order (deterministic).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Runs body(begin, end) over [0, total) in blocks handed out from a shared counter; the
-// caller works too and then waits only for blocks a pool thread claimed (state is
-// shared_ptr-owned, so a pool task that starts after the call returned finds no work).
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t block, Body body) {
-  if (total <= 0) return;
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  const int64_t n_blocks = (total + block - 1) / block;
-  auto run = [state, n_blocks, total, block, body]() {
-    for (int64_t b; (b = state->next.fetch_add(1)) < n_blocks;) {
-      body(b * block, std::min(total, (b + 1) * block));
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), n_blocks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run]() { run(); });
-  run();
-  while (state->done.load(std::memory_order_acquire) < n_blocks) std::this_thread::yield();
-}
+using cbm_lm::ParallelFor;
+using cbm_lm::RowBlock;
 
 // x . y with kLanes independent partial sums: a float sum vectorizes only as lanes
 // (reassociating one running sum would need -ffast-math).
@@ -63,11 +39,6 @@ inline float Dot(const float* __restrict x, const float* __restrict y, int64_t v
   return acc;
 }
 
-int64_t Block(ffi::ThreadPool& pool, int64_t total) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  return std::max<int64_t>(1, std::min<int64_t>(64, total / (4 * threads) + 1));
-}
-
 ffi::Error MixImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> ids,
                    ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> out) {
   const int64_t s = w.dimensions().back();
@@ -77,7 +48,7 @@ ffi::Error MixImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ff
   const int32_t* ip = ids.typed_data();
   const float* tp = table.typed_data();
   float* op = out->typed_data();
-  ParallelFor(pool, n, Block(pool, n), [=](int64_t begin, int64_t end) {
+  ParallelFor(pool, n, RowBlock(pool, n), [=](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* __restrict o = op + i * v;
       std::fill(o, o + v, 0.0f);
@@ -93,8 +64,8 @@ ffi::Error MixImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error PickImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> table,
-                    ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error PickImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> ids,
+                    ffi::Buffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> out) {
   const int64_t s = ids.dimensions().back();
   const int64_t n = s ? ids.element_count() / s : 0;
   const int64_t c = table.dimensions().front(), v = table.dimensions().back();
@@ -102,7 +73,7 @@ ffi::Error PickImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const int32_t* ip = ids.typed_data();
   const float* tp = table.typed_data();
   float* op = out->typed_data();
-  ParallelFor(pool, n, Block(pool, n), [=](int64_t begin, int64_t end) {
+  ParallelFor(pool, n, RowBlock(pool, n), [=](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* __restrict x = qp + i * v;
       for (int64_t j = 0; j < s; ++j) {
@@ -145,26 +116,16 @@ ffi::Error ScatterImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmRowsMix, MixImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// All three take (f32 [N,S] or [N,V], s32 ids [N,S], f32 [C,V] or [N,V]) -> f32.
+#define CBM_ROWS_HANDLER(name, impl)                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                     \
+                                ffi::Ffi::Bind()                \
+                                    .Ctx<ffi::ThreadPool>()     \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::S32>>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmRowsPick, PickImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmRowsScatter, ScatterImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+CBM_ROWS_HANDLER(CbmRowsMix, MixImpl)
+CBM_ROWS_HANDLER(CbmRowsPick, PickImpl)
+CBM_ROWS_HANDLER(CbmRowsScatter, ScatterImpl)

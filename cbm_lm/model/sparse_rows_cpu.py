@@ -49,7 +49,7 @@ def _xla_mix(w, ids, table):
     return jnp.einsum("ns,nsv->nv", w, jnp.take(table, ids, axis=0))
 
 
-def _xla_pick(q, table, ids):
+def _xla_pick(q, ids, table):
     return jnp.einsum("nv,nsv->ns", q, jnp.take(table, ids, axis=0))
 
 
@@ -70,7 +70,7 @@ def _primitive(name, abstract, xla_fn):
 
 _mix_p = _primitive("cbm_lm_rows_mix", lambda w, ids, t: ShapedArray(
     (w.shape[0], t.shape[1]), jnp.float32), _xla_mix)
-_pick_p = _primitive("cbm_lm_rows_pick", lambda q, t, ids: ShapedArray(
+_pick_p = _primitive("cbm_lm_rows_pick", lambda q, ids, t: ShapedArray(
     ids.shape, jnp.float32), _xla_pick)
 _scatter_p = _primitive("cbm_lm_rows_scatter", lambda a, ids, b, *, n_rows: ShapedArray(
     (n_rows, b.shape[1]), jnp.float32), _xla_scatter)
@@ -88,7 +88,7 @@ def _mix_fwd(w, ids, table):
 
 def _mix_bwd(res, g):
     w, ids, table = res
-    return (_pick_p.bind(g, table, ids), None,
+    return (_pick_p.bind(g, ids, table), None,
             _scatter_p.bind(w, ids, g, n_rows=table.shape[0]))
 
 
@@ -97,7 +97,7 @@ _mix.defvjp(_mix_fwd, _mix_bwd)
 
 @jax.custom_vjp
 def _pick(q, table, ids):
-    return _pick_p.bind(q, table, ids)
+    return _pick_p.bind(q, ids, table)
 
 
 def _pick_fwd(q, table, ids):

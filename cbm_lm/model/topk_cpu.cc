@@ -15,14 +15,12 @@
 // rows), nth_element to the k best and a sort of those k: O(n + k log k).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -89,29 +87,6 @@ void TopKRow(const float* x, int64_t n, int64_t k, int32_t* out, RowScratch& s) 
   for (int64_t j = 0; j < k; ++j) out[j] = static_cast<int32_t>(buf[j] & 0xffffffffu);
 }
 
-// Rows are handed out in blocks from a shared counter; the caller works too, then waits
-// only for blocks that a pool thread has claimed. State is shared_ptr-owned so a task the
-// pool starts after the call returned finds no work and touches no buffer.
-struct Work {
-  const float* x;
-  int32_t* out;
-  int64_t rows, n, k, block;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void RunBlocks(Work& w) {
-  RowScratch scratch;
-  const int64_t n_blocks = (w.rows + w.block - 1) / w.block;
-  for (int64_t b; (b = w.next.fetch_add(1)) < n_blocks;) {
-    const int64_t end = std::min(w.rows, (b + 1) * w.block);
-    for (int64_t r = b * w.block; r < end; ++r) {
-      TopKRow(w.x + r * w.n, w.n, w.k, w.out + r * w.k, scratch);
-    }
-    w.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error TopKIndicesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::ResultBuffer<ffi::S32> ids) {
   const auto dims = x.dimensions();
@@ -121,21 +96,12 @@ ffi::Error TopKIndicesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto out_dims = ids->dimensions();
   const int64_t k = out_dims.back();
   if (k < 1 || k > n) return ffi::Error::InvalidArgument("topk_indices: need 1 <= k <= n");
-  auto w = std::make_shared<Work>();
-  w->x = x.typed_data();
-  w->out = ids->typed_data();
-  w->rows = rows;
-  w->n = n;
-  w->k = k;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  w->block = std::max<int64_t>(1, std::min<int64_t>(64, rows / (4 * threads) + 1));
-  const int64_t n_blocks = (rows + w->block - 1) / w->block;
-  const int64_t helpers = std::min<int64_t>(threads, n_blocks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([w]() { RunBlocks(*w); });
-  }
-  RunBlocks(*w);
-  while (w->done.load(std::memory_order_acquire) < n_blocks) std::this_thread::yield();
+  const float* xp = x.typed_data();
+  int32_t* out = ids->typed_data();
+  cbm_lm::ParallelFor(pool, rows, cbm_lm::RowBlock(pool, rows), [=](int64_t begin, int64_t end) {
+    thread_local RowScratch scratch;   // reused across the rows and calls of one thread
+    for (int64_t r = begin; r < end; ++r) TopKRow(xp + r * n, n, k, out + r * k, scratch);
+  });
   return ffi::Error::Success();
 }
 
