@@ -13,10 +13,11 @@ the known head's feature mix and selected-logit recompute under
 Why our own: XLA:CPU forms the [N,S,V] rows (2048 tokens x 32 concepts x 512 floats,
 134 MB, at the benchmark shape) for each product and scatter-adds as much back in the
 backward; ``sparse_rows_cpu.cc`` reads each row in place (measured in
-benchmarks/topk.py's step comparison). Each op is a primitive lowered per platform: the
+benchmarks/cpu_kernels.py's step comparison). Each op is a primitive lowered per platform: the
 FFI kernel where XLA lowers for CPU, the same jnp gather ops as before on TPU/GPU (so
-AOT compiles for TPU are unchanged). Ids outside [0, C) contribute nothing (XLA's
-gather would clamp them; the model never passes any). Sharded operands are gathered
+AOT compiles for TPU are unchanged). Ids outside [0, C) contribute nothing (jnp.take
+would count a negative id from the end and fill a too-large one with NaN; the model
+never passes either). Sharded operands are gathered
 whole for the CPU kernel (a custom call's default partitioning). Where the kernel
 cannot be built (model/cpu_kernels.py), the jnp ops run everywhere.
 """

@@ -7,7 +7,7 @@ order, lower index first on ties; tests/test_topk_cpu.py holds the two equal). W
 own: XLA:CPU runs TopK as a single-threaded ``std::partial_sort`` per row, about 100 ms of
 the concept step at Steerling's proportions (2048 rows x 8192 concepts, k 128); the
 kernel in ``topk_cpu.cc`` is O(n + k log k) per row and uses XLA's intra-op thread pool
-(measured side by side in benchmarks/topk.py).
+(measured side by side in benchmarks/cpu_kernels.py).
 
 The choice is made when the computation is lowered (one primitive, a lowering per
 platform): CPU lowerings call the kernel, TPU/GPU lowerings (an AOT compile for a TPU
