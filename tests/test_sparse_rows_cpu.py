@@ -115,3 +115,16 @@ def test_sharded_tokens_equal_single_device():
     got = f(put(w, P("data", None)), put(table, P()), put(ids, P("data", None)))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_per_example_gradients():
+    """Per-example table gradients (provenance/gradient.py vmaps them) equal a loop."""
+    w, ids, table, _, g, _ = _inputs(7)
+
+    def grad_one(w_row, ids_row, g_row):
+        return jax.grad(lambda t_: jnp.sum(gather_mix(w_row[None], ids_row[None], t_) * g_row))(table)
+
+    got = jax.vmap(grad_one)(w[:4], ids[:4], g[:4])
+    for i in range(4):
+        np.testing.assert_allclose(got[i], _np_scatter(w[i:i + 1], ids[i:i + 1], g[i:i + 1]),
+                                   rtol=1e-5, atol=1e-5)

@@ -32,9 +32,9 @@ import jax.extend
 import jax.numpy as jnp
 from jax._src import dispatch
 from jax._src.core import ShapedArray
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
-from cbm_lm.model import cpu_kernels
+from cbm_lm.model.cpu_kernels import KERNELS, register
 
 SOURCE = Path(__file__).with_name("sparse_rows_cpu.cc")
 _TARGETS = {"cbm_lm_rows_mix": "CbmRowsMix", "cbm_lm_rows_pick": "CbmRowsPick",
@@ -42,7 +42,7 @@ _TARGETS = {"cbm_lm_rows_mix": "CbmRowsMix", "cbm_lm_rows_pick": "CbmRowsPick",
 
 
 def available() -> bool:
-    return cpu_kernels.register(SOURCE, _TARGETS)
+    return register(SOURCE, _TARGETS)
 
 
 # -- the XLA forms (TPU/GPU lowerings, and the fallback) ---------------------------------
@@ -66,6 +66,9 @@ def _primitive(name, abstract, xla_fn):
     ffi_rule = jax.ffi.ffi_lowering(name)
     # params (n_rows) shape the result only; the kernel reads sizes from its buffers
     mlir.register_lowering(p, lambda ctx, *args, **_: ffi_rule(ctx, *args), platform="cpu")
+    # under vmap (per-example gradients: provenance/gradient.py) the XLA form, vmapped
+    batching.primitive_batchers[p] = lambda args, dims, **params: (
+        jax.vmap(partial(xla_fn, **params), in_axes=dims)(*args), 0)
     return p
 
 
@@ -115,8 +118,8 @@ _pick.defvjp(_pick_fwd, _pick_bwd)
 
 
 def _use_kernel(kernel: str, *arrays) -> bool:
-    if kernel not in cpu_kernels.KERNELS:
-        raise ValueError(f"kernel must be one of {cpu_kernels.KERNELS}, got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     return kernel == "auto" and all(a.dtype == jnp.float32 for a in arrays) and available()
 
 

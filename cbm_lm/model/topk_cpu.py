@@ -31,16 +31,15 @@ from jax._src.custom_partitioning_sharding_rule import (sdy_sharding_rule_to_mli
                                                         str_to_sdy_sharding_rule)
 from jax.interpreters import batching, mlir
 
-from cbm_lm.model import cpu_kernels
+from cbm_lm.model.cpu_kernels import KERNELS, register
 
-KERNELS = cpu_kernels.KERNELS
 _TARGET = "cbm_lm_topk_indices"
 SOURCE = Path(__file__).with_name("topk_cpu.cc")
 
 
 def available() -> bool:
-    """Builds and registers the kernel once per process (cpu_kernels.register)."""
-    return cpu_kernels.register(SOURCE, {_TARGET: "CbmTopKIndices"}, batch_partitionable=[_TARGET])
+    """Builds and registers the kernel once per process (model/cpu_kernels.py)."""
+    return register(SOURCE, {_TARGET: "CbmTopKIndices"}, batch_partitionable=[_TARGET])
 
 
 def _xla_ids(x: jax.Array, k: int) -> jax.Array:
