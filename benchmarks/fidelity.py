@@ -50,6 +50,9 @@ VARIANTS = {
     "all_known_slots": ["data.known_concepts_from_corpus=False"],
     "topk8": ["model.concepts.known_topk=8"],      # tiny.py keeps the top-16
     "topk32": ["model.concepts.known_topk=32"],
+    # the rewrite's capacity: more discovered concepts per token leave less to epsilon
+    "unknown_topk32": ["model.concepts.unknown_topk=32"],   # tiny.py keeps the top-16
+    "rec_weight_3": ["loss.reconstruction_weight=3.0"],      # unknown ~ sg(h - known), harder
     "concept_balance": ["loss.concept_balance=concept"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
