@@ -73,16 +73,11 @@ class ConceptActivations(NamedTuple):
         return jax.nn.sigmoid(self.topk_logits)
 
 
-def _rows_dot(q, keys, ids, kernels="auto"):
-    """q [N,Q] . keys[ids] [N,S,Q] -> [N,S] fp32, reading the rows (sparse_rows_cpu)."""
-    return gather_pick(q, keys, ids, kernels)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def picked_logits(q: jax.Array, keys: jax.Array, ids: jax.Array, z: jax.Array,
                   kernels: str = "auto") -> jax.Array:
     """z[n, ids[n,s]] where z = q keys^T [N,C] was already formed (the dense selection),
-    with the gradient of q[n] . keys[ids[n,s]] (``_rows_dot``); z itself gets none."""
+    with the gradient of q[n] . keys[ids[n,s]] (``gather_pick``); z itself gets none."""
     return jnp.take_along_axis(z, ids, axis=1)
 
 
@@ -92,7 +87,7 @@ def _picked_fwd(q, keys, ids, z, kernels):
 
 def _picked_bwd(kernels, res, g):
     q, keys, ids, z = res
-    _, vjp = jax.vjp(lambda q_, k_: _rows_dot(q_, k_, ids, kernels), q, keys)
+    _, vjp = jax.vjp(lambda q_, k_: gather_pick(q_, k_, ids, kernels), q, keys)
     dq, dkeys = vjp(g)
     return dq, dkeys, None, jnp.zeros_like(z)
 
@@ -187,7 +182,7 @@ class ConceptHead(nnx.Module):
         """Capped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""
         if self.scoring == "blockwise":
             return self.cap(pick(q, self.keys(), ids, self.block_size))
-        return self.cap(_rows_dot(q, self.keys(), ids, self.kernels))
+        return self.cap(gather_pick(q, self.keys(), ids, self.kernels))
 
     def cap(self, z: jax.Array) -> jax.Array:
         """Raw logits -> capped logits (``clip_mode``), the only place the cap is applied."""

@@ -9,6 +9,10 @@ The write is atomic, so concurrent processes never load a half-written library. 
 no compiler is found or the build fails, ``register`` logs a warning once and returns
 False, and callers keep their XLA path: a kernel is an optimization, never a dependency.
 
+``cpu_primitive`` wraps a kernel as a primitive lowered per platform and ``use_kernel``
+decides, per call, between it and the caller's XLA form (model/topk_cpu.py,
+model/sparse_rows_cpu.py).
+
 Why our own kernels at all: some ops XLA:CPU runs poorly at the concept heads' shapes
 (its TopK is a single-threaded partial_sort per row; row gathers materialize [N,S,V]);
 the model lowers to them only where XLA lowers for CPU (``platform="cpu"`` lowerings).
@@ -25,10 +29,15 @@ import subprocess
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
+import jax.extend
+import jax.numpy as jnp
 from absl import logging
+from jax._src import dispatch
+from jax.interpreters import batching, mlir
 
 KERNELS = ("auto", "xla")   # auto: the compiled kernels where XLA lowers for CPU; xla: never
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -113,3 +122,33 @@ def register(source: Path, targets: dict[str, str], batch_partitionable=()) -> b
                 _registered[key], errors[key] = False, str(e)
                 logging.warning("CPU kernel %s unavailable, keeping XLA's ops: %s", key, e)
         return _registered[key]
+
+
+def use_kernel(kernel: str, registered, *arrays, what: str = "kernel") -> bool:
+    """Whether to call a compiled kernel: ``kernel`` is "auto", every array is fp32 and
+    ``registered()`` (the module's build-and-register) succeeds. Other names are refused."""
+    if kernel not in KERNELS:
+        raise ValueError(f"{what} must be one of {KERNELS}, got {kernel!r}")
+    return kernel == "auto" and all(a.dtype == jnp.float32 for a in arrays) and registered()
+
+
+def cpu_primitive(name: str, abstract_eval, xla_fn, cpu_lowering=None, batcher=None):
+    """A primitive lowered per platform, so the choice follows the platform XLA compiles
+    for (an AOT compile for TPU on this CPU included), not the host:
+
+      CPU:       ``cpu_lowering``, by default the FFI target ``name`` on the operands
+                 (params only shape the result; the kernel reads sizes from its buffers)
+      elsewhere: ``xla_fn(*operands, **params)``, XLA's own ops
+      vmap:      ``batcher``, by default ``xla_fn`` vmapped
+    """
+    p = jax.extend.core.Primitive(name)
+    p.def_impl(partial(dispatch.apply_primitive, p))
+    p.def_abstract_eval(abstract_eval)
+    mlir.register_lowering(p, mlir.lower_fun(xla_fn, multiple_results=False))
+    if cpu_lowering is None:
+        ffi_rule = jax.ffi.ffi_lowering(name)
+        cpu_lowering = lambda ctx, *args, **_: ffi_rule(ctx, *args)   # noqa: E731
+    mlir.register_lowering(p, cpu_lowering, platform="cpu")
+    batching.primitive_batchers[p] = batcher or (lambda args, dims, **params: (
+        jax.vmap(partial(xla_fn, **params), in_axes=dims)(*args), 0))
+    return p

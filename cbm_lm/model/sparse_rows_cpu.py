@@ -24,17 +24,13 @@ cannot be built (model/cpu_kernels.py), the jnp ops run everywhere.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import jax
-import jax.extend
 import jax.numpy as jnp
-from jax._src import dispatch
 from jax._src.core import ShapedArray
-from jax.interpreters import batching, mlir
 
-from cbm_lm.model.cpu_kernels import KERNELS, register
+from cbm_lm.model.cpu_kernels import cpu_primitive, register, use_kernel
 
 SOURCE = Path(__file__).with_name("sparse_rows_cpu.cc")
 _TARGETS = {"cbm_lm_rows_mix": "CbmRowsMix", "cbm_lm_rows_pick": "CbmRowsPick",
@@ -45,38 +41,28 @@ def available() -> bool:
     return register(SOURCE, _TARGETS)
 
 
-# -- the XLA forms (TPU/GPU lowerings, and the fallback) ---------------------------------
+# -- the XLA forms (TPU/GPU lowerings, vmap, and the fallback) -------------------------
 def _xla_mix(w, ids, table):
-    return jnp.einsum("ns,nsv->nv", w, jnp.take(table, ids, axis=0))
+    """Rows cast to fp32 after the gather (a no-op for fp32), never the whole table."""
+    return jnp.einsum("ns,nsv->nv", w.astype(jnp.float32),
+                      jnp.take(table, ids, axis=0).astype(jnp.float32))
 
 
 def _xla_pick(q, ids, table):
-    return jnp.einsum("nv,nsv->ns", q, jnp.take(table, ids, axis=0))
+    return jnp.einsum("nv,nsv->ns", q.astype(jnp.float32),
+                      jnp.take(table, ids, axis=0).astype(jnp.float32))
 
 
 def _xla_scatter(a, ids, b, *, n_rows):
     return jnp.zeros((n_rows, b.shape[-1]), jnp.float32).at[ids].add(a[..., None] * b[:, None, :])
 
 
-def _primitive(name, abstract, xla_fn):
-    p = jax.extend.core.Primitive(name)
-    p.def_impl(partial(dispatch.apply_primitive, p))
-    p.def_abstract_eval(abstract)
-    mlir.register_lowering(p, mlir.lower_fun(xla_fn, multiple_results=False))
-    ffi_rule = jax.ffi.ffi_lowering(name)
-    # params (n_rows) shape the result only; the kernel reads sizes from its buffers
-    mlir.register_lowering(p, lambda ctx, *args, **_: ffi_rule(ctx, *args), platform="cpu")
-    # under vmap (per-example gradients: provenance/gradient.py) the XLA form, vmapped
-    batching.primitive_batchers[p] = lambda args, dims, **params: (
-        jax.vmap(partial(xla_fn, **params), in_axes=dims)(*args), 0)
-    return p
-
-
-_mix_p = _primitive("cbm_lm_rows_mix", lambda w, ids, t: ShapedArray(
+# per-example gradients (provenance/gradient.py) vmap them: cpu_primitive's default batcher
+_mix_p = cpu_primitive("cbm_lm_rows_mix", lambda w, ids, t: ShapedArray(
     (w.shape[0], t.shape[1]), jnp.float32), _xla_mix)
-_pick_p = _primitive("cbm_lm_rows_pick", lambda q, ids, t: ShapedArray(
+_pick_p = cpu_primitive("cbm_lm_rows_pick", lambda q, ids, t: ShapedArray(
     ids.shape, jnp.float32), _xla_pick)
-_scatter_p = _primitive("cbm_lm_rows_scatter", lambda a, ids, b, *, n_rows: ShapedArray(
+_scatter_p = cpu_primitive("cbm_lm_rows_scatter", lambda a, ids, b, *, n_rows: ShapedArray(
     (n_rows, b.shape[1]), jnp.float32), _xla_scatter)
 
 
@@ -117,25 +103,17 @@ def _pick_bwd(res, g):
 _pick.defvjp(_pick_fwd, _pick_bwd)
 
 
-def _use_kernel(kernel: str, *arrays) -> bool:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return kernel == "auto" and all(a.dtype == jnp.float32 for a in arrays) and available()
-
-
 def gather_mix(w: jax.Array, ids: jax.Array, table: jax.Array, kernel: str = "auto") -> jax.Array:
     """sum_s w[n,s] table[ids[n,s]]: w [N,S], ids [N,S] int, table [C,V] -> [N,V] fp32.
     Other dtypes keep the gather (rows cast to fp32 after it, never the whole table)."""
-    if not _use_kernel(kernel, w, table):
-        return jnp.einsum("ns,nsv->nv", w.astype(jnp.float32),
-                          jnp.take(table, ids, axis=0).astype(jnp.float32))
+    if not use_kernel(kernel, available, w, table):
+        return _xla_mix(w, ids, table)
     return _mix(w, ids.astype(jnp.int32), table)
 
 
 def gather_pick(q: jax.Array, table: jax.Array, ids: jax.Array, kernel: str = "auto") -> jax.Array:
     """q[n] . table[ids[n,s]]: q [N,V], table [C,V], ids [N,S] int -> [N,S] fp32.
     Other dtypes keep the gather (rows cast to fp32 after it, never the whole table)."""
-    if not _use_kernel(kernel, q, table):
-        return jnp.einsum("nv,nsv->ns", q.astype(jnp.float32),
-                          jnp.take(table, ids, axis=0).astype(jnp.float32))
+    if not use_kernel(kernel, available, q, table):
+        return _xla_pick(q, ids, table)
     return _pick(q, table, ids.astype(jnp.int32))

@@ -19,19 +19,16 @@ logged once and ``lax.top_k`` is used.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import jax
-import jax.extend
 import jax.numpy as jnp
-from jax._src import dispatch
 from jax._src.core import ShapedArray
 from jax._src.custom_partitioning_sharding_rule import (sdy_sharding_rule_to_mlir,
                                                         str_to_sdy_sharding_rule)
-from jax.interpreters import batching, mlir
+from jax.interpreters import mlir
 
-from cbm_lm.model.cpu_kernels import KERNELS, register
+from cbm_lm.model.cpu_kernels import cpu_primitive, register, use_kernel
 
 _TARGET = "cbm_lm_topk_indices"
 SOURCE = Path(__file__).with_name("topk_cpu.cc")
@@ -42,26 +39,20 @@ def available() -> bool:
     return register(SOURCE, {_TARGET: "CbmTopKIndices"}, batch_partitionable=[_TARGET])
 
 
-def _xla_ids(x: jax.Array, k: int) -> jax.Array:
+def _xla_ids(x: jax.Array, *, k: int) -> jax.Array:
     return jax.lax.top_k(x, k)[1].astype(jnp.int32)
 
 
-# One primitive, lowered per platform: the FFI kernel for CPU, lax.top_k for the rest.
-# A primitive (not a bare ffi_call) so its lowering can carry the batch-partitioning
-# annotations (num_batch_dims for GSPMD, an sdy rule "... n -> ... k" for Shardy) that
-# keep sharded leading dims sharded; without them the partitioner all-gathers x.
-topk_ids_p = jax.extend.core.Primitive("cbm_lm_topk_ids")
-topk_ids_p.def_impl(partial(dispatch.apply_primitive, topk_ids_p))
-topk_ids_p.def_abstract_eval(
-    lambda x, *, k: ShapedArray(x.shape[:-1] + (k,), jnp.int32))
-
-
 def _batch(args, dims, *, k):
+    """vmap keeps the kernel: the mapped axis is one more leading (row) dim."""
     (x,), (d,) = args, dims
     return topk_ids_p.bind(jnp.moveaxis(x, d, 0), k=k), 0
 
 
 def _cpu_lowering(ctx, x, *, k):
+    """The FFI call with batch-partitioning annotations (num_batch_dims for GSPMD, an sdy
+    rule "... n -> ... k" for Shardy), so sharded leading dims stay sharded; without them
+    the partitioner all-gathers x."""
     (aval_in,), (aval_out,) = ctx.avals_in, ctx.avals_out
     n_batch = len(aval_in.shape) - 1
     attrs = {"mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": str(n_batch)})}
@@ -73,19 +64,16 @@ def _cpu_lowering(ctx, x, *, k):
     return jax.ffi.ffi_lowering(_TARGET, extra_attributes=attrs)(ctx, x)
 
 
-batching.primitive_batchers[topk_ids_p] = _batch
-mlir.register_lowering(topk_ids_p, mlir.lower_fun(lambda x, *, k: _xla_ids(x, k),
-                                                  multiple_results=False))
-mlir.register_lowering(topk_ids_p, _cpu_lowering, platform="cpu")
+# One primitive, lowered per platform: the kernel for CPU, lax.top_k for the rest.
+topk_ids_p = cpu_primitive("cbm_lm_topk_ids",
+                           lambda x, *, k: ShapedArray(x.shape[:-1] + (k,), jnp.int32),
+                           _xla_ids, cpu_lowering=_cpu_lowering, batcher=_batch)
 
 
 def top_k_ids(x: jax.Array, k: int, kernel: str = "auto") -> jax.Array:
     """Indices [...,k] int32 of the k largest entries of x [...,n] along its last axis,
     ordered as ``lax.top_k`` orders them. No gradient flows (indices only)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"top-k kernel must be one of {KERNELS}, got {kernel!r}")
     x = jax.lax.stop_gradient(x)
-    if (kernel == "xla" or x.dtype != jnp.float32 or k == 0 or x.size == 0
-            or not available()):
-        return _xla_ids(x, k)
+    if not use_kernel(kernel, available, x, what="top-k kernel") or k == 0 or x.size == 0:
+        return _xla_ids(x, k=k)
     return topk_ids_p.bind(x, k=k)
