@@ -12,8 +12,8 @@ from scipy import stats
 
 from cbm_lm.default_config import base_config
 from cbm_lm.objectives import (
-    align_labels_to_predictions, independence_loss, noise_rate, teacher_forcing_alpha,
-    token_cross_entropy)
+    align_labels_to_predictions, independence_loss, noise_rate, residual_energy,
+    teacher_forcing_alpha, token_cross_entropy)
 from cbm_lm.train.losses import check_loss_config, compute_losses
 from model_fixtures import make_model, tiny_config
 
@@ -190,6 +190,66 @@ def test_independence_report_normalization():
     ref = np.sum((uc.T @ kc) ** 2) / (36 * 9)
     got = independence_loss(jnp.asarray(u), jnp.asarray(k), jnp.asarray(valid), "report")
     np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+
+
+def test_residual_energy_against_numpy():
+    """sum_valid ||h - k - u||^2 / sum_valid ||h||^2; its h-gradient is 2 r / E (the
+    denominator held), the unknown features' -2 r / E, the known features' none; a common
+    scale of h, k, u leaves it unchanged."""
+    rng = np.random.default_rng(1)
+    h, k, u = (rng.normal(size=(2, 5, 6)) for _ in range(3))
+    valid = rng.random((2, 5)) < 0.6
+    r = h - k - u
+    energy = (h[valid] ** 2).sum()
+    ref = (r[valid] ** 2).sum() / energy
+    f = lambda hh: residual_energy(hh, jnp.asarray(k), jnp.asarray(u), jnp.asarray(valid))  # noqa: E731
+    np.testing.assert_allclose(float(f(jnp.asarray(h))), ref, rtol=1e-5)
+    np.testing.assert_allclose(float(residual_energy(*(jnp.asarray(3.0 * x) for x in (h, k, u)),
+                                                     jnp.asarray(valid))), ref, rtol=1e-5)
+    g = np.asarray(jax.grad(f)(jnp.asarray(h, jnp.float32)))
+    np.testing.assert_allclose(g, 2 * r * valid[..., None] / energy, rtol=1e-4, atol=1e-7)
+    gu, gk = jax.grad(lambda uu, kk: residual_energy(jnp.asarray(h), kk, uu, jnp.asarray(valid)),
+                      argnums=(0, 1))(jnp.asarray(u, jnp.float32), jnp.asarray(k, jnp.float32))
+    np.testing.assert_allclose(np.asarray(gu), -2 * r * valid[..., None] / energy, rtol=1e-4,
+                               atol=1e-7)
+    assert float(jnp.abs(gk).max()) == 0.0          # the known features are held
+    assert float(residual_energy(jnp.asarray(k + u), jnp.asarray(k), jnp.asarray(u),
+                                 jnp.asarray(valid))) < 1e-12
+
+
+def test_epsilon_weight_pulls_the_backbone_toward_the_concepts(diffusion_model):
+    """loss.epsilon_weight adds w * L_eps, measured at the masked positions of the LM stream,
+    and sends it into the backbone; at weight 0 the term is logged but adds nothing."""
+    cfg, model = diffusion_model
+    from flax import nnx
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch = _batch(cfg)
+
+    def run(weight):
+        lc = _loss_cfg(epsilon_weight=weight, diffusion_clean_context=False)
+
+        def f(p):
+            total, met = compute_losses(nnx.merge(graphdef, p), batch, jax.random.key(3),
+                                        jnp.asarray(0), loss_cfg=lc, model_cfg=cfg, train=False)
+            return total, met
+        (total, met), g = jax.value_and_grad(f, has_aux=True)(params)
+        return float(total), met, g["backbone"]["blocks"]["mlp_norm"]["scale"][...]
+
+    t0, m0, g0 = run(0.0)
+    t1, m1, g1 = run(2.0)
+    # the independent value: the rewrite's own parts at the corrupted stream's masked tokens
+    from cbm_lm.objectives import corrupt
+    noisy, masked, _ = corrupt(jax.random.split(jax.random.key(3), 5)[0], batch["tokens"],
+                               batch["segment_ids"], batch["positions"], block_size=4,
+                               mask_id=96, t_min=_loss_cfg().diffusion_t_min)
+    out = model(noisy, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    h = np.asarray(out.hidden, np.float64)
+    r = h - np.asarray(out.known_features, np.float64) - np.asarray(out.unknown_features, np.float64)
+    mk = np.asarray(masked)
+    ref = (r[mk] ** 2).sum() / (h[mk] ** 2).sum()
+    np.testing.assert_allclose(float(m0["residual_energy_loss"]), ref, rtol=1e-4)
+    np.testing.assert_allclose(t1 - t0, 2.0 * ref, rtol=1e-3)
+    assert float(jnp.abs(g1 - g0).max()) > 1e-6     # the term reaches the backbone
 
 
 def test_bad_loss_fields_are_named():

@@ -11,7 +11,8 @@ from cbm_lm.objectives.diffusion import (
 from cbm_lm.objectives.key_contrastive import (KeyView, key_contrastive_loss,
                                                token_dropout_views)
 from cbm_lm.objectives.label_alignment import align_labels_to_predictions
-from cbm_lm.objectives.regularizers import independence_loss, reconstruction_loss
+from cbm_lm.objectives.regularizers import (independence_loss, reconstruction_loss,
+                                           residual_energy)
 from cbm_lm.objectives.schedules import (
     ar_warmup_steps, epsilon_dropout_prob, hold_decay, in_ar_phase, linear_schedule,
     mask_lookahead, sample_epsilon_dropout, teacher_forcing_alpha, training_fraction)
@@ -23,7 +24,8 @@ __all__ = [
     "ce_and_hit", "chunked_token_ce", "concept_auroc", "corrupt", "diffusion_loss", "diffusion_loss_from_ce",
     "epsilon_dropout_prob", "hold_decay", "independence_loss", "linear_schedule",
     "next_token_loss", "next_token_loss_from_ce", "next_token_pairs", "noise_rate",
-    "pooled_label_features", "positive_bce", "reconstruction_loss", "sample_epsilon_dropout",
+    "pooled_label_features", "positive_bce", "reconstruction_loss", "residual_energy",
+    "sample_epsilon_dropout",
     "sample_negative_ids", "shared_logits", "soft_or_probability", "teacher_forcing_alpha",
     "token_cross_entropy", "training_fraction",
 ]

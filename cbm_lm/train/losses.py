@@ -1,7 +1,11 @@
 """The training loss: LM objective + concept terms, each weighted and logged.
 
   loss = w_lm * L_lm + w_c * L_concept + w_rec * L_reconstruction + w_ind * L_independence
-         [+ w_p * L_provenance_contrastive]
+         [+ w_eps * L_residual_energy] [+ w_p * L_provenance_contrastive]
+
+L_residual_energy (``loss.epsilon_weight``, 0 = off) is measured where the LM loss is (the
+noisy stream's masked positions, or the next-token positions): the share of the backbone
+state's energy the concepts leave to epsilon there (objectives/regularizers.py).
 
 The last term (provenance.contrastive_weight, when the model carries the learned key head)
 is the key head's InfoNCE between two views of each chunk from this same pass: the noisy and
@@ -329,6 +333,10 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
              "concept_loss": (loss_cfg.concept_weight, concept_loss),
              "reconstruction_loss": (loss_cfg.reconstruction_weight, rec),
              "independence_loss": (loss_cfg.independence_weight, ind)}
+    targets, where = _predicted_positions(tokens, seg, masked, diffusion)
+    if rw.unknown is not None:   # logged at weight 0 too: epsilon's share of the state
+        terms["residual_energy_loss"] = (loss_cfg.get("epsilon_weight", 0.0), obj.residual_energy(
+            lm_part(h), lm_part(rw.known.features), lm_part(rw.unknown_features), where))
     key_head = getattr(model, "provenance_head", None)
     if train and key_head is not None:   # the learned key head (objectives/key_contrastive.py)
         def view(part, toks, chunk_seg, nll):
@@ -363,7 +371,6 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
                    cfg_dropped=cfg_drop, epsilon_dropped=jnp.mean(drop_eps.astype(f32)),
                    real_tokens=valid.sum().astype(f32))
     sg = jax.lax.stop_gradient
-    targets, where = _predicted_positions(tokens, seg, masked, diffusion)
     known_lm, unknown_lm = lm_part(rw.known_features), lm_part(rw.unknown_features)
     metrics.update(_logit_shares(sg(known_lm), sg(unknown_lm), sg(composed - known_lm - unknown_lm),
                                  sg(model.unembedding()), targets, where))
