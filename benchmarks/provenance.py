@@ -159,7 +159,9 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
     cpu_ms = {name: 1e3 * float(np.median(r[5][1:])) for name, r in runs.items()}
     compared = {f"logging_overhead_{k}": ms[f"logged_{k}"] / ms["mass"] - 1
                 for k in compare_vectors}
-    return {**compared, "step_ms": ms, "step_cpu_ms": cpu_ms, "steps_per_block": steps,
+    round_ms = {name: [round(1e3 * x, 2) for x in r[4][1:]] for name, r in runs.items()}
+    return {**compared, "step_ms": ms, "step_cpu_ms": cpu_ms, "round_ms": round_ms,
+            "steps_per_block": steps,
             "rounds": rounds, "hashed_vectors": kind,
             "mass_overhead": ms["mass"] / ms["base"] - 1,
             "logging_overhead": ms["logged"] / ms["mass"] - 1,
