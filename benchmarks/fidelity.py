@@ -53,9 +53,11 @@ VARIANTS = {
     # the rewrite's capacity: more discovered concepts per token leave less to epsilon
     "unknown_topk32": ["model.concepts.unknown_topk=32"],   # tiny.py keeps the top-16
     "rec_weight_3": ["loss.reconstruction_weight=3.0"],      # unknown ~ sg(h - known), harder
-    # a pull on the backbone itself: ||h - sg(k) - u||^2 / ||h||^2 at the LM's positions
+    # a pull on the backbone itself: ||h - k - u||^2 / ||h||^2 at the LM's positions
+    "eps_energy_0.1": ["loss.epsilon_weight=0.1"],
     "eps_energy_0.3": ["loss.epsilon_weight=0.3"],
     "eps_energy_1": ["loss.epsilon_weight=1.0"],
+    "eps_energy_4": ["loss.epsilon_weight=4.0"],
     "concept_balance": ["loss.concept_balance=concept"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],

@@ -17,15 +17,14 @@ Independence (keeps the unknown features from re-encoding the known ones):
 
 Residual energy (pulls the backbone's state into the concepts' span, so epsilon stays small):
 
-  r_i = h_i - sg(k_i) - u_i                                      (epsilon before any dropout)
+  r_i = h_i - k_i - u_i                                          (epsilon before any dropout)
   L_eps = sum_{valid i} ||r_i||^2 / sum_{valid i} ||sg(h_i)||^2
 
-The gradient reaches h (the backbone) and the unknown head, not the known head: the known
-features stay what the concept labels train them to be (with it they turned into a second
-reconstruction dictionary and detection fell: README "Fidelity: the diffusion objective").
-The stop-gradient denominator makes the term a fraction of the state's energy, so it cannot
-be lowered by shrinking h as a whole. Reconstruction cannot do this: its target sg(h - k)
-moves only the unknown head toward h.
+The gradient reaches h (the backbone) and both heads. Holding k (sg(k_i)) measured worse
+on every count: the backbone alone then bends h toward the concepts and detection falls
+further (README "Fidelity: the diffusion objective"). The stop-gradient denominator makes
+the term a fraction of the state's energy, so it cannot be lowered by shrinking h as a
+whole. Reconstruction cannot do this: its target sg(h - k) moves only the unknown head.
 
 Shapes: unknown_features u, hidden h, known_features k [B,T,D]; valid [B,T]
 bool (e.g. segment_ids > 0). Statistics pool all valid tokens of the batch;
@@ -54,9 +53,9 @@ def reconstruction_loss(unknown_features: jax.Array, hidden: jax.Array,
 
 def residual_energy(hidden: jax.Array, known_features: jax.Array,
                     unknown_features: jax.Array, valid: jax.Array) -> jax.Array:
-    """sum_valid ||h - sg(k) - u||^2 / sum_valid ||sg(h)||^2 -> scalar (module docstring)."""
+    """sum_valid ||h - k - u||^2 / sum_valid ||sg(h)||^2 -> scalar (module docstring)."""
     h = _flat(hidden)
-    r = h - jax.lax.stop_gradient(_flat(known_features)) - _flat(unknown_features)
+    r = h - _flat(known_features) - _flat(unknown_features)
     w = valid.reshape(-1).astype(jnp.float32)
     energy = jax.lax.stop_gradient(jnp.sum(w * jnp.sum(jnp.square(h), axis=-1)))
     return jnp.sum(w * jnp.sum(jnp.square(r), axis=-1)) / jnp.maximum(energy, 1e-12)
