@@ -150,7 +150,8 @@ def test_mesh_axis_fill():
 
 @pytest.mark.parametrize("field,value", [("teacher_forcing", "sometimes"),
                                           ("diffusion_noise", "Gaussian"),
-                                          ("diffusion_t_max", 0.0)])
+                                          ("diffusion_t_max", 0.0),
+                                          ("epsilon_weight", -0.3)])
 def test_bad_loss_choice_is_refused_at_start_up(field, value):
     """validate_config (run before the workdir exists) applies the loss rules too."""
     cfg = load_config("tiny_diffusion")
