@@ -54,7 +54,7 @@ VARIANTS = {
     "unknown_topk32": ["model.concepts.unknown_topk=32"],   # tiny.py keeps the top-16
     "rec_weight_3": ["loss.reconstruction_weight=3.0"],      # unknown ~ sg(h - known), harder
     # a pull on the backbone itself: ||h - k - u||^2 / ||h||^2 at the LM's positions
-    "no_eps_energy": ["loss.epsilon_weight=0.0"],            # tiny_diffusion.py has 0.3
+    "no_eps_energy": ["loss.epsilon_weight=0.0"],   # tiny.py has 0.1, tiny_diffusion.py 0.3
     "eps_energy_0.1": ["loss.epsilon_weight=0.1"],
     "eps_energy_0.3": ["loss.epsilon_weight=0.3"],
     "eps_energy_1": ["loss.epsilon_weight=1.0"],

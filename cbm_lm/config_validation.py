@@ -135,7 +135,8 @@ def validate_config(config: Any) -> None:
     # loss
     for field in ("lm_weight", "concept_weight", "concept_pos_weight", "concept_neg_weight",
                   "reconstruction_weight", "independence_weight", "epsilon_weight",
-                  "concept_negatives", "teacher_forcing_steps", "ce_chunk_tokens", "steering_weight"):
+                  "concept_negatives", "teacher_forcing_steps", "ce_chunk_tokens",
+                  "steering_weight"):
         at_least("loss", field, 0)
     at_least("loss", "steering_period", 1)
     for field in ("teacher_forcing_start", "teacher_forcing_end"):

@@ -35,6 +35,13 @@ way against a run of the same recipe without the concept layer's losses
 the sequences made the backbone's state answer to the top-16 known + top-16 unknown rewrite
 alone in those sequences; at 0.1 the LM keeps most of its capacity and the concept terms
 still train the rewrite. README "Fidelity: epsilon dropout".
+
+Residual energy at weight 0.1 (loss.epsilon_weight: ||h - k - u||^2 / ||h||^2 at the
+next-token positions, gradient into the backbone), measured the same way on 2026-12-05
+against this recipe without it: epsilon share 0.144 -> 0.104, chunk AUROC 0.857 -> 0.869,
+perplexity 246.8 -> 247.3 (1.08 x the backbone), dead labelled concepts 0.054 -> 0.080,
+steering 1/6 both; at 0.3: 0.085, 0.850, 242.3, 0.089. tiny_diffusion.py sets 0.3.
+README "Fidelity: the diffusion objective".
 """
 
 from cbm_lm.default_config import base_config
@@ -61,6 +68,7 @@ def get_config():
     c.data.known_concepts_from_corpus = True
     c.loss.concept_positives = "token"
     c.loss.concept_weight = 0.2
+    c.loss.epsilon_weight = 0.1
     c.data.seq_len = 256
     c.data.batch_size = 8
     c.train.num_steps = 1200

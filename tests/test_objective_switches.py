@@ -202,7 +202,8 @@ def test_residual_energy_against_numpy():
     r = h - k - u
     energy = (h[valid] ** 2).sum()
     ref = (r[valid] ** 2).sum() / energy
-    f = lambda hh: residual_energy(hh, jnp.asarray(k), jnp.asarray(u), jnp.asarray(valid))  # noqa: E731
+    def f(hh):
+        return residual_energy(hh, jnp.asarray(k), jnp.asarray(u), jnp.asarray(valid))
     np.testing.assert_allclose(float(f(jnp.asarray(h))), ref, rtol=1e-5)
     np.testing.assert_allclose(float(residual_energy(*(jnp.asarray(3.0 * x) for x in (h, k, u)),
                                                      jnp.asarray(valid))), ref, rtol=1e-5)

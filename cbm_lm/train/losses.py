@@ -335,8 +335,9 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
              "independence_loss": (loss_cfg.independence_weight, ind)}
     targets, where = _predicted_positions(tokens, seg, masked, diffusion)
     if rw.unknown is not None:   # logged at weight 0 too: epsilon's share of the state
-        terms["residual_energy_loss"] = (loss_cfg.get("epsilon_weight", 0.0), obj.residual_energy(
-            lm_part(h), lm_part(rw.known.features), lm_part(rw.unknown_features), where))
+        energy = obj.residual_energy(lm_part(h), lm_part(rw.known.features),
+                                     lm_part(rw.unknown_features), where)
+        terms["residual_energy_loss"] = (loss_cfg.get("epsilon_weight", 0.0), energy)
     key_head = getattr(model, "provenance_head", None)
     if train and key_head is not None:   # the learned key head (objectives/key_contrastive.py)
         def view(part, toks, chunk_seg, nll):
