@@ -21,33 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from cbm_lm.eval.forward import map_rows  # noqa: E402
 from cbm_lm.eval.heldout import heldout_windows  # noqa: E402
-from cbm_lm.eval.logit_shares import (_ar_contributions, _group_contributions,  # noqa: E402
-                                      shares_from_contributions)
-from cbm_lm.eval.perplexity import two_stream_inputs  # noqa: E402
+from cbm_lm.eval.logit_shares import contributions, shares_from_contributions  # noqa: E402
 from cbm_lm.eval.target import load_target  # noqa: E402
-from cbm_lm.objectives.diffusion import corrupt  # noqa: E402
-
-
-@nnx.jit(static_argnames=("block_size", "mask_id", "clean_context"))
-def _diffusion_all_rates(model, tokens, positions, segment_ids, key, *, block_size, mask_id,
-                         clean_context):
-    noisy, masked, rate = corrupt(key, tokens, segment_ids, positions, block_size=block_size,
-                                  mask_id=mask_id, t_min=0.0)
-    if clean_context:
-        x, p, s, stream = two_stream_inputs(noisy, tokens, positions, segment_ids)
-        out = model(x, positions=p, segment_ids=s, stream=stream)
-        out = jax.tree.map(lambda a: a[:, :tokens.shape[1]] if a.ndim >= 2 else a, out)
-    else:
-        out = model(noisy, positions=positions, segment_ids=segment_ids)
-    d = _group_contributions(model, out, tokens, masked & (segment_ids > 0))
-    d["rate"] = rate
-    return d
 
 
 def _summary(c) -> str:
@@ -60,21 +36,11 @@ def _summary(c) -> str:
 def main(runs: list[str]) -> None:
     for run in runs:
         tgt = load_target(workdir=run)
-        model, cfg = tgt.model, tgt.model.config
-        w = heldout_windows(tgt.corpus, 128, model.config.max_seq_len, 0)
-        rows = lambda r: (jnp.asarray(w.tokens[r]), jnp.asarray(w.positions[r]),  # noqa: E731
-                          jnp.asarray(w.segment_ids[r]))
-        if cfg.objective == "autoregressive":
-            out = map_rows(lambda r: _ar_contributions(model, *rows(r)), w.num_rows, 8)
-        else:
-            clean = bool((tgt.config.get("loss", {}) or {}).get("diffusion_clean_context", True))
-            out = map_rows(lambda r: _diffusion_all_rates(
-                model, *rows(r), jax.random.fold_in(jax.random.key(0), int(r[0])),
-                block_size=cfg.diffusion_block_size, mask_id=cfg.resolved_mask_token_id,
-                clean_context=clean), w.num_rows, 8)
-        m = out["explain"].astype(bool)
-        c = {k: np.asarray(v)[m] for k, v in out.items() if k != "explain"}
-        print(f"{run} ({cfg.objective}, step {tgt.step})\n  all          {_summary(c)}")
+        model = tgt.model
+        clean = bool((tgt.config.get("loss", {}) or {}).get("diffusion_clean_context", True))
+        c = contributions(model, heldout_windows(tgt.corpus, 128, model.config.max_seq_len, 0),
+                          clean_context=clean, t_min=0.0)
+        print(f"{run} ({model.config.objective}, step {tgt.step})\n  all          {_summary(c)}")
         if "rate" in c:
             for lo in np.arange(0.0, 1.0, 0.1):
                 sel = (c["rate"] >= lo) & (c["rate"] < lo + 0.1)

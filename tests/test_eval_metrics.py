@@ -12,7 +12,8 @@ from cbm_lm.eval.concept_detection import chunk_positions, chunk_scores, macro_d
 from cbm_lm.eval.deletion import deletion_auc
 from cbm_lm.eval.forward import forward
 from cbm_lm.eval.heldout import HeldoutChunk, HeldoutWindows
-from cbm_lm.eval.logit_shares import logit_shares, shares_from_contributions, summarize
+from cbm_lm.eval.logit_shares import (contributions, logit_shares, shares_from_contributions,
+                                      summarize)
 from cbm_lm.eval.perplexity import perplexity
 from data_fixtures import small_corpus  # noqa: F401  (fixture)
 from model_fixtures import make_model, tiny_config
@@ -114,6 +115,21 @@ def test_logit_shares_of_a_model_keep_the_identity(objective):
     assert s.max_error < 1e-4
     assert s.known + s.unknown + s.epsilon == pytest.approx(1.0)
     assert s.num_tokens > 0
+
+
+def test_contributions_over_every_masking_rate():
+    """t_min=0 explains masked tokens of blocks at any rate in (0, 1]; each token's groups
+    add up to its logit, and the eval's draw (t_min 0.5) only explains blocks at t >= 0.5."""
+    cfg = tiny_config(objective="diffusion", attention="block_causal")
+    model = make_model(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(6), (4, 16), 0, cfg.vocab_size - 1))
+    w = windows_of(tokens, [16, 16, 12, 9])
+    every = contributions(model, w, batch=2, t_min=0.0, clean_context=False)
+    np.testing.assert_allclose(every["known"] + every["unknown"] + every["eps"], every["logit"],
+                               atol=1e-4)
+    assert every["rate"].min() < 0.5 and every["rate"].max() <= 1.0
+    half = contributions(model, w, batch=2, clean_context=False)
+    assert half["rate"].min() >= 0.5
 
 
 def _uniform(model):

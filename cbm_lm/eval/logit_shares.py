@@ -85,22 +85,25 @@ def _ar_contributions(model, tokens, positions, segment_ids):
     return _group_contributions(model, out, targets, explain)
 
 
-@nnx.jit(static_argnames=("block_size", "mask_id", "clean_context"))
+@nnx.jit(static_argnames=("block_size", "mask_id", "clean_context", "t_min"))
 def _diffusion_contributions(model, tokens, positions, segment_ids, key, *, block_size, mask_id,
-                             clean_context):
-    noisy, masked, _ = corrupt(key, tokens, segment_ids, positions, block_size=block_size,
-                               mask_id=mask_id, t_min=0.5)
+                             clean_context, t_min):
+    noisy, masked, rate = corrupt(key, tokens, segment_ids, positions, block_size=block_size,
+                                  mask_id=mask_id, t_min=t_min)
     if clean_context:
         x, p, s, stream = two_stream_inputs(noisy, tokens, positions, segment_ids)
         out = model(x, positions=p, segment_ids=s, stream=stream)
         out = jax.tree.map(lambda a: a[:, :tokens.shape[1]] if a.ndim >= 2 else a, out)
     else:
         out = model(noisy, positions=positions, segment_ids=segment_ids)
-    return _group_contributions(model, out, tokens, masked & (segment_ids > 0))
+    return dict(_group_contributions(model, out, tokens, masked & (segment_ids > 0)), rate=rate)
 
 
-def logit_shares(model: ConceptBottleneckLM, windows: HeldoutWindows, *, seed: int = 0,
-                 batch: int = 8, clean_context: bool = True) -> LogitShares:
+def contributions(model: ConceptBottleneckLM, windows: HeldoutWindows, *, seed: int = 0,
+                  batch: int = 8, clean_context: bool = True, t_min: float = 0.5
+                  ) -> dict[str, np.ndarray]:
+    """Every explained token's {"known", "unknown", "eps", "logit"} contributions, [N] each,
+    and for diffusion its block's masking rate "rate" (t ~ U(t_min, 1); module docstring)."""
     cfg, w = model.config, windows
 
     def rows_of(rows):
@@ -113,8 +116,14 @@ def logit_shares(model: ConceptBottleneckLM, windows: HeldoutWindows, *, seed: i
         out = map_rows(lambda r: _diffusion_contributions(
             model, *rows_of(r), jax.random.fold_in(jax.random.key(seed), int(r[0])),
             block_size=cfg.diffusion_block_size, mask_id=cfg.resolved_mask_token_id,
-            clean_context=clean_context), w.num_rows, batch)
-    m = out["explain"].astype(bool)
+            clean_context=clean_context, t_min=t_min), w.num_rows, batch)
+    m = out.pop("explain").astype(bool)
     if not m.any():
         raise ValueError("no held-out token to explain")
-    return summarize(out["known"][m], out["unknown"][m], out["eps"][m], out["logit"][m])
+    return {k: v[m] for k, v in out.items()}
+
+
+def logit_shares(model: ConceptBottleneckLM, windows: HeldoutWindows, *, seed: int = 0,
+                 batch: int = 8, clean_context: bool = True) -> LogitShares:
+    c = contributions(model, windows, seed=seed, batch=batch, clean_context=clean_context)
+    return summarize(c["known"], c["unknown"], c["eps"], c["logit"])
