@@ -87,11 +87,13 @@ def scale_benchmark(prov, n: int, n_queries: int) -> dict:
 def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) -> dict:
     """Train-step time of the run's config without and with provenance, side by side.
 
-    Three jitted steps on one device and one synthetic batch of the data contract
+    Jitted steps on one device and one synthetic batch of the data contract
     (with source and 64-bit chunk ids): ``base`` (no source ids: no mass), ``mass``
-    (the concept x source mass only, what every run pays), and ``logged`` (mass +
+    (the concept x source mass only, what every run pays), ``keys`` (mass + the chunk
+    keys computed in the step and dropped: ``key_compute_overhead``), ``logged`` (mass +
     chunk keys + the host writer appending them to a key store in a temporary
-    directory, as the loop does), and ``logged_<kind>`` for each kind of
+    directory, as the loop does; ``key_writing_overhead`` is logged over keys), and
+    ``logged_<kind>`` for each kind of
     ``compare_vectors`` (the same with provenance.hashed_vectors=kind). Each round times
     ``steps`` steps of each, in turn, blocking once per block as the loop does between
     log steps; medians over rounds.
@@ -121,7 +123,7 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
     with_ids = dict(batch, source_ids=sources, **split_ids(ids))
     kind = config.provenance.get("hashed_vectors", "signs")
     variants = {"base": (False, batch, kind), "mass": (False, with_ids, kind),
-                "logged": (True, with_ids, kind)}
+                "keys": (True, with_ids, kind), "logged": (True, with_ids, kind)}
     variants.update({f"logged_{k}": (True, with_ids, k) for k in compare_vectors})
     tmp = tempfile.TemporaryDirectory()
     runs = {}
@@ -134,7 +136,9 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
                                                cfg.provenance.max_sources)
         step = make_train_step(graphdef, tx, schedule, cfg, model_cfg, sh,
                                NamedSharding(mesh, P()))
-        logger = ChunkKeyLogger(f"{tmp.name}/{name}", log=lambda m: None) if log else None
+        # "keys" computes the keys in the step and drops them: the device's share of the cost
+        logger = (ChunkKeyLogger(f"{tmp.name}/{name}", log=lambda m: None)
+                  if log and name != "keys" else None)
         runs[name] = [step, state, data, logger, [], []]
     with jax.set_mesh(mesh):
         for _ in range(rounds + 1):            # the first round compiles and warms up
@@ -165,6 +169,8 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
             "rounds": rounds, "hashed_vectors": kind,
             "mass_overhead": ms["mass"] / ms["base"] - 1,
             "logging_overhead": ms["logged"] / ms["mass"] - 1,
+            "key_compute_overhead": ms["keys"] / ms["mass"] - 1,
+            "key_writing_overhead": ms["logged"] / ms["keys"] - 1,
             "total_overhead": ms["logged"] / ms["base"] - 1,
             "logging_overhead_cpu": cpu_ms["logged"] / cpu_ms["mass"] - 1}
 
@@ -231,7 +237,9 @@ def main(argv):
               + f"; logging overhead {100 * lo['logging_overhead']:+.1f}% (vs mass only), "
               f"mass {100 * lo['mass_overhead']:+.1f}%, total {100 * lo['total_overhead']:+.1f}%; "
               f"in CPU time {100 * lo['logging_overhead_cpu']:+.1f}% "
-              f"({lo['hashed_vectors']} hashed vectors)")
+              f"({lo['hashed_vectors']} hashed vectors); of it, the keys' compute in the "
+              f"step {100 * lo['key_compute_overhead']:+.1f}%, their writing on the host "
+              f"{100 * lo['key_writing_overhead']:+.1f}%")
         for k in _VECTORS.value:
             print(f"  with {k} hashed vectors: logging overhead "
                   f"{100 * lo[f'logging_overhead_{k}']:+.1f}% (vs mass only)")

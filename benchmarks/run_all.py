@@ -133,6 +133,11 @@ def main(argv=None) -> int:
                         ("data_pipeline_ratio", ">= 10"), ("provenance_query_p50_ms", "<= 50"),
                         ("provenance_logging_overhead", "<= 0.05")):
         print(f"{key:<32} {_fmt(res.get(key)):>10}  {target}")
+    lo = (res.get("provenance") or {}).get("logging")
+    if lo:
+        print(f"provenance logging overhead, split: the keys' compute in the step "
+              f"{lo['key_compute_overhead']:+.3f}, their writing on the host "
+              f"{lo['key_writing_overhead']:+.3f}")
     c = res["ceilings"]
     print(f"ceilings: concept overhead >= {c['concept_flops_ratio']:.3f} at equal efficiency; "
           f"plain backbone MFU {c['plain_mfu']:.3f}; forward speedup <= "
