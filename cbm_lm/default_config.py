@@ -113,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
         reconstruction_target="predicted",  # sg(h - k_pred) | "labels": sg(h - k_gt) (report)
         independence_weight=0.1,
         epsilon_weight=0.0,             # residual energy ||h - k - u||^2 / ||h||^2 at the LM's
-                                        # positions, gradient into the backbone (0 = off)
+                                        # positions, gradient into the backbone (0 = off;
+                                        # eval logs it at any weight)
         independence_normalization="population",  # ||Cov||^2/D^2 | "report": /(D^2 (n-1))
         diffusion_t_min=1e-3,
         diffusion_t_max=1.0,            # training only; eval scores uniform t in [t_min, 1]
