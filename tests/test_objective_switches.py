@@ -67,6 +67,16 @@ def diffusion_model():
     return cfg, make_model(cfg)
 
 
+def _masked_forward(model, batch, key, t_min):
+    """The model's one-stream forward of the batch as compute_losses corrupts it with
+    ``key`` (its first split): (LMOutput, masked [B,T])."""
+    from cbm_lm.objectives import corrupt
+    noisy, masked, _ = corrupt(jax.random.split(key, 5)[0], batch["tokens"],
+                               batch["segment_ids"], batch["positions"], block_size=4,
+                               mask_id=96, t_min=t_min)
+    return model(noisy, positions=batch["positions"], segment_ids=batch["segment_ids"]), masked
+
+
 # ------------------------------------------------------------------ schedules ------------
 
 def test_report_teacher_forcing_schedule():
@@ -220,7 +230,7 @@ def test_residual_energy_against_numpy():
 
 def test_epsilon_weight_pulls_the_backbone_toward_the_concepts(diffusion_model):
     """loss.epsilon_weight adds w * L_eps, measured at the masked positions of the LM stream,
-    and sends it into the backbone; at weight 0 the term is logged but adds nothing."""
+    and sends it into the backbone; eval logs the term at weight 0, where it adds nothing."""
     cfg, model = diffusion_model
     from flax import nnx
     graphdef, params = nnx.split(model, nnx.Param)
@@ -230,20 +240,15 @@ def test_epsilon_weight_pulls_the_backbone_toward_the_concepts(diffusion_model):
         lc = _loss_cfg(epsilon_weight=weight, diffusion_clean_context=False)
 
         def f(p):
-            total, met = compute_losses(nnx.merge(graphdef, p), batch, jax.random.key(3),
-                                        jnp.asarray(0), loss_cfg=lc, model_cfg=cfg, train=False)
-            return total, met
+            return compute_losses(nnx.merge(graphdef, p), batch, jax.random.key(3),
+                                  jnp.asarray(0), loss_cfg=lc, model_cfg=cfg, train=False)
         (total, met), g = jax.value_and_grad(f, has_aux=True)(params)
         return float(total), met, g["backbone"]["blocks"]["mlp_norm"]["scale"][...]
 
     t0, m0, g0 = run(0.0)
     t1, m1, g1 = run(2.0)
     # the independent value: the rewrite's own parts at the corrupted stream's masked tokens
-    from cbm_lm.objectives import corrupt
-    noisy, masked, _ = corrupt(jax.random.split(jax.random.key(3), 5)[0], batch["tokens"],
-                               batch["segment_ids"], batch["positions"], block_size=4,
-                               mask_id=96, t_min=_loss_cfg().diffusion_t_min)
-    out = model(noisy, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    out, masked = _masked_forward(model, batch, jax.random.key(3), _loss_cfg().diffusion_t_min)
     h = np.asarray(out.hidden, np.float64)
     r = h - np.asarray(out.known_features, np.float64) - np.asarray(out.unknown_features, np.float64)
     mk = np.asarray(masked)
@@ -270,11 +275,7 @@ def test_eval_reports_loss_without_epsilon(diffusion_model):
     batch = _batch(cfg)
     _, m = compute_losses(model, batch, jax.random.key(3), jnp.asarray(0), loss_cfg=lc,
                           model_cfg=cfg, train=False)
-    from cbm_lm.objectives import corrupt
-    noisy, masked, _ = corrupt(jax.random.split(jax.random.key(3), 5)[0], batch["tokens"],
-                               batch["segment_ids"], batch["positions"], block_size=4,
-                               mask_id=96, t_min=lc.diffusion_t_min)
-    out = model(noisy, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    out, masked = _masked_forward(model, batch, jax.random.key(3), lc.diffusion_t_min)
     w = np.asarray(model.unembedding(), np.float64)
     kn, un = np.asarray(out.known_features, np.float64), np.asarray(out.unknown_features, np.float64)
     ce = np.asarray(token_cross_entropy(jnp.asarray((kn + un) @ w.T), batch["tokens"]))
