@@ -41,8 +41,9 @@ _QUERIES = flags.DEFINE_integer("latency_queries", 200, "Queries timed at scale.
 _OVERHEAD = flags.DEFINE_integer("overhead_steps", 20, "Train steps per timed block for the "
                                  "logging overhead (0 skips it).")
 _ROUNDS = flags.DEFINE_integer("overhead_rounds", 3, "Interleaved timed rounds (medians).")
-_VECTORS = flags.DEFINE_list("compare_hashed_vectors", [], "Also time logging with these "
-                             "provenance.hashed_vectors kinds (e.g. gaussian), side by side.")
+_COMPARE = flags.DEFINE_list("compare", [], "Also time logging with each of these provenance "
+                             "overrides, side by side (e.g. hashed_vectors=gaussian,"
+                             "max_chunks_per_row=64).")
 
 
 def scale_benchmark(prov, n: int, n_queries: int) -> dict:
@@ -84,7 +85,17 @@ def scale_benchmark(prov, n: int, n_queries: int) -> dict:
             "index_bytes_per_chunk": idx.nbytes() / n}
 
 
-def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) -> dict:
+def _override(prov, spec: str) -> tuple[str, object]:
+    """"field=value" -> (field, value typed like provenance.field); unknown fields refused."""
+    field, sep, value = spec.partition("=")
+    if not sep or field not in prov:
+        raise ValueError(f"--compare {spec!r}: expected provenance_field=value, one of "
+                         f"{sorted(prov.keys())}")
+    kind = type(prov[field])
+    return field, (value.lower() in ("1", "true") if kind is bool else kind(value))
+
+
+def logging_overhead(config, steps: int, rounds: int = 3, compare=()) -> dict:
     """Train-step time of the run's config without and with provenance, side by side.
 
     Jitted steps on one device and one synthetic batch of the data contract
@@ -93,10 +104,10 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
     keys computed in the step and dropped: ``key_compute_overhead``), ``logged`` (mass +
     chunk keys + the host writer appending them to a key store in a temporary
     directory, as the loop does; ``key_writing_overhead`` is logged over keys), and
-    ``logged_<kind>`` for each kind of
-    ``compare_vectors`` (the same with provenance.hashed_vectors=kind). Each round times
-    ``steps`` steps of each, in turn, blocking once per block as the loop does between
-    log steps; medians over rounds.
+    ``logged[<field>=<value>]`` for each of ``compare`` (the same with that provenance
+    override; ``logging_overhead[...]`` is it over mass). Each round times
+    ``steps`` steps of each, in turn (each round starting one variant later), blocking
+    once per block as the loop does between log steps; medians over rounds.
     """
     import tempfile
 
@@ -122,26 +133,31 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
     ids = (np.int64(3) << 40) + np.arange(b * t, dtype=np.int64).reshape(b, t) // 32
     with_ids = dict(batch, source_ids=sources, **split_ids(ids))
     kind = config.provenance.get("hashed_vectors", "signs")
-    # name: (keys computed in the step, keys written on the host, batch, hashed vectors)
-    variants = {"base": (False, False, batch, kind), "mass": (False, False, with_ids, kind),
-                "keys": (True, False, with_ids, kind), "logged": (True, True, with_ids, kind)}
-    variants.update({f"logged_{k}": (True, True, with_ids, k) for k in compare_vectors})
+    # name: (keys computed in the step, keys written on the host, batch, provenance overrides)
+    variants = {"base": (False, False, batch, {}), "mass": (False, False, with_ids, {}),
+                "keys": (True, False, with_ids, {}), "logged": (True, True, with_ids, {})}
+    variants.update({f"logged[{spec}]": (True, True, with_ids,
+                                         dict([_override(config.provenance, spec)]))
+                     for spec in compare})
     tmp = tempfile.TemporaryDirectory()
     runs = {}
-    for name, (log, write, data, vectors) in variants.items():
+    for i, (name, (log, write, data, overrides)) in enumerate(variants.items()):
         cfg = config.copy_and_resolve_references()
         cfg.provenance.log_keys = log
-        cfg.provenance.hashed_vectors = vectors
+        cfg.provenance.update(overrides)
         tx, schedule = make_optimizer(cfg.optimizer, 10**6)
         graphdef, state, sh = init_train_state(model_cfg, tx, 0, mesh, rules,
                                                cfg.provenance.max_sources)
         step = make_train_step(graphdef, tx, schedule, cfg, model_cfg, sh,
                                NamedSharding(mesh, P()))
-        logger = ChunkKeyLogger(f"{tmp.name}/{name}", log=lambda m: None) if write else None
+        logger = ChunkKeyLogger(f"{tmp.name}/{i}", log=lambda m: None) if write else None
         runs[name] = [step, state, data, logger, [], []]
     with jax.set_mesh(mesh):
-        for _ in range(rounds + 1):            # the first round compiles and warms up
-            for name, r in runs.items():
+        names = list(runs)
+        for k in range(rounds + 1):            # the first round compiles and warms up
+            # each round starts one variant later, so no variant always follows the same one
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                r = runs[name]
                 step, state, data, logger, times, cpu = r
                 t0, c0 = time.perf_counter(), time.process_time()
                 for i in range(steps):
@@ -160,8 +176,8 @@ def logging_overhead(config, steps: int, rounds: int = 3, compare_vectors=()) ->
     # CPU seconds of this process (all its threads) per step: on a shared machine other
     # processes stretch the wall time of whichever block they overlap, much less its CPU time.
     cpu_ms = {name: 1e3 * float(np.median(r[5][1:])) for name, r in runs.items()}
-    compared = {f"logging_overhead_{k}": ms[f"logged_{k}"] / ms["mass"] - 1
-                for k in compare_vectors}
+    compared = {f"logging_overhead[{spec}]": ms[f"logged[{spec}]"] / ms["mass"] - 1
+                for spec in compare}
     round_ms = {name: [round(1e3 * x, 2) for x in r[4][1:]] for name, r in runs.items()}
     return {**compared, "step_ms": ms, "step_cpu_ms": cpu_ms, "round_ms": round_ms,
             "steps_per_block": steps,
@@ -211,7 +227,7 @@ def main(argv):
         res["scale"] = scale_benchmark(prov, _SCALE.value, _QUERIES.value)
     if _OVERHEAD.value:
         res["logging"] = logging_overhead(config, _OVERHEAD.value, _ROUNDS.value,
-                                          tuple(_VECTORS.value))
+                                          tuple(_COMPARE.value))
 
     print(f"\n{'method':22s} {'query':12s} {'R@1':>6s} {'R@10':>6s} {'MRR':>6s}")
     for name, r in res["quality"].items():
@@ -239,9 +255,9 @@ def main(argv):
               f"({lo['hashed_vectors']} hashed vectors); of it, the keys' compute in the "
               f"step {100 * lo['key_compute_overhead']:+.1f}%, their writing on the host "
               f"{100 * lo['key_writing_overhead']:+.1f}%")
-        for k in _VECTORS.value:
-            print(f"  with {k} hashed vectors: logging overhead "
-                  f"{100 * lo[f'logging_overhead_{k}']:+.1f}% (vs mass only)")
+        for spec in _COMPARE.value:
+            print(f"  with provenance.{spec}: logging overhead "
+                  f"{100 * lo[f'logging_overhead[{spec}]']:+.1f}% (vs mass only)")
     out = _OUT.value or str(root(_WORKDIR.value) / "benchmark.json")
     with open(out, "w") as f:
         json.dump(res, f, indent=1)

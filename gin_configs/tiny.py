@@ -87,4 +87,11 @@ def get_config():
     # pass, so the wider sketch costs the step nothing. The make-demo checkpoint of
     # 2026-12-04: paraphrased R@10 1.000 at 2048 against 0.996 at 1024 (BM25 1.000).
     c.provenance.rekey_d_p = 2048
+    # Chunk slots per row: the demo corpus packs 4.1 chunks into a 256-token row on average,
+    # at most 11 (2408 training rows; chunks are up to 64 tokens), so the default 64 slots
+    # were 15x the work the keys need: the key head takes 3.9 ms per step at 16 against
+    # 8.3 ms at 64, and key logging costs the step +5.5% against +8.9% side by side
+    # (benchmarks/provenance.py --compare max_chunks_per_row=64). A row with more chunks
+    # keys its first 16 and the key logger warns with the count of the rest.
+    c.provenance.max_chunks_per_row = 16
     return c

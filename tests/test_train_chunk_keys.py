@@ -18,7 +18,7 @@ from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.provenance.build import provenance_config
 from cbm_lm.provenance.rekey import make_key_fn
-from cbm_lm.train.chunk_keys import join_ids, split_ids
+from cbm_lm.train.chunk_keys import ChunkKeyLogger, join_ids, split_ids
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import init_train_state
 from cbm_lm.train.step import make_train_step
@@ -102,6 +102,30 @@ def test_ids_split_and_join_round_trip():
     np.testing.assert_array_equal(join_ids(halves["chunk_id_hi"], halves["chunk_id_lo"]), ids)
 
 
+def test_logger_counts_and_warns_of_chunks_past_the_slots(tmp_path):
+    """Rows of 3, 6 and 2 chunks with M = 4 slots: the 2 chunks of the second row past slot 4
+    have no key; the logger writes the 3 + 4 + 2 valid slots, counts 2 unkeyed and warns
+    once, at the flush that first sees them."""
+    import jax.numpy as jnp
+
+    chunks = np.array([3, 6, 2], np.int32)
+    valid = np.arange(4)[None, :] < np.minimum(chunks, 4)[:, None]
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4) + (1 << 35)
+    halves = split_ids(ids)
+    step_keys = {"keys": jnp.ones((3, 4, 2)), "valid": jnp.asarray(valid),
+                 "id_hi": jnp.asarray(halves["chunk_id_hi"]),
+                 "id_lo": jnp.asarray(halves["chunk_id_lo"]), "chunks": jnp.asarray(chunks)}
+    said = []
+    logger = ChunkKeyLogger(tmp_path, log=said.append)
+    logger.record(1, step_keys)
+    logger.flush()
+    assert logger.rows() == valid.sum() == 9
+    assert logger.unkeyed == 2 and logger.max_row_chunks == 6
+    assert len(said) == 1 and "2 chunks" in said[0] and "max_chunks_per_row=4" in said[0]
+    logger.flush()                       # nothing new: no second warning
+    assert len(said) == 1
+
+
 def _numpy_mass(indices, weights, source_ids, n_rows):
     m = np.zeros((n_rows, S))
     for b, t, k in np.ndindex(indices.shape):
@@ -130,6 +154,7 @@ def test_step_keys_ids_and_mass_match_a_forward_pass_and_shard():
     for b, j in zip(*np.nonzero(valid)):
         assert ids[b, j] == batch["chunk_ids"][b][batch["chunk_segment_ids"][b] == j + 1][0]
     assert len(np.unique(ids[valid])) == 5 * B and ids[valid].min() > 2**32
+    np.testing.assert_array_equal(keys["chunks"], np.full(B, 5))   # every row: 5 chunks
     out = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     want = _numpy_mass(np.asarray(out.known.indices), np.asarray(out.known.weights),
                        batch["source_ids"], ref_mass[0].shape[0])

@@ -8,6 +8,8 @@ and for autoregressive models the next-token losses the head pools by):
   id_hi, id_lo int32 [B,M]  the two 32-bit halves of each slot's 64-bit global chunk id
                             (read at the slot's first token; JAX runs without x64)
   valid  bool [B,M]         the slot holds a chunk
+  chunks int32 [B]          the row's chunk count; chunks past slot M have no key, and the
+                            logger warns with their number (provenance.max_chunks_per_row)
   mass   float32 [C_pad,S]  M[c,s] += sum_{t: source(t)=s} sum_k [i_{t,k}=c] w_{t,k}
                             over the whole global batch: jit sums the data-parallel
                             shards, so every replica's tokens count once
@@ -78,7 +80,8 @@ def step_outputs(views, batch, prov, model_cfg, log_keys: bool,
         first = jnp.argmax(onehot, axis=1)                                      # [B,M]
         out["keys"] = {"keys": ck.keys, "valid": ck.valid,
                        "id_hi": jnp.take_along_axis(batch["chunk_id_hi"], first, axis=1),
-                       "id_lo": jnp.take_along_axis(batch["chunk_id_lo"], first, axis=1)}
+                       "id_lo": jnp.take_along_axis(batch["chunk_id_lo"], first, axis=1),
+                       "chunks": jnp.max(batch["chunk_segment_ids"], axis=1).astype(jnp.int32)}
     return out
 
 
@@ -101,6 +104,9 @@ class ChunkKeyLogger:
         self.cursor_path = keystore.process_dir(self.store, self.process) / CURSOR
         self.sharding, self.log = batch_sharding, log
         self._pending: list[tuple[int, dict]] = []
+        # chunks that had no key slot (past provenance.max_chunks_per_row), since the start
+        # and as of the last warning, and the most chunks one row held
+        self.unkeyed, self._warned, self.max_row_chunks, self.slots = 0, 0, 0, 0
 
     def rows(self) -> int:
         """Rows on disk (from the segment names; nothing is read)."""
@@ -134,11 +140,21 @@ class ChunkKeyLogger:
             k = {name: _local(x, self.sharding) for name, x in k.items()}
             valid = k["valid"]
             self.writer.add(join_ids(k["id_hi"], k["id_lo"])[valid], k["keys"][valid], step)
+            if "chunks" in k:
+                self.slots = valid.shape[1]
+                self.unkeyed += int(np.maximum(k["chunks"] - self.slots, 0).sum())
+                self.max_row_chunks = max(self.max_row_chunks, int(k["chunks"].max(initial=0)))
 
     def flush(self) -> None:
         """Writes every row recorded so far (the loop calls it at log steps, which sync anyway)."""
         self._drain()
         self.writer.flush()
+        if self.unkeyed > self._warned:
+            self.log(f"WARNING: {self.unkeyed} chunks so far got no key (a row held up to "
+                     f"{self.max_row_chunks} chunks, provenance.max_chunks_per_row="
+                     f"{self.slots}): "
+                     "provenance cannot find them; raise max_chunks_per_row")
+            self._warned = self.unkeyed
 
     def checkpoint(self, step: int) -> None:
         """Writes every row up to ``step``, then the cursor; call before saving ``step``."""
