@@ -60,6 +60,8 @@ VARIANTS = {
     "eps_energy_1": ["loss.epsilon_weight=1.0"],
     "eps_energy_4": ["loss.epsilon_weight=4.0"],
     "concept_balance": ["loss.concept_balance=concept"],
+    # the concept term's pull on the backbone (tiny.py: 0.2)
+    "concept_weight_0.5": ["loss.concept_weight=0.5"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
 }

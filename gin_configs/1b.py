@@ -31,4 +31,8 @@ def get_config():
     # Smallest accumulation whose activations fit the intended hardware
     # (tools/plan.py: "smallest fitting train.grad_accum_steps").
     c.train.grad_accum_steps = 32
+    # Chunk slots for key logging (provenance.log_keys): a 4096-token row packs about
+    # 4096 / 53.5 = 77 chunks of up to 64 tokens (the demo corpus's mean length), past the
+    # default 64 slots; chunks past the slots get no key (the key logger warns with the count).
+    c.provenance.max_chunks_per_row = 128
     return c

@@ -58,4 +58,8 @@ def get_config():
     # LM cross-entropy 512 positions at a time: [B,T,V] logits (3.3 GB fp32 per
     # sequence, x3 with the gradient) are never whole (objectives/chunked_ce.py).
     c.loss.ce_chunk_tokens = 512
+    # Chunk slots for key logging (provenance.log_keys): a 4096-token row packs about
+    # 4096 / 53.5 = 77 chunks of up to 64 tokens (the demo corpus's mean length), past the
+    # default 64 slots; chunks past the slots get no key (the key logger warns with the count).
+    c.provenance.max_chunks_per_row = 128
     return c
