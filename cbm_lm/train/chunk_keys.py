@@ -150,10 +150,10 @@ class ChunkKeyLogger:
         self._drain()
         self.writer.flush()
         if self.unkeyed > self._warned:
-            self.log(f"WARNING: {self.unkeyed} chunks so far got no key (a row held up to "
-                     f"{self.max_row_chunks} chunks, provenance.max_chunks_per_row="
-                     f"{self.slots}): "
-                     "provenance cannot find them; raise max_chunks_per_row")
+            self.log(f"WARNING: {self.unkeyed} chunks this process trained on got no key (a "
+                     f"row held up to {self.max_row_chunks} chunks, provenance."
+                     f"max_chunks_per_row={self.slots}): provenance cannot find them; raise "
+                     "max_chunks_per_row")
             self._warned = self.unkeyed
 
     def checkpoint(self, step: int) -> None:
