@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
-DEMO_STEPS ?= 1200
+DEMO_STEPS ?= 1800
 # A local CPU torch wheel, where the machine has one, spares the CUDA build.
 TORCH_LINKS := $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,)
 # Debian packages with labelled text for the embedded corpus (best effort:
