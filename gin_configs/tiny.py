@@ -5,8 +5,8 @@ Why autoregressive: measured on the embedded demo corpus (unigram entropy
 causal tiny model's held-out loss to 5.47 nats/token, while plain masked
 diffusion still sits at its unigram plateau (held-out masked CE 6.69): a
 diffusion model must learn to read its context through attention before it
-beats unigram statistics. gin_configs/tiny_diffusion.py gets there in the
-same 1200 steps by starting from next-token training (AR-to-diffusion
+beats unigram statistics. gin_configs/tiny_diffusion.py gets there in
+1200 steps by starting from next-token training (AR-to-diffusion
 adaptation: held-out masked CE 5.86), at about 1.5x this config's step cost.
 The concept layer, losses and attribution are the same for both objectives.
 
