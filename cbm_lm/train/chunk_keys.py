@@ -140,10 +140,9 @@ class ChunkKeyLogger:
             k = {name: _local(x, self.sharding) for name, x in k.items()}
             valid = k["valid"]
             self.writer.add(join_ids(k["id_hi"], k["id_lo"])[valid], k["keys"][valid], step)
-            if "chunks" in k:
-                self.slots = valid.shape[1]
-                self.unkeyed += int(np.maximum(k["chunks"] - self.slots, 0).sum())
-                self.max_row_chunks = max(self.max_row_chunks, int(k["chunks"].max(initial=0)))
+            self.slots = valid.shape[1]
+            self.unkeyed += int(np.maximum(k["chunks"] - self.slots, 0).sum())
+            self.max_row_chunks = max(self.max_row_chunks, int(k["chunks"].max(initial=0)))
 
     def flush(self) -> None:
         """Writes every row recorded so far (the loop calls it at log steps, which sync anyway)."""
