@@ -17,6 +17,8 @@ from cbm_lm.default_config import base_config
 from cbm_lm.model import ConceptBottleneckLM
 from cbm_lm.provenance import build, keystore
 from cbm_lm.provenance.chunks import ChunkLookup
+from cbm_lm.provenance.evaluate import evaluate_methods
+from cbm_lm.provenance.index import KeyIndex
 from cbm_lm.provenance.open import open_query
 from cbm_lm.train.checkpoint import load_model, save_params
 from data_fixtures import build as build_corpus
@@ -221,3 +223,54 @@ def test_rekey_width_needs_the_fixed_head():
     assert keying_like(ProvenanceConfig(d_p=64), {"store": "rekeyed", "d_p": 128}).d_p == 128
     # the gradient reference's index (no store) keeps the run's width
     assert keying_like(ProvenanceConfig(d_p=64), {"method": "gradient", "d_p": 128}).d_p == 64
+
+
+def test_a_logged_store_past_the_checkpoint_and_a_stale_rekeyed_index(run_dir, tmp_path,
+                                                                       monkeypatch):
+    """Rows logged after the checkpoint (a run killed after a flush) are keys of a model the
+    index does not describe: the logged index leaves them out. A re-keyed index built for
+    another step is not used, nor its masses. And each index is queried with keys made as
+    its own were: the logged one at d_p, a re-keyed one at 2 d_p, side by side."""
+    import shutil
+    workdir, model, config = run_dir
+    wd = tmp_path / "train"
+    shutil.copytree(workdir, wd)
+    corpus_dir = tmp_path / "corpus"
+    shutil.copytree(config.data.dir, corpus_dir)
+    cfg = config.copy_and_resolve_references()
+    cfg.data.dir = str(corpus_dir)
+    rows = keystore.read_store(build.store_path(wd, build.REKEYED))   # step-0 keys of every chunk
+    writer = keystore.KeyStoreWriter(build.store_path(wd, build.LOGGED), 0)
+    writer.add(rows["ids"], rows["keys"], step=1)
+    writer.add(rows["ids"][:3], -rows["keys"][:3], step=5)             # after the checkpoint
+    writer.flush()
+    assert (build.root(wd) / "word-mass.npy").exists()
+    logs = []
+    built = build.build_index(wd, model, cfg, 2, log=logs.append)
+    assert set(built) == {build.LOGGED} and build.default_index(wd) == build.LOGGED
+    assert built[build.LOGGED]["rows"] == len(rows["ids"])
+    assert any("leaving out 3 rows logged after step 2" in m for m in logs)
+    assert any("not used" in m for m in logs)
+    assert build.load_mass(wd, "word") is None and build.load_mass(wd, build.REKEYED) is None
+    # the step-1 key, not the later one: a chunk's own step-0/1 key finds it at cosine 1
+    idx = KeyIndex.load(build.index_path(wd, build.LOGGED))
+    scores, ids = idx.search(rows["keys"][:3], 1)
+    np.testing.assert_array_equal(ids[:, 0], rows["ids"][:3])
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-4)
+
+    # a wider re-keyed index beside the logged one, both scored on planted facts
+    cfg.provenance.rekey_d_p = 2 * cfg.provenance.d_p
+    build.build_index(wd, model, cfg, 2, rekey=True, log=logs.append)
+    lookup = ChunkLookup(Corpus(str(corpus_dir)))
+    facts = [{"id": i, "statement": lookup.text(int(c)), "chunk_id": int(c),
+              "queries": [lookup.text(int(c))]} for i, c in enumerate(rows["ids"][:4])]
+    (corpus_dir / "planted_facts.json").write_text(json.dumps({"facts": facts}))
+    from cbm_lm.provenance import evaluate
+    monkeypatch.setattr(evaluate, "source_accuracy", lambda *a, **k: {})   # no held-out split
+    res = evaluate_methods(wd, model, cfg, ("provenance",), indexes=(build.LOGGED, build.REKEYED),
+                           source_chunks=4, log=lambda m: None)
+    # the logged rows here are re-keyed keys under the logged index's keying (tokens lexical
+    # features), so only that it was scored is checked; the re-keyed index, keyed at 2 d_p,
+    # would be searched with d_p-wide queries if it took the first index's keying
+    assert res[f"provenance/{build.LOGGED}"]["verbatim"]["n"] == 4
+    assert res[f"provenance/{build.REKEYED}"]["verbatim"]["recall@1"] == 1.0

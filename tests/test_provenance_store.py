@@ -177,3 +177,24 @@ def test_rebuilding_replaces_the_saved_arrays(tmp_path):
     write_npy_atomic(path, np.full((2, 3), 7.0, np.float32))
     np.testing.assert_array_equal(np.load(path), np.full((2, 3), 7.0, np.float32))
     assert [p.name for p in epath.Path(tmp_path).iterdir()] == ["mass.npy"]
+
+
+def test_a_failed_index_save_leaves_the_previous_index_whole(tmp_path, monkeypatch):
+    """Saving writes a sibling directory and swaps it in once complete: an error while
+    writing leaves the saved index loadable and no partial directory beside it."""
+    import faiss
+
+    from cbm_lm.provenance import index as index_mod
+    keys = np.eye(8, dtype=np.float32)
+    prov = ProvenanceConfig(d_p=8, pq_m=8)
+    KeyIndex.build(np.arange(8), keys, prov).save(tmp_path / "ix")
+
+    def broken(_):
+        raise OSError("disk full")
+    monkeypatch.setattr(index_mod.faiss, "serialize_index", broken)
+    with pytest.raises(OSError, match="disk full"):
+        KeyIndex.build(np.arange(8) + 100, keys, prov).save(tmp_path / "ix")
+    monkeypatch.setattr(index_mod.faiss, "serialize_index", faiss.serialize_index)
+    assert [p.name for p in tmp_path.iterdir()] == ["ix"]
+    _, ids = KeyIndex.load(tmp_path / "ix").search(keys, 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(8))

@@ -121,7 +121,7 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
     progress.finish(f"AUROC {det.auroc_macro} over {det.num_concepts} concepts; token-level "
                     f"{tok.auroc_macro} over {tok.num_concepts} concepts")
 
-    progress.start("dead", f"real concepts never in the known head's active set")
+    progress.start("dead", "real concepts never in the known head's active set")
     dead = dead_concepts(model, windows, n_concepts, batch=opts.batch)
     metrics["dead_real_concepts"] = dead.fraction
     details["dead_concepts"] = dict(dataclasses.asdict(dead), dead_names=[
@@ -155,7 +155,7 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
         if not opts.steering_concepts:
             raise SteeringUnavailable("disabled (steering_concepts=0)")
         st = steering_eval(model, corpus, windows, num_concepts=opts.steering_concepts,
-                           seed=opts.seed, log=lambda m: print(f"      {m}", flush=True))
+                           seed=opts.seed, t_min=t_min, clean_context=clean_context, log=lambda m: print(f"      {m}", flush=True))
         metrics["steering_success"] = st.success
         metrics["steering_perplexity_ratio"] = st.perplexity_ratio
         details["steering"] = dataclasses.asdict(st)
@@ -186,7 +186,7 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
     metrics["decomposition_max_error"] = max(metrics["decomposition_max_error"], gen_err)
     progress.finish(f"{len(panels)} panels; identity error on generated tokens {gen_err:.2e}")
 
-    progress.start("write", f"writing the report")
+    progress.start("write", "writing the report")
     records = plots.read_metrics(target.checkpoint_dir)
     for name, png in (("training curves", plots.training_curves(records)),
                       ("concept AUROC per concept", plots.concept_auroc_histogram(det.per_concept))):

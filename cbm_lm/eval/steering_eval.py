@@ -78,8 +78,8 @@ def _texts(trace, tok) -> list[str]:
 
 def steering_eval(model, corpus: Corpus, windows: HeldoutWindows, *, num_concepts: int = 6,
                   num_prompts: int = 8, prompt_len: int = 16, max_new_tokens: int = 32,
-                  min_train_chunks: int = 20, seed: int = 0, log=lambda s: None
-                  ) -> SteeringResult:
+                  min_train_chunks: int = 20, seed: int = 0, t_min: float = 1e-3,
+                  clean_context: bool = True, log=lambda s: None) -> SteeringResult:
     tok = corpus.tokenizer
     n_known = model.config.concepts.n_known
     pool = [j for j in trainable_concepts(corpus, min_train_chunks) if j < n_known]
@@ -101,7 +101,8 @@ def steering_eval(model, corpus: Corpus, windows: HeldoutWindows, *, num_concept
     def run(steering):
         trace = generate(model, prompts, cfg, steering, pad_id=tok.pad_id)
         w, gen = generated_windows(trace)
-        ppl = perplexity(model, w, seed=seed, score_mask=gen)
+        ppl = perplexity(model, w, seed=seed, score_mask=gen, t_min=t_min,
+                         clean_context=clean_context)
         return trace, _texts(trace, tok), ppl
 
     log("generating unsteered")

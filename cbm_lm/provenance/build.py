@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from cbm_lm.atomic_io import write_npy_atomic
+from cbm_lm.atomic_io import write_npy_atomic, write_text_atomic
 from cbm_lm.config import ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.default_config import base_config
@@ -112,6 +112,12 @@ def reusable_rekeyed(workdir, fingerprint: dict) -> dict | None:
 def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print,
                 extra_meta: dict | None = None) -> KeyIndex:
     rows = keystore.read_store(store_path(workdir, name))
+    # rows logged after the checkpoint (a run killed after a flush, or still training) are
+    # keys of a model the index does not describe; resuming drops them, so must the index
+    late = rows["steps"] > step
+    if late.any():
+        log(f"{name}: leaving out {int(late.sum())} rows logged after step {step}")
+        rows = {k: v[~late] for k, v in rows.items()}
     ids, keys = keystore.latest_keys(rows)
     # the lexical features its keys hold, for queries to key alike: the train step logs
     # tokens + bigrams (no tokenizer), re-keying uses provenance.lexical
@@ -154,8 +160,14 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
                                      extra_meta={"rekeyed_with": fingerprint}).meta
     if logged:
         built[LOGGED] = index_store(workdir, LOGGED, prov, step, log).meta
+    # a re-keyed store not (re)built or reused above belongs to another step, config or
+    # corpus: its masses are not this checkpoint's
+    fresh = REKEYED in built
+    if not fresh and index_path(workdir, REKEYED).exists():
+        log(f"{REKEYED}: the index on disk was built for another step, config or corpus; "
+            f"not used (--rekey builds it for step {step})")
     masses = {"train": restore_source_mass(workdir, step),
-              REKEYED: read_mass(store_path(workdir, REKEYED))}
+              REKEYED: read_mass(store_path(workdir, REKEYED)) if fresh else None}
     masses = {k: v for k, v in masses.items() if v is not None and v.sum() > 0}
     for name, m in masses.items():    # each kept, for the benchmark to compare
         write_npy_atomic(root(workdir) / MASS_OF.format(name), m.astype(np.float32))
@@ -166,12 +178,16 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
         name = REKEYED if REKEYED in masses else next(iter(masses))
         write_npy_atomic(root(workdir) / "mass.npy", masses[name].astype(np.float32))
         log(f"source distributions use the {name} mass ({MASS_KINDS[name]})")
-    word_mass = read_mass(store_path(workdir, REKEYED), "word-mass-p*.npy")
+    word_mass = read_mass(store_path(workdir, REKEYED), "word-mass-p*.npy") if fresh else None
+    if not fresh:                 # derived from the stale store: queries must not read them
+        for stale in (root(workdir) / WORD_MASS, root(workdir) / MASS_OF.format(REKEYED)):
+            if stale.exists():
+                stale.unlink()
     if word_mass is not None and word_mass.sum() > 0:
         write_npy_atomic(root(workdir) / WORD_MASS, word_mass.astype(np.float32))
         log("source distributions add the word x source mass of the re-keying pass")
     default = REKEYED if REKEYED in built else LOGGED
-    (root(workdir) / "DEFAULT").write_text(default + "\n")
+    write_text_atomic(root(workdir) / "DEFAULT", default + "\n")
     log(f"default index for queries: {default}")
     return built
 

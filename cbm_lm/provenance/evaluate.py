@@ -102,11 +102,16 @@ def evaluate_methods(workdir, model, config, methods=("provenance", "bm25"),
     for method in methods:
         for index in (indexes if method == "provenance" else (None,)):
             name = method if index is None else f"{method}/{index}"
-            retriever = make_retriever(method, workdir, model, config, q.corpus, index)
+            # each key index is queried with keys made as its own were (width, lexical
+            # features: a logged and a re-keyed index differ); the others take the first's
+            qi = q if method != "provenance" or index == indexes[0] else open_query(
+                workdir, model, config, method="provenance", index=index)
+            retriever = (qi.retriever if method == "provenance"
+                         else make_retriever(method, workdir, model, config, q.corpus, index))
             res = {}
             t0 = time.time()
             for kind, (texts, answers) in planted.items():
-                res[kind] = rank_summary(ranks(q, retriever, texts, answers))
+                res[kind] = rank_summary(ranks(qi, retriever, texts, answers))
             res["seconds"] = time.time() - t0
             results[name] = res
             log(f"{name}: " + "  ".join(

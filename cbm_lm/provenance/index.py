@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 
 import faiss
 import numpy as np
 from etils import epath
 
+from cbm_lm.atomic_io import replace_dir_atomically
 from cbm_lm.config import ProvenanceConfig
 
 
@@ -76,18 +75,21 @@ class KeyIndex:
         return int(faiss.serialize_index(self.index).nbytes)
 
     def save(self, directory) -> None:
-        """Writes the three files into ``directory`` atomically (tmp dir + rename)."""
-        d = epath.Path(directory)
-        d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = epath.Path(tempfile.mkdtemp(prefix=d.name + ".tmp", dir=os.fspath(d.parent)))
-        (tmp / "index.faiss").write_bytes(faiss.serialize_index(self.index).tobytes())
-        buf = io.BytesIO()
-        np.save(buf, self.ids, allow_pickle=False)
-        (tmp / "ids.npy").write_bytes(buf.getvalue())
-        (tmp / "meta.json").write_text(json.dumps(dict(self.meta, mu=self.mu.tolist()), indent=1))
-        if d.exists():
-            d.rmtree()
-        tmp.rename(d)
+        """Writes the three files into ``directory`` atomically: a sibling temporary
+        directory swapped in once complete, so a failure leaves the previous index whole
+        and no partial directory behind."""
+        def write(tmp: str) -> None:
+            t = epath.Path(tmp)
+            t.mkdir(parents=True)
+            (t / "index.faiss").write_bytes(faiss.serialize_index(self.index).tobytes())
+            buf = io.BytesIO()
+            np.save(buf, self.ids, allow_pickle=False)
+            (t / "ids.npy").write_bytes(buf.getvalue())
+            (t / "meta.json").write_text(json.dumps(dict(self.meta, mu=self.mu.tolist()),
+                                                    indent=1))
+
+        epath.Path(directory).parent.mkdir(parents=True, exist_ok=True)
+        replace_dir_atomically(directory, write)
 
     @classmethod
     def load(cls, directory) -> "KeyIndex":
