@@ -187,18 +187,23 @@ class Explainer:
         pad = special.get("pad", special["mask"])
         trace = run_sampler(self.model, ids, cfg, steering, pad_id=pad,
                             capture_fn=commit_capture if capture else None)
-        chunks = trace_chunks(trace, special.get("endofchunk", -1))
-        texts = [self.decode(trace.generated(b)) for b in range(trace.batch_size)]
+        # Steerling's rule: a sequence ends at its first stop token (excluded). A diffusion row
+        # stops only at the end of the block that holds it, so the block's later tokens are
+        # in the trace but in no chunk and not in the text.
+        chunks = trace_chunks(trace, special.get("endofchunk", -1), cfg.stop_ids)
+        texts = [self.decode(_until_stop(trace.generated(b), cfg.stop_ids))
+                 for b in range(trace.batch_size)]
         prompts_text = [self.decode(trace.prompt(b)) for b in range(trace.batch_size)]
         return Generation(trace, chunks, texts, prompts_text)
 
     def _prompt_ids(self, prompts) -> list[np.ndarray]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        if isinstance(prompts, np.ndarray):
+        if hasattr(prompts, "__array__"):            # numpy or jax ids: [P] or [B,P]
+            prompts = np.asarray(prompts)
             prompts = [prompts] if prompts.ndim == 1 else list(prompts)
-        elif len(prompts) and np.isscalar(prompts[0]) and not isinstance(prompts[0], str):
-            prompts = [prompts]
+        elif len(prompts) and not isinstance(prompts[0], str) and np.ndim(prompts[0]) == 0:
+            prompts = [prompts]                      # one flat id list
         return [np.asarray(self.encode(p) if isinstance(p, str) else p, np.int32) for p in prompts]
 
     def teacher_forced(self, ids, n_explain: int) -> Generation:
@@ -221,7 +226,7 @@ class Explainer:
             gen_lens=np.asarray([n], np.int32), committed_step=committed,
             objective="diffusion" if diffusion else "autoregressive", mask_id=special["mask"],
             pad_id=special.get("pad", special["mask"]), max_new_tokens=n,
-            num_steps=int(steps.max()) + 1)
+            num_steps=int(steps.max()) + 1, diffusion_shift=self.model.config.diffusion_shift)
         start = len(ids) - n
         return Generation(trace, [[(start, len(ids))]], [self.decode(ids[start:])],
                           [self.decode(ids[:start])])
@@ -294,6 +299,12 @@ class Explainer:
                                  for s, e in gen.chunks[b]]
             rows.append(row)
         return rows
+
+
+def _until_stop(ids: np.ndarray, stop_ids) -> np.ndarray:
+    """ids [N] up to (excluding) the first of ``stop_ids``."""
+    hit = np.flatnonzero(np.isin(ids, np.asarray(list(stop_ids), ids.dtype)))
+    return ids[:hit[0]] if len(hit) else ids
 
 
 def _is_unknown_name(key) -> bool:

@@ -116,3 +116,26 @@ def test_explaining_one_chunk_attributes_only_its_tokens(explainer, steered):
                                [t["score"] for t in full.top_input_tokens], atol=1e-6)
     with pytest.raises(IndexError, match="chunk 5"):
         explainer.explain(gen, batch=1, chunk=5)
+
+
+def test_chunks_end_at_the_first_stop_token_and_jax_prompts_are_one_sequence(explainer):
+    """Steerling's rule: a sequence ends at its first stop token (excluded). A diffusion row
+    only stops at the end of the block holding it, so tokens after the stop are in the trace
+    but must be in no chunk. A 1-D jax array is one prompt, as a list or numpy array is."""
+    import jax.numpy as jnp
+    prompts = [[5, 9, 11], [4, 8, 15, 16, 23]]
+    free = explainer.generate(prompts, max_new_tokens=8, seed=3, capture=False)
+    row = free.trace.generated(0)
+    stop = int(row[2])
+    first = int(np.flatnonzero(row == stop)[0])
+    gen = explainer.generate(prompts, max_new_tokens=8, seed=3, capture=False,
+                             stop_ids=(stop,))
+    np.testing.assert_array_equal(gen.trace.generated(0)[:first + 1], row[:first + 1])
+    p = int(gen.trace.prompt_lens[0])
+    assert all(end <= p + first for _, end in gen.chunks[0])
+    assert (gen.chunks[0][-1][1] == p + first) if first else gen.chunks[0] == []
+
+    one = explainer.generate(jnp.asarray([5, 9, 11]), max_new_tokens=8, seed=3, capture=False)
+    ref = explainer.generate([5, 9, 11], max_new_tokens=8, seed=3, capture=False)
+    assert one.trace.batch_size == 1
+    np.testing.assert_array_equal(one.trace.tokens, ref.trace.tokens)

@@ -13,10 +13,12 @@ import pytest
 from flax import nnx
 
 from cbm_lm.attribution.decomposition import decompose_logits
+from cbm_lm.inference import steered_call
 from cbm_lm.inference.diffusion_schedule import blocks, schedule
 from cbm_lm.inference.generate import generate
 from cbm_lm.inference.logit_processing import SamplingConfig, sample_tokens
 from cbm_lm.inference.steer_spec import Steering
+from cbm_lm.inference.steered_call import diffusion_steered
 from cbm_lm.inference.steering import amplify, combine, make_intervention, relu_logit_mask
 from model_fixtures import make_model, tiny_config
 
@@ -169,3 +171,59 @@ def test_too_long_a_request_is_refused_before_compiling(models, objective):
 def test_guidance_is_refused_for_autoregressive_generation(models):
     with pytest.raises(ValueError, match="cfg_scale"):
         generate(models["autoregressive"], PROMPTS, _sampling(cfg_scale=1.0), pad_id=PAD)
+
+
+def test_steered_positions_under_the_shift_by_hand():
+    """Where a diffusion pass injects: the masked positions; under diffusion_shift also the
+    position before each masked one in the same document (hand-written rows)."""
+    m = 9
+    tokens = np.array([[1, 2, m, m, 3, m, 0, 0],
+                       [m, 4, 5, 6, m, m, m, m]])
+    seg = np.array([[1, 1, 1, 1, 1, 1, 0, 0],
+                    [1, 1, 1, 2, 2, 2, 2, 2]])
+    plain = np.array([[0, 0, 1, 1, 0, 1, 0, 0],
+                      [1, 0, 0, 0, 1, 1, 1, 1]], bool)
+    shifted = np.array([[0, 1, 1, 1, 1, 1, 0, 0],     # 1 reads 2's token, 4 reads 5's
+                        [1, 0, 0, 1, 1, 1, 1, 1]], bool)  # 2 -> 3 crosses documents: not
+    np.testing.assert_array_equal(diffusion_steered(tokens, seg, m, False), plain)
+    np.testing.assert_array_equal(diffusion_steered(tokens, seg, m, True), shifted)
+    np.testing.assert_array_equal(
+        np.asarray(diffusion_steered(jnp.asarray(tokens), jnp.asarray(seg), m, True)), shifted)
+
+
+def test_shifted_diffusion_steers_every_masked_prediction(models):
+    """Under diffusion_shift token i is read from position i-1, so a block's first masked
+    token is predicted from the previous (committed) block's last position: an injection
+    must change the prediction of every masked token, that one included."""
+    model = models["diffusion_shift"]
+    b = model.config.diffusion_block_size
+    mask = model.config.resolved_mask_token_id
+    x = np.arange(1, 3 * b + 1, dtype=np.int32)[None]
+    x[:, b:] = mask                                     # blocks 2 and 3 masked
+    seg = np.ones_like(x)
+    st = amplify(model, [2, 4], target=4.0, layer=1)
+    static, arrays = steered_call.prepare(st, 1, x.shape[1])
+    steered = steered_call.diffusion_steered(jnp.asarray(x), jnp.asarray(seg), mask, True)
+    alpha = steered_call.injection_alpha(static, arrays, jnp.zeros(1, jnp.int32))
+    got = nnx.jit(lambda m, t, s, st_: steered_call.call(m, t, s, static, arrays, steered=st_,
+                                                         alpha=alpha).logits)(
+        model, jnp.asarray(x), jnp.asarray(seg), steered)
+    base = nnx.jit(lambda m, t, s: m(t, segment_ids=s).logits)(model, jnp.asarray(x),
+                                                              jnp.asarray(seg))
+    change = np.abs(np.asarray(got) - np.asarray(base)).max(-1)[0]
+    assert (change[b:] > 1e-3).all(), change
+
+
+def test_diffusion_never_samples_mask_or_pad_whatever_the_caller_bans(models):
+    """A drawn <|mask|> would leave its position masked (a hole in the span, or drawn
+    again); the sampler bans MASK and PAD itself. The logit mask (subtracted from the
+    logits) is set to make both the likeliest tokens by far."""
+    model = models["diffusion"]
+    mask = model.config.resolved_mask_token_id
+    lure = np.zeros(model.config.vocab_size, np.float32)
+    lure[[mask, PAD]] = -1e4
+    tr = generate(model, PROMPTS, _sampling(banned_ids=()), Steering(logit_mask=lure),
+                  pad_id=PAD, bucket=8)
+    gen = tr.generated_mask()
+    assert (tr.gen_lens == 8).all() and gen.sum() == 24
+    assert not np.isin(tr.tokens[gen], [mask, PAD]).any()

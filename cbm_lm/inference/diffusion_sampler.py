@@ -68,12 +68,14 @@ def _run(graphdef, state, x0, seg, prompt_lens, sched, keys, arrays, *,
         if static.inject_layer is not None:
             masked_left = jnp.sum(is_mask, -1)          # committed = N - masked left
             alpha = steered_call.injection_alpha(static, arrays, cfg.max_new_tokens - masked_left)
+        shift = model.config.diffusion_shift
         if cfg.cfg_scale <= 0:
-            out = steered_call.call(model, x, seg, static, arrays, steered=is_mask, alpha=alpha)
+            steered = steered_call.diffusion_steered(x, seg, mask_id, shift)
+            out = steered_call.call(model, x, seg, static, arrays, steered=steered, alpha=alpha)
             return out, out.logits
         xu = jnp.where(pos < prompt_lens[:, None], mask_id, x)
         xx = jnp.concatenate([x, xu])
-        steered = (xx == mask_id) & (jnp.concatenate([seg, seg]) > 0)
+        steered = steered_call.diffusion_steered(xx, jnp.concatenate([seg, seg]), mask_id, shift)
         out = steered_call.call(model, xx, jnp.concatenate([seg, seg]), static, arrays,
                                 steered=steered,
                                 alpha=None if alpha is None else jnp.concatenate([alpha, alpha]),
@@ -138,6 +140,10 @@ def generate_diffusion(model, prompts, cfg: SamplingConfig, steering: Steering |
     cfg = cfg.resolved(mcfg.diffusion_block_size)
     steering = steering or Steering()
     mask_id = mcfg.resolved_mask_token_id
+    # A drawn <|mask|> would leave its position masked (drawn again later, or never
+    # committed: a hole in the span) and a drawn pad ends nothing; as in Steerling, neither
+    # is ever sampled, whatever the caller bans.
+    cfg = cfg.replace(banned_ids=tuple(sorted({*cfg.banned_ids, mask_id, pad_id})))
     x0, plens, seg = layout(prompts, cfg.max_new_tokens, vocab_size=mcfg.vocab_size,
                             fill_id=mask_id, pad_id=pad_id, bucket=bucket,
                             max_len=mcfg.max_seq_len)
@@ -155,4 +161,4 @@ def generate_diffusion(model, prompts, cfg: SamplingConfig, steering: Steering |
         committed_step=cstep, objective="diffusion", mask_id=mask_id, pad_id=pad_id,
         max_new_tokens=cfg.max_new_tokens, num_steps=int(n_steps), block_size=cfg.block_size,
         grid=cfg.grid, steps_per_block=cfg.steps_per_block, cfg_scale=cfg.cfg_scale,
-        steering=steering, capture=None if cap is None else jax.tree.map(np.asarray, cap))
+        diffusion_shift=mcfg.diffusion_shift, steering=steering, capture=None if cap is None else jax.tree.map(np.asarray, cap))

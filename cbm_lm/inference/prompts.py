@@ -19,9 +19,12 @@ from cbm_lm.config import round_up
 
 def as_prompt_list(prompts) -> list[np.ndarray]:
     """A [B,P] array, one sequence, or a list of sequences -> list of int32 arrays."""
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
-        return [np.asarray(p, np.int32) for p in prompts]
-    if isinstance(prompts, np.ndarray) or (len(prompts) and np.isscalar(prompts[0])):
+    if hasattr(prompts, "__array__"):           # numpy or jax: its rank says which
+        prompts = np.asarray(prompts)
+        if prompts.ndim == 2:
+            return [np.asarray(p, np.int32) for p in prompts]
+        return [np.asarray(prompts, np.int32).reshape(-1)]
+    if len(prompts) and np.ndim(prompts[0]) == 0:   # a flat sequence of ids (ints, 0-d arrays)
         return [np.asarray(prompts, np.int32)]
     return [np.asarray(p, np.int32).reshape(-1) for p in prompts]
 
@@ -48,7 +51,7 @@ def layout(prompts: Sequence[Sequence[int]], max_new_tokens: int, *, vocab_size:
         raise ValueError(f"prompt {int(lens.argmax())} has {int(lens.max())} tokens; with "
                          f"max_new_tokens={max_new_tokens} that is {need} > the model's "
                          f"max_seq_len={max_len}")
-    length = round_up(need, bucket)
+    length = round_up(need, bucket) if bucket else need      # bucket 0: no bucketing
     if max_len is not None:
         length = min(length, max(max_len, need))
     x = np.full((len(prompts), length), pad_id, np.int32)

@@ -41,7 +41,8 @@ import numpy as np
 class Intervention:
     """Override concept weights. known / unknown: concept id -> weight.
 
-    positions: [B,L] bool (which positions of each sequence), or None = all.
+    positions: [B,L] bool (which positions of each sequence), or None = all; columns
+    past L (the sampler rounds rows up to a shape bucket) are not intervened on.
     """
     known: dict[int, float] = dataclasses.field(default_factory=dict)
     unknown: dict[int, float] = dataclasses.field(default_factory=dict)
@@ -56,7 +57,13 @@ class Intervention:
         vals = np.broadcast_to(np.asarray(list(table.values()), np.float32), (n, length, k))
         if self.positions is None:
             return np.ascontiguousarray(ids), np.ascontiguousarray(vals)
-        where = np.asarray(self.positions, bool)[batch_idx][:, :length, None]
+        pos = np.asarray(self.positions, bool)
+        if pos.ndim != 2 or (len(batch_idx) and int(np.max(batch_idx)) >= pos.shape[0]):
+            raise ValueError(f"Intervention.positions: expected [B, L] bool covering rows "
+                             f"{sorted(set(np.asarray(batch_idx).tolist()))}, got shape {pos.shape}")
+        if pos.shape[1] < length:    # the sampler's row is bucketed past the caller's columns
+            pos = np.pad(pos, ((0, 0), (0, length - pos.shape[1])))
+        where = pos[batch_idx][:, :length, None]
         return np.where(where, ids, -1).astype(np.int32), np.where(where, vals, 0.0).astype(np.float32)
 
     def model_kwargs(self, batch_idx: np.ndarray, length: int) -> dict:

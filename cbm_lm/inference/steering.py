@@ -122,7 +122,12 @@ def relu_logit_mask(model, strengths: Mapping[int, float]) -> np.ndarray:
 def amplify(model, concepts, target: float = 8.0, *, layer: int | None = None,
             cutoff_tokens: int | None = 32, vocab=None) -> Steering:
     """Steerling's injection preset: +target logits on the direction's top token,
-    full strength for the first cutoff_tokens committed tokens, then none."""
+    full strength for the first cutoff_tokens committed tokens, then none.
+
+    One difference: ``layer`` defaults to n_layers // 2 (Steerling's engine default, which
+    its injection_relu preset uses), where Steerling's injection preset fixes layer 8,
+    i.e. n_layers // 4 on Steerling-8B's 32 layers; pass layer=8 to reproduce it there.
+    A fixed 8 would not exist in the 2-layer demo model."""
     ids = [resolve_concept(c, model.config.concepts.n_known, vocab) for c in _as_list(concepts)]
     return Steering(injection=injection(model, ids, target, layer=layer,
                                         cutoff_tokens=cutoff_tokens))

@@ -53,6 +53,7 @@ import dataclasses
 import numpy as np
 
 from cbm_lm.inference.steer_spec import Steering
+from cbm_lm.inference.steered_call import diffusion_steered
 
 OBJECTIVES = ("diffusion", "autoregressive")
 GRIDS = ("steerling", "training")
@@ -73,6 +74,7 @@ class GenerationTrace:
     grid: str = "steerling"        # diffusion block grid, see diffusion_sampler.py
     steps_per_block: int = 1
     cfg_scale: float = 0.0
+    diffusion_shift: bool = False  # the model's model.diffusion_shift (where steering lands)
     steering: Steering = dataclasses.field(default_factory=Steering)
     capture: dict | None = None
 
@@ -166,7 +168,8 @@ class GenerationTrace:
             inj = st.injection
             if self.objective == "diffusion":
                 alpha = inj.alpha_for(self.committed_before(step, batch_idx))
-                steered = tokens == self.mask_id
+                steered = diffusion_steered(tokens, kw["segment_ids"], self.mask_id,
+                                            self.diffusion_shift)
             else:
                 # position P-1+j was the query of decoding step j (see steer_spec.py)
                 j = np.arange(self.length)[None, :] - (self.prompt_lens[batch_idx][:, None] - 1)
