@@ -45,6 +45,7 @@ VARIANTS = {
     "eps_dropout_0.5": ["loss.epsilon_dropout=0.5"],   # the default until issue 13 measured 0.1
     "eps_dropout_0.2": ["loss.epsilon_dropout=0.2"],
     "eps_dropout_0.3": ["loss.epsilon_dropout=0.3"],
+    "eps_dropout_0": ["loss.epsilon_dropout=0.0"],     # epsilon in every sequence's LM loss
     "cfg_dropout_0.1": ["loss.cfg_dropout=0.1"],
     "independence_report": ["loss.independence_normalization=report"],
     "all_known_slots": ["data.known_concepts_from_corpus=False"],
@@ -62,6 +63,7 @@ VARIANTS = {
     "concept_balance": ["loss.concept_balance=concept"],
     # the concept term's pull on the backbone (tiny.py: 0.2)
     "concept_weight_0.5": ["loss.concept_weight=0.5"],
+    "concept_weight_0.1": ["loss.concept_weight=0.1"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
 }
