@@ -150,3 +150,17 @@ def test_multiprocess_workers_and_state(small_corpus):
     for a, b in zip(want, got):
         for k in KEYS:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_eval_batches_cover_every_source_whatever_the_training_mixture(small_corpus):
+    """The training mixture (here one source weighted 0) must not decide what eval scores:
+    a mixture stops at its first exhausted source, so eval would see a weighted subset."""
+    from cbm_lm.default_config import base_config
+    from cbm_lm.train.data_feed import process_pipeline
+    c = base_config()
+    c.data.dir, c.data.seq_len, c.data.max_chunk_concepts = str(small_corpus), 64, 4
+    c.data.mixture = {"code": 1.0, "pets": 3.0, "filler": 0.0}
+    seen = set()
+    for b in process_pipeline(c, "train", 2, eval_mode=True):
+        seen |= {int(b["source_ids"][r][m][0]) for r, _, m in _segments(b)}
+    assert seen == set(range(len(Corpus(small_corpus).sources)))

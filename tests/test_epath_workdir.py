@@ -151,3 +151,16 @@ def test_attribution_eval_output_goes_to_the_bucket(bucket, tmp_path):
     report_lib.discard_output(tmp)
     assert sorted(p.name for p in (bucket / "b").iterdir()) == ["eval"]
     assert not (tmp_path / "gs:").exists()
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(tmp_path):
+    """The last line of metrics.jsonl half-written (the process killed mid-append) is
+    dropped on resume; a broken line before it is refused, naming the file and line."""
+    from etils import epath
+    path = epath.Path(tmp_path) / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    _truncate_metrics(path, 5)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
+        _truncate_metrics(path, 5)

@@ -52,7 +52,8 @@ def process_pipeline(config, split: str, per_process_batch: int, *, eval_mode: b
         config.data.dir, split, per_process_batch * (n if rows else 1), config.data.seq_len,
         seed=config.data.shuffle_seed, process_index=0 if rows else p,
         process_count=1 if rows else n, max_chunk_concepts=config.data.max_chunk_concepts,
-        mixture=dict(config.data.mixture) or None,
+        # eval scores the whole split: a mixture stops at its first exhausted source
+        mixture=None if eval_mode else (dict(config.data.mixture) or None),
         worker_count=0 if eval_mode else config.data.worker_count,
         packing_bins=config.data.packing_bins or None,
         **({"num_epochs": 1, "shuffle": False, "drop_remainder": True} if eval_mode else {}))

@@ -66,8 +66,19 @@ def _truncate_metrics(path: epath.Path, last_step: int) -> None:
     Called only after a checkpoint of ``last_step`` restored."""
     if not path.exists():
         return
-    keep = [line + "\n" for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:     # the line a kill cut short: its step is redone anyway
+                print(f"WARNING: {path}: dropping its last line, cut short ({e})", flush=True)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e}); fix or move the file "
+                             "aside to resume") from e
+        if record["step"] <= last_step:
+            keep.append(line + "\n")
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text("".join(keep))
     tmp.replace(path)
