@@ -1,6 +1,7 @@
 """build_corpus under Beam's DirectRunner: records, labels, determinism, bad input."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -159,3 +160,53 @@ def test_truncated_shard_is_reported(small_corpus, tmp_path):
     with pytest.raises(ValueError) as e:
         src[n - 1]
     assert str(cut) in str(e.value) and "truncated" in str(e.value)
+
+
+def test_the_tokenizer_sample_holds_only_training_documents(tmp_path):
+    """The corpus build trains its BPE on the training split alone (the held-out documents
+    are what perplexity and detection are scored on); unparsable lines are skipped."""
+    from cbm_lm.data.corpus_build import _sample_texts
+    f = tmp_path / "in.jsonl"
+    f.write_text("\n".join([json.dumps({"text": "alpha train text", "split": "train"}),
+                            json.dumps({"text": "omega heldout text", "split": "heldout"}),
+                            "{not json",
+                            json.dumps({"text": "beta train text"})]) + "\n")
+    got = list(_sample_texts([str(f)], 1 << 20, heldout_fraction=0.0))
+    assert got == ["alpha train text", "beta train text"]
+
+
+def test_a_bare_glob_matches_in_the_working_directory(tmp_path, monkeypatch):
+    from cbm_lm.data.corpus_build import expand
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "b.jsonl", "c.txt", "sub/d.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    assert [pathlib.Path(p).name for p in expand(["*.jsonl"])] == ["a.jsonl", "b.jsonl"]
+    assert [pathlib.Path(p).name for p in expand(["sub/*.jsonl"])] == ["d.jsonl"]
+    assert [pathlib.Path(p).name for p in expand([str(tmp_path) + "/?.jsonl"])] == [
+        "a.jsonl", "b.jsonl"]
+
+
+def test_publishing_over_an_old_corpus_keeps_it_when_the_swap_fails(tmp_path, monkeypatch):
+    from etils import epath
+
+    from cbm_lm.data import corpus_build
+    out, new = epath.Path(tmp_path) / "corpus", epath.Path(tmp_path) / ".corpus.tmp-1"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    real = type(new).rename
+
+    def rename(self, target):
+        if self.name == new.name:
+            raise OSError("cross-device link")
+        return real(self, target)
+    monkeypatch.setattr(type(new), "rename", rename)
+    with pytest.raises(OSError, match="cross-device"):
+        corpus_build._publish(new, out)
+    assert (out / "manifest.json").read_text() == "old"
+    monkeypatch.setattr(type(new), "rename", real)
+    corpus_build._publish(new, out)
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in epath.Path(tmp_path).iterdir()) == ["corpus"]

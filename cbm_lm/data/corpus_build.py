@@ -57,8 +57,11 @@ def expand(patterns: list[str]) -> list[str]:
     for pat in patterns:
         p = epath.Path(pat)
         if any(ch in pat for ch in "*?["):
-            anchor = epath.Path(pat.split("*")[0].rsplit("/", 1)[0] or ".")
-            matched = sorted(anchor.glob(pat[len(str(anchor)) + 1:]))
+            # the folder before the first wildcard anchors the glob ("." when there is none)
+            head = pat[:min(pat.index(ch) for ch in "*?[" if ch in pat)]
+            folder = head.rsplit("/", 1)[0] + "/" if "/" in head else ""
+            anchor = epath.Path(folder or ".")
+            matched = sorted(anchor.glob(pat[len(folder):]))
             if not matched:
                 raise FileNotFoundError(f"{pat}: no files match")
             files += [str(m) for m in matched]
@@ -154,27 +157,32 @@ def _bad_report(messages, path):
     _write_json({"count": len(messages), "examples": messages[:100]}, path)
 
 
-def _sample_texts(files, budget):
+def _sample_texts(files, budget, heldout_fraction):
+    """Texts of the training split's documents, up to ``budget`` characters: the tokenizer
+    never sees a held-out document (the split rule is LabelledDoc.split_for, the build's).
+    Lines the build will reject are skipped here; the build reports them."""
     total = 0
     for f in files:
-        for _, raw in inputs.iter_jsonl_lines(f):
+        source = inputs.default_source_for(f)
+        for n, raw in inputs.iter_jsonl_lines(f):
             try:
-                text = json.loads(raw).get("text")
-            except (ValueError, AttributeError):
+                doc = inputs.parse_jsonl_line(raw, f, n, source)
+            except DataError:
                 continue
-            if isinstance(text, str):
-                total += len(text)
-                yield text
-                if total >= budget:
-                    return
+            if doc.split_for(heldout_fraction) != "train":
+                continue
+            total += len(doc.text)
+            yield doc.text
+            if total >= budget:
+                return
 
 
 def _prepare_tokenizer(cfg, files, tmp):
     if cfg.tokenizer:
         tok = tokenizer_lib.load(cfg.tokenizer)
     elif cfg.vocab_size:
-        tok = tokenizer_lib.train_bpe(_sample_texts(files, cfg.tokenizer_sample_bytes),
-                                      cfg.vocab_size)
+        tok = tokenizer_lib.train_bpe(_sample_texts(files, cfg.tokenizer_sample_bytes,
+                                                    cfg.heldout_fraction), cfg.vocab_size)
     else:
         raise ValueError("pass --tokenizer PATH or --vocab_size N (train one on the input)")
     return str(tok.save(tmp))
@@ -223,11 +231,23 @@ def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None) -> di
 
 def _publish(tmp: epath.Path, out: epath.Path) -> None:
     """Moves the finished build into place; manifest.json arrives last."""
-    if out.exists():
-        shutil.rmtree(out) if shards.is_local(out) else out.rmtree()
     if shards.is_local(out):
-        tmp.rename(out)  # atomic on one filesystem
+        # the old corpus renamed aside, the new one in, then the old removed: a failure
+        # before the swap leaves the old corpus whole
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)  # atomic on one filesystem
+        except BaseException:
+            if old.exists() and not out.exists():
+                old.rename(out)
+            raise
+        if old.exists():
+            shutil.rmtree(old)
         return
+    if out.exists():
+        out.rmtree()
     out.mkdir(parents=True, exist_ok=True)  # object stores: copy, manifest last
     files = sorted(tmp.iterdir(), key=lambda f: f.name == "manifest.json")
     for f in files:
