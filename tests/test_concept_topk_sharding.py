@@ -31,9 +31,9 @@ def _inputs(c_pad, n_valid):
     return q, keys
 
 
-def _sharded(q, keys, n_valid, k, block):
+def _sharded(q, keys, n_valid, k, block, rules=DEFAULT_RULES):
     mesh = _mesh()
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         qs = jax.device_put(q, NamedSharding(mesh, P(("data", "fsdp"), None)))
         ks = jax.device_put(keys, NamedSharding(mesh, P("tensor", "fsdp")))
         f = jax.jit(lambda a, b: sharded_streaming_topk(a, b, n_valid, k, block, 15.0,
@@ -64,3 +64,15 @@ def test_compiled_topk_gathers_no_token_rows():
     gathered = [m.group(1) for m in re.finditer(r"= \w+\[([0-9,]+)\]\S* all-gather\(", text)]
     assert gathered, "expected the key block and shard-winner gathers"
     assert all(int(shape.split(",")[0]) < N for shape in gathered), gathered
+
+
+@pytest.mark.parametrize("concept_axes", ["fsdp", ("fsdp", "tensor")])
+def test_concept_axes_shared_with_the_batch_still_rank_each_token(concept_axes):
+    """Rules that shard the concepts over a batch axis too (fsdp): the merge must not mix
+    the winners of other tokens (it did: every row wrong); numpy reference as above."""
+    rules = [(name, concept_axes if name == "known_concepts" else axes)
+             for name, axes in DEFAULT_RULES]
+    q, keys = _inputs(128, 128)
+    vals, ids, _ = _sharded(q, keys, 128, 4, 32, rules=rules)
+    z = np.clip(q @ keys.T, -15.0, 15.0)
+    np.testing.assert_array_equal(ids, np.argsort(-z, axis=1)[:, :4])

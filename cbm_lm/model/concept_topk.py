@@ -108,6 +108,10 @@ def sharded_streaming_topk(q: jax.Array, keys: jax.Array, n_valid: int, k: int,
     if mesh.empty:
         return streaming_topk(q, keys, n_valid, k, block_size, clip, clip_mode)
     batch, concept = _mesh_axes("batch"), _mesh_axes(concept_axis)
+    # A mesh axis cannot split both: its devices would hold other tokens AND other concept
+    # rows, and the merge over it would mix winners of different tokens. Batch keeps it;
+    # the concept rows are replicated over it.
+    concept = tuple(a for a in concept if a not in batch)
     n_batch = math.prod(mesh.shape[a] for a in batch)
     n_concept = math.prod(mesh.shape[a] for a in concept)
     if q.shape[0] % n_batch:
