@@ -29,9 +29,10 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
                      eager_sharding=in_mesh)
 
 
-def token_dot(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+def token_dot(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype=None) -> jax.Array:
     """x [B,T,*in] . w [*in,*out] -> [B,T,*out] (``n_in`` trailing axes of x contracted)
-    as one [B*T, in] x [in, out] matmul.
+    as one [B*T, in] x [in, out] matmul; ``out_dtype`` the matmul's result type (default
+    the inputs'; fp32 keeps bf16 inputs' products from rounding to bf16).
 
     Why flat tokens: with two token axes the weight gradient dW = x^T g contracts
     both, and XLA's CPU dot lowering then writes a transposed copy of the
@@ -45,7 +46,7 @@ def token_dot(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     k = 1
     for d in ins:
         k *= d
-    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
     return y.reshape(*lead, *outs)
 
 

@@ -113,9 +113,10 @@ class ConceptBottleneckLM(nnx.Module):
         return h if cache is None else (h, cache)
 
     def logits_from(self, composed: jax.Array) -> jax.Array:
-        """composed [B,T,D] -> logits [B,T,V] fp32 (the tied LM head)."""
+        """composed [B,T,D] -> logits [B,T,V] fp32 (the tied LM head), accumulated in fp32
+        whatever the compute dtype: bf16 logits near 16 are 0.125 apart."""
         w = self.unembedding().astype(composed.dtype)
-        return token_dot(composed, w.T).astype(jnp.float32)
+        return token_dot(composed, w.T, out_dtype=jnp.float32)
 
     def __call__(self, tokens: jax.Array | None = None, *, positions=None, segment_ids=None,
                  stream=None, input_embeds=None, intervene_known=None, intervene_unknown=None,

@@ -39,7 +39,8 @@ def ce_and_hit(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _chunk_scores(x, w, y):
     b, c, d = x.shape   # one [B*c, D] x [D, V] matmul (model/layers.py token_dot: why flat)
-    return ce_and_hit((x.reshape(b * c, d) @ w.T).reshape(b, c, -1), y)
+    logits = jnp.matmul(x.reshape(b * c, d), w.T, preferred_element_type=jnp.float32)
+    return ce_and_hit(logits.reshape(b, c, -1), y)     # fp32 logits for bf16 inputs too
 
 
 def chunked_token_ce(x: jax.Array, w: jax.Array, targets: jax.Array, chunk: int
