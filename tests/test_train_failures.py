@@ -40,6 +40,13 @@ def test_nan_skip_policy_counts_skipped_steps(corpus, tmp_path):
     assert [r["skipped_steps"] for r in records] == [0.0, 1.0, 2.0, 3.0]
     assert [r["finite"] for r in records] == [1.0, 0.0, 0.0, 0.0]
     assert sorted(losses(workdir)) == [1, 2, 3, 4]
+    # the logged rate is the one the optimizer applies: its count stops at the first skip
+    from cbm_lm.train.optimizer import learning_rate_schedule
+    cfg = base_config().optimizer
+    cfg.learning_rate, cfg.warmup_steps = 1e30, 0
+    sched = learning_rate_schedule(cfg, 4)
+    np.testing.assert_allclose([r["learning_rate"] for r in records],
+                               [sched(0), sched(1), sched(1), sched(1)], rtol=1e-5)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")

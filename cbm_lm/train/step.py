@@ -97,7 +97,9 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
     if state.source_mass is not None and mass is not None:   # a skipped step adds no mass
         new_state = new_state.replace(
             source_mass=jnp.where(finite, state.source_mass + mass, state.source_mass))
-    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+    # the rate this step applies: the optimizer's count skips the non-finite steps
+    # (optax.apply_if_finite holds its inner state), so it trails state.step by them
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step - state.skipped),
                    finite=finite.astype(jnp.float32),
                    skipped_steps=new_state.skipped.astype(jnp.float32))
     if log_keys:
