@@ -124,6 +124,12 @@ def test_kill_then_refused_override_then_resume_is_bitwise_identical(
         bad.stderr[-3000:]
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == listing
     assert (workdir / "config.json").read_text() == config_json
+    # the same shapes, another data order: the saved iterator position would skip or repeat
+    reordered = run(_args(corpus, workdir, **{"data.shuffle_seed": 7}), check=False)
+    assert reordered.returncode != 0
+    assert "data.shuffle_seed: saved 0, now 7" in reordered.stderr, reordered.stderr[-3000:]
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == listing
+    assert (workdir / "config.json").read_text() == config_json
 
     resumed = run(_args(corpus, workdir))
     assert "resumed from step 4" in resumed.stdout, resumed.stdout[-2000:]

@@ -48,6 +48,11 @@ QUARANTINE = "quarantine"
 log = logging.getLogger(__name__)
 
 
+# data.* fields that decide which documents the iterator's saved position points at
+DATA_ORDER_FIELDS = ("batch_size", "seq_len", "shuffle_seed", "mixture", "process_split",
+                     "packing_bins", "max_chunk_concepts")
+
+
 class CheckpointMismatchError(CheckpointError):
     """The saved tree does not fit the model/optimizer the current config describes."""
 
@@ -156,6 +161,24 @@ class TrainCheckpointer:
             f"drop the override to resume, or use a new --workdir, with --init_from for the "
             f"params):\n  {cause}")
 
+    def _check_data_order(self) -> None:
+        """Refuses to restore the data iterator into a pipeline that reads the corpus in
+        another order (the saved position would then skip or repeat documents silently)."""
+        try:
+            saved = read_config(self.workdir).data
+        except CheckpointError:
+            return                                   # no config.json to compare against
+        plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v  # noqa: E731
+        diffs = [f"data.{k}: saved {plain(saved.get(k))!r}, now {plain(self.config.data.get(k))!r}"
+                 for k in DATA_ORDER_FIELDS       # a field the saved config predates: unknown
+                 if k in saved and plain(saved.get(k)) != plain(self.config.data.get(k))]
+        if diffs:
+            raise CheckpointMismatchError(
+                f"{self.workdir}: the data pipeline differs from the one its checkpoints' "
+                f"iterator state was saved in, so resuming would skip or repeat data; refusing "
+                f"(nothing was moved or deleted):\n  " + "\n  ".join(diffs) + "\nDrop the "
+                f"override to resume, or start a new --workdir (--init_from for the params).")
+
     def _restored_mass(self, restored, has_mass: bool, step: int, abstract_state: TrainState):
         target = abstract_state.source_mass
         if target is None:
@@ -197,6 +220,7 @@ class TrainCheckpointer:
                 args[SOURCE_MASS_ITEM] = ocp.args.StandardRestore(
                     {"mass": abstract_state.source_mass})
             if data_iter is not None:
+                self._check_data_order()
                 args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
