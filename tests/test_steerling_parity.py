@@ -433,3 +433,22 @@ def test_steerling_8b_param_count_matches_steerlings_module():
     want = sum(p.numel() for p in ref.parameters())     # tied lm_head counted once
     assert want > 8e9
     assert count_params(cfg) == want
+
+
+def test_import_without_a_mask_id_takes_steerlings_tokenizer_layout():
+    """Steerling's tokenizer puts <|mask|> at 100277 + 3 = 100280 (cl100k_base, then pad,
+    bos, endofchunk, mask); the instruct vocabulary (100284) adds 3 chat tokens after it,
+    so its last id is <|eot_id|>. A config.json without mask_token_id imports that layout;
+    a vocabulary too small for it keeps the last id."""
+    import pathlib
+
+    from cbm_lm.default_config import load_config_file
+    from cbm_lm.interop.steerling_config import model_to_steerling_config, steerling_to_model_dict
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = ModelConfig.from_config(load_config_file(root / "gin_configs" / "steerling_8b.py").model)
+    raw = model_to_steerling_config(cfg)
+    raw.pop("mask_token_id")
+    for vocab in (100281, 100284):
+        assert steerling_to_model_dict(dict(raw, vocab_size=vocab))["mask_token_id"] == 100280
+    assert steerling_to_model_dict(dict(raw, vocab_size=512))["mask_token_id"] is None

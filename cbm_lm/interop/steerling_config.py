@@ -30,6 +30,10 @@ from cbm_lm.default_config import base_config
 
 # Steerling's LARGE_CONCEPT_THRESHOLD: above it, heads never materialize [B,T,C].
 STEERLING_DENSE_THRESHOLD = 50000
+# Steerling's tokenizer (steerling/data/tokenizer.py): cl100k_base's 100277 ids, then <|pad|>,
+# <|bos|>, <|endofchunk|>, <|mask|> = 100280; the instruct model's 3 chat tokens follow it,
+# so its last id (100283) is <|eot_id|>, not the mask.
+STEERLING_MASK_ID = 100280
 # Steerling reports this many unknown top-k concepts when the head applies no top-k.
 STEERLING_UNKNOWN_REPORT_TOPK = 64
 STEERLING_LOGIT_CLIP = 15.0
@@ -149,6 +153,8 @@ def steerling_to_model_dict(raw: Mapping[str, Any], *, vocab_size: int | None = 
         raise SteerlingFormatError("config.json has no 'vocab_size' and none was inferred from the weights")
     vocab_size = int(vocab_size)
     mask_id = other.get("mask_token_id")
+    if mask_id is None and vocab_size > STEERLING_MASK_ID:
+        mask_id = STEERLING_MASK_ID     # Steerling's vocabulary, base or instruct
     mlp_dim = arch["intermediate_size"] if arch["intermediate_size"] is not None \
         else int(arch["mlp_ratio"]) * d
 
