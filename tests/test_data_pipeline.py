@@ -164,3 +164,11 @@ def test_eval_batches_cover_every_source_whatever_the_training_mixture(small_cor
     for b in process_pipeline(c, "train", 2, eval_mode=True):
         seen |= {int(b["source_ids"][r][m][0]) for r, _, m in _segments(b)}
     assert seen == set(range(len(Corpus(small_corpus).sources)))
+
+
+def test_more_processes_than_documents_is_refused_naming_the_corpus_and_the_way_out(small_corpus):
+    n = len(list(Corpus(small_corpus).documents("train")))
+    with pytest.raises(ValueError, match=r"process_split=rows") as e:
+        next(make_pipeline(str(small_corpus), "train", 1, 64, seed=0, max_chunk_concepts=4,
+                           process_index=n, process_count=n + 1))
+    assert str(small_corpus) in str(e.value)

@@ -70,8 +70,11 @@ def _documents(corpus: Corpus, split: str, seed: int, shuffle: bool, process_ind
         ds = ds.shuffle(seed=s) if shuffle else ds
         ds = ds[process_index::process_count]
         if len(ds) == 0:
-            raise ValueError(f"process {process_index} of {process_count} gets no documents of "
-                             f"split {split!r}; expected at least one per process")
+            raise ValueError(f"{corpus.dir}: process {process_index} of {process_count} gets "
+                             f"no documents of split {split!r} ({len(src)} in all; expected at "
+                             f"least one per process): split rows instead of documents "
+                             f"(--config.data.process_split=rows), or for the eval split turn "
+                             f"eval off (--config.train.eval_every=0)")
         return ds
 
     if not mixture:

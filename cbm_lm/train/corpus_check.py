@@ -18,9 +18,25 @@ def read_manifest(data_dir: str) -> dict:
     return json.loads(manifest.read_text())
 
 
-def check_corpus_fits_model(manifest: dict, data_dir: str, model_cfg, seq_len: int) -> None:
-    """Validates concept count, vocabulary and mask id of ``manifest`` (read_manifest)."""
+def check_corpus_fits_model(manifest: dict, data_dir: str, model_cfg, seq_len: int, *,
+                            max_chunk_concepts: int | None = None,
+                            max_sources: int | None = None) -> None:
+    """Validates concept count, vocabulary and mask id of ``manifest`` (read_manifest), and,
+    when given, that data.max_chunk_concepts holds the corpus's labels per chunk and
+    provenance.max_sources its sources (either cut silently otherwise: labels dropped from
+    the loss, sources' tokens from the concept x source mass)."""
     where = f"{data_dir}/manifest.json"
+    corpus_k = int(manifest.get("max_chunk_concepts", 0))
+    if max_chunk_concepts is not None and corpus_k > max_chunk_concepts:
+        raise ValueError(f"{where}: chunks carry up to {corpus_k} concept labels, but "
+                         f"data.max_chunk_concepts={max_chunk_concepts} keeps fewer (the rest, "
+                         f"and a full chunk's token-level labels, would be dropped); pass "
+                         f"--config.data.max_chunk_concepts={corpus_k}")
+    n_sources = int(manifest.get("num_sources", 0))
+    if max_sources is not None and n_sources > max_sources:
+        raise ValueError(f"{where}: {n_sources} sources, but provenance.max_sources="
+                         f"{max_sources} columns of the source mass; pass "
+                         f"--config.provenance.max_sources={n_sources}")
     n_concepts = int(manifest.get("num_concepts", 0))
     if n_concepts > model_cfg.concepts.n_known:
         raise ValueError(f"{where}: {n_concepts} concepts, but model.concepts.n_known="

@@ -127,7 +127,9 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     resolve_mask_token(config, manifest)
     resolve_known_concepts(config, manifest)
     model_cfg = ModelConfig.from_config(config.model)
-    check_corpus_fits_model(manifest, config.data.dir, model_cfg, config.data.seq_len)
+    check_corpus_fits_model(manifest, config.data.dir, model_cfg, config.data.seq_len,
+                            max_chunk_concepts=config.data.max_chunk_concepts,
+                            max_sources=provenance_config(config).max_sources)
     mesh = make_mesh(MeshConfig.from_config(config.mesh))
     rules = logical_rules_from_config(config.rules)
     if config.data.batch_size % jax.process_count():
