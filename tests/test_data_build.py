@@ -210,3 +210,25 @@ def test_publishing_over_an_old_corpus_keeps_it_when_the_swap_fails(tmp_path, mo
     corpus_build._publish(new, out)
     assert (out / "manifest.json").read_text() == "new"
     assert sorted(p.name for p in epath.Path(tmp_path).iterdir()) == ["corpus"]
+
+
+def test_concurrent_reads_with_few_open_readers_equal_serial_reads(small_corpus):
+    """grain reads from several threads: with max_open 1 every read evicts another shard's
+    reader, which must never be closed under a read in flight (nor opened twice)."""
+    import concurrent.futures
+    corpus = Corpus(small_corpus)
+    shard_list = corpus.shards("train")
+    assert len(shard_list) > 1
+    serial = ShardedArrayRecordSource(shard_list)
+    n = len(serial)
+    want = [serial[i].doc_key for i in range(n)]
+    src = ShardedArrayRecordSource(shard_list, max_open=1)
+    order = np.random.default_rng(0).integers(0, n, size=(8, 200))
+
+    def reads(row):
+        return [src[int(i)].doc_key for i in row]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(reads, order))
+    for row, keys in zip(order, got):
+        assert keys == [want[int(i)] for i in row]
+    assert len(src._readers) <= 1

@@ -20,6 +20,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import uuid
 from collections.abc import Sequence
 
 from etils import epath
@@ -34,9 +35,11 @@ def _stage_local(path: str, cache_dir: str | None) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     local = cache / (hashlib.sha1(path.encode()).hexdigest()[:16] + "-" + epath.Path(path).name)
     if not local.exists():
-        part = local.with_name(local.name + f".part{os.getpid()}")
+        # one temporary name per caller (grain's read threads share a pid); the rename is
+        # atomic, and a second copy of the same bytes replacing the first is harmless
+        part = local.with_name(f"{local.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         part.write_bytes(epath.Path(path).read_bytes())
-        part.rename(local)
+        os.replace(part, local)
     return os.fspath(local)
 
 
@@ -55,10 +58,12 @@ class ShardedArrayRecordSource:
 
     def _init_runtime(self):
         self._readers: collections.OrderedDict = collections.OrderedDict()
+        self._in_use = collections.Counter()     # reads in flight per open shard
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_lock")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_readers", "_in_use", "_lock")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -76,11 +81,15 @@ class ShardedArrayRecordSource:
         s = bisect.bisect_right(self._starts, index) - 1
         return s, index - self._starts[s]
 
-    def _reader(self, s: int):
+    def _acquire(self, s: int):
+        """The open reader of shard ``s``, counted in use until ``_release(s)``: the
+        least recently used readers past ``max_open`` are closed only when no read
+        holds them (grain reads from several threads)."""
         from array_record.python import array_record_module
         with self._lock:
             if s in self._readers:
                 self._readers.move_to_end(s)
+                self._in_use[s] += 1
                 return self._readers[s]
         path, expected = self._shards[s]
         try:
@@ -96,21 +105,38 @@ class ShardedArrayRecordSource:
             raise ValueError(f"{path}: shard has {n} records but the manifest expects {expected}; "
                              "the shard is truncated or was replaced")
         with self._lock:
-            self._readers[s] = reader
-            while len(self._readers) > self._max_open:
-                _, old = self._readers.popitem(last=False)
-                old.close()
-        return reader
+            if s in self._readers:             # another thread opened it meanwhile
+                reader.close()
+                self._readers.move_to_end(s)
+            else:
+                self._readers[s] = reader
+            self._in_use[s] += 1
+            self._evict()
+            return self._readers[s]
+
+    def _release(self, s: int) -> None:
+        with self._lock:
+            self._in_use[s] -= 1
+            self._evict()
+
+    def _evict(self) -> None:
+        """Closes idle readers, oldest first, while more than max_open are open (lock held)."""
+        for k in list(self._readers):
+            if len(self._readers) <= self._max_open:
+                return
+            if self._in_use[k] == 0:
+                self._readers.pop(k).close()
 
     def _read(self, s: int, positions: list[int]) -> list[records.DocumentRecord]:
         path = self._shards[s][0]
+        reader = self._acquire(s)
         try:
-            raw = self._reader(s).read(positions)
-        except ValueError:
-            raise
+            raw = reader.read(positions)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{path} records {positions[:4]}: read failed ({e}); expected "
                              "intact records (is the shard truncated?)") from e
+        finally:
+            self._release(s)
         return [records.decode(b, f"{path} record {p}") for b, p in zip(raw, positions)]
 
     def __getitem__(self, index) -> records.DocumentRecord:
