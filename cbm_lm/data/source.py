@@ -101,7 +101,10 @@ class ShardedArrayRecordSource:
             raise ValueError(f"{path}: cannot open shard ({e}); expected an ArrayRecord file with "
                              f"{expected} records (is it truncated?)") from e
         if n != expected:
-            reader.close()
+            try:
+                reader.close()
+            except Exception:  # noqa: BLE001 - a truncated file may not even close cleanly
+                pass
             raise ValueError(f"{path}: shard has {n} records but the manifest expects {expected}; "
                              "the shard is truncated or was replaced")
         with self._lock:
