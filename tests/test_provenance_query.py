@@ -274,3 +274,19 @@ def test_a_logged_store_past_the_checkpoint_and_a_stale_rekeyed_index(run_dir, t
     # would be searched with d_p-wide queries if it took the first index's keying
     assert res[f"provenance/{build.LOGGED}"]["verbatim"]["n"] == 4
     assert res[f"provenance/{build.REKEYED}"]["verbatim"]["recall@1"] == 1.0
+
+
+def test_the_padding_batch_of_a_process_with_fewer_batches_keys_nothing(run_dir):
+    """Multi-host re-keying runs the collective key pass as often on every process; one
+    with fewer batches (or none) keys padding batches, which must add no mass."""
+    from cbm_lm.provenance.packing import empty_batch
+    from cbm_lm.provenance.rekey import make_key_fn
+    _, model, config = run_dir
+    prov = build.provenance_config(config).for_rekeying()
+    corpus = Corpus(config.data.dir)
+    key_fn = make_key_fn(model, prov, None, tokenizer=corpus.tokenizer)
+    batch = empty_batch(prov.rekey_batch_size, config.data.seq_len, prov.max_chunks_per_row,
+                        corpus.tokenizer.pad_id)
+    res = key_fn(batch)
+    assert (batch["slot_ids"] < 0).all()
+    assert float(np.abs(res["mass"]).sum()) == 0.0

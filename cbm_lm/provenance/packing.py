@@ -53,7 +53,8 @@ def record_units(rec: DocumentRecord, context: str, seq_len: int) -> Iterator[Un
         start = end
 
 
-def _empty(batch: int, seq_len: int, max_chunks: int, pad_id: int) -> dict[str, np.ndarray]:
+def empty_batch(batch: int, seq_len: int, max_chunks: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A [batch, seq_len] batch of padding: no segment, no source, every chunk slot -1."""
     z = lambda: np.zeros((batch, seq_len), np.int32)  # noqa: E731
     return {"tokens": np.full((batch, seq_len), pad_id, np.int32), "segment_ids": z(),
             "positions": z(), "chunk_segment_ids": z(),
@@ -64,7 +65,7 @@ def _empty(batch: int, seq_len: int, max_chunks: int, pad_id: int) -> dict[str, 
 def pack_batches(units: Iterable[Unit], batch: int, seq_len: int, max_chunks: int,
                  pad_id: int) -> Iterator[dict[str, np.ndarray]]:
     """First-fit-in-order packing of units into [B,T] batches (see module docstring)."""
-    out = _empty(batch, seq_len, max_chunks, pad_id)
+    out = empty_batch(batch, seq_len, max_chunks, pad_id)
     row, fill, seg, chunks = 0, 0, 0, 0
     for u in units:
         n, l = len(u.chunk_ids), len(u.tokens)
@@ -75,7 +76,7 @@ def pack_batches(units: Iterable[Unit], batch: int, seq_len: int, max_chunks: in
             row, fill, seg, chunks = row + 1, 0, 0, 0
             if row == batch:
                 yield out
-                out = _empty(batch, seq_len, max_chunks, pad_id)
+                out = empty_batch(batch, seq_len, max_chunks, pad_id)
                 row = 0
         seg += 1
         sl = slice(fill, fill + l)

@@ -33,7 +33,7 @@ from cbm_lm.data.source import ShardedArrayRecordSource
 from cbm_lm.model.lexical_keys import word_hashes, word_tables
 from cbm_lm.model.provenance import ChunkProvenanceHead, placed_tables
 from cbm_lm.provenance import keystore
-from cbm_lm.provenance.packing import pack_batches, record_units
+from cbm_lm.provenance.packing import empty_batch, pack_batches, record_units
 from cbm_lm.provenance.source_mass import (chunk_source_distribution, mass_update,
                                            word_mass_update)
 
@@ -150,7 +150,6 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
     word_mass = None
     writer = keystore.KeyStoreWriter(tmp, jax.process_index())
     t0, n_chunks, n_batches = time.time(), 0, 0
-    empty = None
     for batch in batches:
         res = key_fn(batch)
         valid = batch["slot_ids"] >= 0
@@ -160,12 +159,14 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
             word_mass = res["word_mass"] + (0.0 if word_mass is None else word_mass)
         n_chunks += int(valid.sum())
         n_batches += 1
-        empty = {k: np.zeros_like(v) for k, v in batch.items()}
         if n_batches % 50 == 0:
             log(f"re-keyed {n_chunks} chunks ({n_chunks / (time.time() - t0):.0f}/s)")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         most = int(np.max(multihost_utils.process_allgather(np.int64(n_batches))))
+        # the collective key pass runs as often on every process; one with fewer (or no)
+        # batches keys empty ones (no chunk slots: nothing written, no mass)
+        empty = empty_batch(prov.rekey_batch_size, seq_len, prov.max_chunks_per_row, pad_id)
         for _ in range(most - n_batches):
             key_fn(empty)
     writer.flush()
