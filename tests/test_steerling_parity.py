@@ -452,3 +452,22 @@ def test_import_without_a_mask_id_takes_steerlings_tokenizer_layout():
     for vocab in (100281, 100284):
         assert steerling_to_model_dict(dict(raw, vocab_size=vocab))["mask_token_id"] == 100280
     assert steerling_to_model_dict(dict(raw, vocab_size=512))["mask_token_id"] is None
+
+
+@pytest.mark.parametrize("field,where", [("topk_on_logits", "concept"),
+                                         ("rope_full_precision", "arch")])
+def test_import_warns_of_steerling_behaviours_cbm_lm_does_not_have(field, where):
+    import pathlib
+
+    from cbm_lm.default_config import load_config_file
+    from cbm_lm.interop.steerling_config import model_to_steerling_config, steerling_to_model_dict
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    raw = model_to_steerling_config(ModelConfig.from_config(
+        load_config_file(root / "gin_configs" / "steerling_8b.py").model))
+    if where == "concept":
+        raw["concept"] = dict(raw["concept"], **{field: True})
+    else:
+        raw[field] = False
+    with pytest.warns(UserWarning, match=field):
+        steerling_to_model_dict(raw)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Mapping
 
 import ml_collections
@@ -157,6 +158,16 @@ def steerling_to_model_dict(raw: Mapping[str, Any], *, vocab_size: int | None = 
         mask_id = STEERLING_MASK_ID     # Steerling's vocabulary, base or instruct
     mlp_dim = arch["intermediate_size"] if arch["intermediate_size"] is not None \
         else int(arch["mlp_ratio"]) * d
+
+    # Fields whose non-default value changes Steerling's behaviour where cbm_lm has one
+    # behaviour: imported, but not silently.
+    if concept.get("topk_on_logits"):
+        warnings.warn("Steerling config field 'topk_on_logits'=True: cbm_lm's known-head "
+                      "intervention prunes by weights (Steerling's default, False); forward "
+                      "logits are unaffected, interventions may differ", stacklevel=2)
+    if not arch.get("rope_full_precision", True):
+        warnings.warn("Steerling config field 'rope_full_precision'=False: cbm_lm computes "
+                      "RoPE in fp32 always; bf16 forwards may differ slightly", stacklevel=2)
 
     n_known = int(concept["n_concepts"])
     dense_threshold = STEERLING_DENSE_THRESHOLD
