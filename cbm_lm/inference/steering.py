@@ -61,7 +61,16 @@ def _resolve_table(table: Mapping | None, n: int, vocab, what: str) -> dict[int,
 
 def make_intervention(model, known: Mapping | None = None, unknown: Mapping | None = None,
                       positions=None, *, vocab=None, drop_epsilon: bool = True) -> Intervention:
-    """An Intervention with names resolved. positions: [B,L] bool or None (all)."""
+    """An Intervention with names resolved. positions: [B,L] bool or None (all).
+
+    Semantics: an intervened concept's weight is set to the given value at every chosen
+    position, in or out of the token's top-k, and the other concepts keep the forward's
+    top-k weights. Two edge cases differ from Steerling: its known-head intervention prunes
+    to ``topk_known`` rather than the forward's ``topk_known_features`` (the same when the
+    two are equal), and its large unknown head adds
+    (v - sigmoid(z_c)) E_c for a concept outside the top-k where cbm_lm adds v E_c (the
+    concept's forward weight there is 0).
+    """
     cc = model.config.concepts
     unk = _resolve_table(unknown, cc.n_unknown, None, "unknown")
     if unk and not cc.use_unknown:
