@@ -64,6 +64,10 @@ VARIANTS = {
     # the concept term's pull on the backbone (tiny.py: 0.2)
     "concept_weight_0.5": ["loss.concept_weight=0.5"],
     "concept_weight_0.1": ["loss.concept_weight=0.1"],
+    # the contrast each concept sees: sampled negatives per batch (64 of tiny.py's 198)
+    # and the positive term's weight against the negatives'
+    "negatives_256": ["loss.concept_negatives=256"],
+    "pos_weight_2": ["loss.concept_pos_weight=2.0"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
 }

@@ -155,7 +155,8 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
         if not opts.steering_concepts:
             raise SteeringUnavailable("disabled (steering_concepts=0)")
         st = steering_eval(model, corpus, windows, num_concepts=opts.steering_concepts,
-                           seed=opts.seed, t_min=t_min, clean_context=clean_context, log=lambda m: print(f"      {m}", flush=True))
+                           seed=opts.seed, t_min=t_min, clean_context=clean_context,
+                           log=lambda m: print(f"      {m}", flush=True))
         metrics["steering_success"] = st.success
         metrics["steering_perplexity_ratio"] = st.perplexity_ratio
         details["steering"] = dataclasses.asdict(st)

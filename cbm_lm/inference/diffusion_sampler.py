@@ -161,4 +161,5 @@ def generate_diffusion(model, prompts, cfg: SamplingConfig, steering: Steering |
         committed_step=cstep, objective="diffusion", mask_id=mask_id, pad_id=pad_id,
         max_new_tokens=cfg.max_new_tokens, num_steps=int(n_steps), block_size=cfg.block_size,
         grid=cfg.grid, steps_per_block=cfg.steps_per_block, cfg_scale=cfg.cfg_scale,
-        diffusion_shift=mcfg.diffusion_shift, steering=steering, capture=None if cap is None else jax.tree.map(np.asarray, cap))
+        diffusion_shift=mcfg.diffusion_shift, steering=steering,
+        capture=None if cap is None else jax.tree.map(np.asarray, cap))

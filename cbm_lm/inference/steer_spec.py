@@ -59,8 +59,9 @@ class Intervention:
             return np.ascontiguousarray(ids), np.ascontiguousarray(vals)
         pos = np.asarray(self.positions, bool)
         if pos.ndim != 2 or (len(batch_idx) and int(np.max(batch_idx)) >= pos.shape[0]):
+            rows = sorted(set(np.asarray(batch_idx).tolist()))
             raise ValueError(f"Intervention.positions: expected [B, L] bool covering rows "
-                             f"{sorted(set(np.asarray(batch_idx).tolist()))}, got shape {pos.shape}")
+                             f"{rows}, got shape {pos.shape}")
         if pos.shape[1] < length:    # the sampler's row is bucketed past the caller's columns
             pos = np.pad(pos, ((0, 0), (0, length - pos.shape[1])))
         where = pos[batch_idx][:, :length, None]
