@@ -198,3 +198,23 @@ def test_a_failed_index_save_leaves_the_previous_index_whole(tmp_path, monkeypat
     assert [p.name for p in tmp_path.iterdir()] == ["ix"]
     _, ids = KeyIndex.load(tmp_path / "ix").search(keys, 1)
     np.testing.assert_array_equal(ids[:, 0], np.arange(8))
+
+
+def test_source_accuracy_reads_every_query_chunk_of_a_text():
+    """A held-out chunk whose text re-splits into several query chunks is scored by their
+    mean source distribution (it read the first alone). Fakes: two texts of source 1; the
+    first splits into a piece leaning to source 0 and two leaning to source 1."""
+    import types
+
+    from cbm_lm.provenance.evaluate import source_accuracy
+    rec = types.SimpleNamespace(chunk_bounds=np.array([0, 2, 4]), num_chunks=2,
+                                tokens=np.array([1, 2, 3, 4]), source_id=1)
+    corpus = types.SimpleNamespace(tokenizer=types.SimpleNamespace(decode=lambda t: f"t{t[0]}"),
+                                   documents=lambda split: [rec], dir="fake")
+    sources = np.array([[0.9, 0.1], [0.2, 0.8], [0.2, 0.8], [0.2, 0.8]])
+
+    class Query:
+        def encode(self, texts):
+            rows = {"t1": [0, 1, 2], "t3": [3]}
+            return types.SimpleNamespace(sources=sources), [rows[t] for t in texts]
+    assert source_accuracy(Query(), corpus)["source_accuracy"] == 1.0

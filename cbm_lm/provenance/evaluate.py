@@ -89,7 +89,8 @@ def source_accuracy(query, corpus: Corpus, split: str = "heldout", max_chunks: i
     pick = np.random.default_rng(seed).permutation(len(texts))[:max_chunks]
     texts, truth = [texts[i] for i in pick], np.asarray(truth)[pick]
     chunks, per_text = query.encode(texts)
-    pred = np.asarray([chunks.sources[rows[0]].argmax() for rows in per_text])
+    # a chunk whose text re-splits into several query chunks: their mean distribution
+    pred = np.asarray([chunks.sources[rows].mean(0).argmax() for rows in per_text])
     return {"source_accuracy": float(np.mean(pred == truth)), "source_n": int(len(texts))}
 
 
