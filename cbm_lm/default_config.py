@@ -151,8 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
         # ... whose attention mask widens from causal to block-causal over this fraction
         mask_anneal_fraction=0.0,
     ))
-    # Fractional schedules (report teacher forcing, noise curriculum) follow train.num_steps.
-    c.loss.schedule_steps = c.train.get_ref("num_steps")
+    # Length of the fractional schedules (report teacher forcing, noise curriculum, AR
+    # warmup); 0 follows train.num_steps. A plain field: a reference to num_steps would make
+    # --config.loss.schedule_steps=N shorten the run itself.
+    c.loss.schedule_steps = 0
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=50,
         keep=3,

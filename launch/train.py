@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config gin_configs/tiny.py")
     if not flags.FLAGS["verbosity"].present:   # orbax logs every save at INFO

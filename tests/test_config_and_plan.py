@@ -158,3 +158,36 @@ def test_bad_loss_choice_is_refused_at_start_up(field, value):
     cfg.loss[field] = value
     with pytest.raises(ConfigError, match=f"loss.{field}"):
         validate_config(cfg)
+
+
+def test_schedule_steps_follows_num_steps_unless_set_and_never_moves_it():
+    """loss.schedule_steps 0 spans the fractional schedules over the run; setting it must
+    not change train.num_steps (it was a reference to it, so an override shortened the run)."""
+    from cbm_lm.config import ModelConfig
+    from cbm_lm.default_config import base_config
+    from cbm_lm.train.step import step_config
+    c = base_config()
+    c.train.num_steps = 900
+    assert step_config(ModelConfig.from_config(c.model), c)["loss_cfg"].schedule_steps == 900
+    c.loss.schedule_steps = 500
+    assert c.train.num_steps == 900
+    assert step_config(ModelConfig.from_config(c.model), c)["loss_cfg"].schedule_steps == 500
+
+
+@pytest.mark.parametrize("tool", ["launch/train.py", "tools/plan.py"])
+def test_a_stray_word_on_the_command_line_is_refused(tool, tmp_path):
+    """`--config.model.qk_norm False` leaves `False` as an argument and qk_norm unchanged:
+    refused before anything is written, naming the stray word."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from train_fixtures import env
+    root = pathlib.Path(__file__).resolve().parents[1]
+    workdir = ["--workdir", str(tmp_path / "run")] if tool.startswith("launch") else []
+    proc = subprocess.run([sys.executable, tool, "--config", "gin_configs/tiny.py", *workdir,
+                           "--config.model.qk_norm", "False"],
+                          cwd=root, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "unexpected arguments ['False']" in proc.stderr + proc.stdout
+    assert not (tmp_path / "run").exists()

@@ -93,6 +93,14 @@ def test_generate_json_on_trained_checkpoint(trained):
     bad = _tool("generate.py", "--checkpoint", workdir, "--corpus_dir", corpus, "--prompt", "x",
                 "--amplify", "topic", check=False)
     assert bad.returncode != 0 and "--amplify='topic': expected NAME=VALUE" in bad.stderr
+    # --temperature reaches the sampler once entropy sampling is off (it was ignored)
+    def tokens(*flags):
+        return json.loads(_tool("generate.py", "--checkpoint", workdir, "--corpus_dir", corpus,
+                                "--prompt", "The king", "--max_new_tokens", 12, "--seed", 2,
+                                "--json", "--n_steps", 1, *flags).stdout)["tokens"]
+    greedy = tokens("--noentropy_sampling", "--temperature", 0)           # argmax: no seed
+    assert greedy == tokens("--noentropy_sampling", "--temperature", 0, "--seed", 5)
+    assert greedy != tokens("--noentropy_sampling", "--temperature", 5.0, "--top_p", 1.0)
 
 
 @pytest.mark.parity

@@ -28,7 +28,8 @@ _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON here.")
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config gin_configs/steerling_8b.py")
     r = aot_compile(_CONFIG.value, _TOPOLOGY.value, num_slices=_SLICES.value)

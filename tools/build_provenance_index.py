@@ -36,7 +36,8 @@ _REKEY_D_P = flags.DEFINE_integer("rekey_d_p", None, "Override provenance.rekey_
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     model, config = load_model(_WORKDIR.value, step=_STEP.value)

@@ -51,7 +51,8 @@ def _input_ids(ex, corpus_dir, vocab):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     logging.set_verbosity(logging.WARNING)
     from cbm_lm.api import Explainer, find_corpus
     from cbm_lm.eval import checkpoint_report as report

@@ -36,8 +36,10 @@ _PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "[P] or [B,P] int .npy of 
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _TOP_P = flags.DEFINE_float("top_p", 0.8, "Top-p of the sampler.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.2, "Sampling temperature (without entropy "
-                                  "sampling).")
+_ENTROPY = flags.DEFINE_bool("entropy_sampling", True, "Entropy-adaptive temperature "
+                             "(Steerling's default); --noentropy_sampling uses --temperature.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.2, "Sampling temperature; read only with "
+                                  "--noentropy_sampling.")
 _AMPLIFY = flags.DEFINE_multi_string("amplify", [], "NAME=VALUE: inject the concept, VALUE logits.")
 _SUPPRESS = flags.DEFINE_multi_string("suppress", [], "NAME: suppress the concept.")
 _INTERVENE = flags.DEFINE_multi_string("intervene", [], "NAME=WEIGHT: override a concept weight.")
@@ -90,7 +92,8 @@ def main(argv):
         steering = ex.steer(amplify=amplify or None, suppress=_SUPPRESS.value or None,
                             intervene=intervene or None)
         gen = ex.generate(prompts, max_new_tokens=_MAX_NEW.value, seed=_SEED.value,
-                          top_p=_TOP_P.value, temperature=_TEMPERATURE.value, steering=steering)
+                          top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
+                          use_entropy_sampling=_ENTROPY.value, steering=steering)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"generate: error: {e}")
     if _JSON.value:

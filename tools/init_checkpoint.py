@@ -18,7 +18,8 @@ _OUT = flags.DEFINE_string("out", None, "Checkpoint directory to write.", requir
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required")
     config = _CONFIG.value

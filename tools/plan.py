@@ -263,7 +263,8 @@ def print_topology(config, topology: str) -> None:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config gin_configs/tiny.py")
     config = _CONFIG.value

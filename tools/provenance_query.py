@@ -43,7 +43,8 @@ def _print_text(ans: dict) -> None:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if (_TEXT.value is None) == (_QUERIES.value is None):
