@@ -232,3 +232,18 @@ def test_concurrent_reads_with_few_open_readers_equal_serial_reads(small_corpus)
     for row, keys in zip(order, got):
         assert keys == [want[int(i)] for i in row]
     assert len(src._readers) <= 1
+
+
+def test_a_mistyped_build_flag_is_refused_not_handed_to_beam(tmp_path):
+    """Flags the tool does not know go to Beam, which only logs "Discarding unparseable
+    args": a mistyped --skip-bad-records would build without skipping. Refused before any
+    output, naming the flag; real Beam options pass."""
+    from cbm_lm.data.corpus_build import BuildConfig, build_corpus, unknown_pipeline_args
+    assert unknown_pipeline_args(["--runner", "DirectRunner", "--direct_num_workers=2"]) == []
+    assert unknown_pipeline_args(["--skip-bad-records", "--runner=DirectRunner",
+                                  "--vocab-size=100"]) == ["--skip-bad-records",
+                                                           "--vocab-size=100"]
+    with pytest.raises(ValueError, match="--skip-bad-records"):
+        build_corpus(BuildConfig(out=str(tmp_path / "c"), jsonl=["x.jsonl"]),
+                     ["--skip-bad-records"])
+    assert not (tmp_path / "c").exists()

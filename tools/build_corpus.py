@@ -20,7 +20,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from cbm_lm.data.corpus_build import BuildConfig, build_corpus  # noqa: E402
+from cbm_lm.data.corpus_build import (BuildConfig, build_corpus,  # noqa: E402
+                                     unknown_pipeline_args)
 from cbm_lm.data.errors import DataError  # noqa: E402
 
 
@@ -49,7 +50,12 @@ def parse_args(argv):
     ap.add_argument("--heldout_fraction", type=float, default=0.02)
     ap.add_argument("--skip_bad_records", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
-    return ap.parse_known_args(argv)
+    args, beam_args = ap.parse_known_args(argv)
+    unknown = unknown_pipeline_args(beam_args)
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)} (neither this tool's flags nor "
+                 f"Beam pipeline options)")
+    return args, beam_args
 
 
 def main(argv=None) -> int:

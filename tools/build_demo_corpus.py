@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from cbm_lm.data.corpus_build import unknown_pipeline_args  # noqa: E402
 from cbm_lm.data.demo_corpus import DemoConfig, build_demo_corpus, main_log  # noqa: E402
 
 
@@ -32,6 +33,10 @@ def main(argv=None) -> int:
     ap.add_argument("--num_facts", type=int, default=200)
     ap.add_argument("--overwrite", action="store_true")
     args, beam_args = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    unknown = unknown_pipeline_args(beam_args)
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)} (neither this tool's flags nor "
+                 f"Beam pipeline options)")
     t0 = time.time()
     m = build_demo_corpus(DemoConfig(out=args.out, vocab_size=args.vocab_size,
                                      max_concepts=args.max_concepts, num_facts=args.num_facts,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import uuid
 
@@ -188,8 +189,36 @@ def _prepare_tokenizer(cfg, files, tmp):
     return str(tok.save(tmp))
 
 
+def unknown_pipeline_args(args: list[str]) -> list[str]:
+    """The flags of ``args`` no Beam pipeline option knows (Beam itself only logs
+    "Discarding unparseable args", so a mistyped build flag would be dropped silently)."""
+    if not args:
+        return []
+    opts = PipelineOptions(args)
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)          # the warning this function turns into an error
+    try:
+        known = set(opts.get_all_options())
+        every = set(opts.get_all_options(retain_unknown_options=True))
+    finally:
+        beam_log.setLevel(level)
+    names = every - known
+    return [a for a in args
+            if a.startswith("-") and a.lstrip("-").split("=")[0].replace("-", "_") in names]
+
+
+def check_pipeline_args(args) -> None:
+    """Raises ValueError naming the flags that are neither the tool's nor Beam's."""
+    unknown = unknown_pipeline_args(list(args or []))
+    if unknown:
+        raise ValueError(f"unknown flag(s) {unknown}: neither a build flag nor a Beam pipeline "
+                         f"option (see --help)")
+
+
 def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None) -> dict:
     """Runs the build; returns the manifest. Raises DataError on bad input."""
+    check_pipeline_args(pipeline_args)
     out = epath.Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:

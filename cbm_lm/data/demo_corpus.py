@@ -23,7 +23,7 @@ from cbm_lm.data import demo_sources, planted_facts, wordnet
 from cbm_lm.data import inputs
 from cbm_lm.data import tokenizer as tokenizer_lib
 from cbm_lm.data.concepts import ConceptVocab
-from cbm_lm.data.corpus_build import BuildConfig, build_corpus
+from cbm_lm.data.corpus_build import BuildConfig, build_corpus, check_pipeline_args
 
 APT_PACKAGES = {"fortunes": "fortunes", "wordnet": "wordnet-base", "pydoc": "python3.11-doc"}
 
@@ -93,6 +93,7 @@ def gather(cfg: DemoConfig, log=print) -> tuple[list[dict], dict[str, bool]]:
 
 def build_demo_corpus(cfg: DemoConfig, pipeline_args=None, log=print) -> dict:
     """Builds the demo corpus into ``cfg.out``; returns its manifest."""
+    check_pipeline_args(pipeline_args)   # before any work: a typo is not a Beam option
     out = epath.Path(cfg.out)
     work = out.parent / f".{out.name}.work"
     if work.exists():
