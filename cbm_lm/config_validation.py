@@ -151,6 +151,22 @@ def validate_config(config: Any) -> None:
                 f"{model.attention!r}; set --config.loss.diffusion_clean_context=False or "
                 f"--config.model.attention=block_causal")
 
+    # Fields that need the model: checked here, before anything is written, not at the
+    # first step's compile (or never: a steering layer past the last injects nothing).
+    layer = get("loss", "steering_layer")
+    if model is not None and isinstance(layer, int):
+        p.check(layer == -1 or 0 <= layer <= model.n_layers, "loss.steering_layer",
+                f"must be -1 (n_layers // 2) or a layer in [0, {model.n_layers}] (the injection "
+                f"follows every block from it on), got {layer}")
+    window = get("loss", "context_window")
+    if window is not _MISSING:
+        ok = isinstance(window, int) and window >= 0
+        p.check(ok, "loss.context_window", f"must be >= 0 (0 = off), got {window!r}")
+        if ok and window and model is not None and model.objective == "diffusion":
+            b = model.diffusion_block_size
+            p.check(window % b == 0, "loss.context_window",
+                    f"must be a multiple of model.diffusion_block_size={b}, got {window}")
+
     # AR-to-diffusion adaptation trains a diffusion model causally first (train/losses.py).
     for field in ("ar_warmup_fraction", "mask_anneal_fraction"):
         v = get("loss", field)

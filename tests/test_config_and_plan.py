@@ -191,3 +191,20 @@ def test_a_stray_word_on_the_command_line_is_refused(tool, tmp_path):
     assert proc.returncode != 0
     assert "unexpected arguments ['False']" in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss.steering_layer", 99, r"loss\.steering_layer.*\[0, 2\]"),
+    ("loss.context_window", -4, r"loss\.context_window.*>= 0"),
+    ("loss.context_window", 6, r"multiple of model\.diffusion_block_size=4"),
+])
+def test_loss_fields_that_need_the_model_are_refused_at_start_up(field, value, message):
+    """Accepted until now and failing late (the first step's compile) or never (a steering
+    layer past the last block injects nothing)."""
+    from cbm_lm.config_validation import validate_config
+    c = load_config("tiny_diffusion")
+    c.model.diffusion_block_size = 4
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(c)
