@@ -63,11 +63,13 @@ def main(argv):
         # One process still starts the runtime: its preemption service is what turns
         # SIGTERM into an agreed save step (cbm_lm/train/loop.py).
         jax.distributed.initialize(f"127.0.0.1:{_free_port()}", 1, 0)
+    from cbm_lm.config import ConfigError
+    from cbm_lm.data.errors import DataError
     from cbm_lm.train.checkpoint import CheckpointError  # after distributed init
     from cbm_lm.train.loop import train
     try:
         train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError, DataError) as e:   # the user's to fix: one message
         sys.exit(f"train: error: {e}")
 
 
