@@ -343,7 +343,7 @@ def test_context_window_cuts_attention_into_windows():
     np.testing.assert_array_equal(np.asarray(local_windows(seg, pos, 4, 0.6, 0.5)), np.asarray(seg))
 
 
-def test_known_head_sized_to_the_corpus():
+def test_known_head_sized_to_the_corpus(capsys):
     from cbm_lm.train.corpus_check import resolve_known_concepts
     c = base_config()
     c.model.concepts.n_known, c.model.concepts.known_topk = 256, 8
@@ -352,5 +352,10 @@ def test_known_head_sized_to_the_corpus():
     c.data.known_concepts_from_corpus = True
     resolve_known_concepts(c, {"num_concepts": 153})
     assert c.model.concepts.n_known == 153
+    assert "model.concepts.n_known 256 -> 153" in capsys.readouterr().out   # never silent
+    c.model.concepts.known_topk = 200
+    resolve_known_concepts(c, {"num_concepts": 153})
+    assert c.model.concepts.known_topk == 153
+    assert "known_topk 200 -> 153" in capsys.readouterr().out
     with pytest.raises(ValueError, match="num_concepts=0"):
         resolve_known_concepts(c, {"num_concepts": 0})

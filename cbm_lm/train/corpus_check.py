@@ -77,7 +77,12 @@ def resolve_known_concepts(config, manifest: dict) -> None:
     if n <= 0:
         raise ValueError(f"data.known_concepts_from_corpus is set but {config.data.dir}/"
                          f"manifest.json lists no concepts (num_concepts={n})")
+    cc = config.model.concepts
+    if cc.n_known != n or cc.known_topk > n:   # an explicit --config value is replaced: say so
+        print(f"data.known_concepts_from_corpus: model.concepts.n_known {cc.n_known} -> {n} "
+              f"(the concepts of {config.data.dir})"
+              + (f", known_topk {cc.known_topk} -> {n}" if cc.known_topk > n else ""),
+              flush=True)
     with config.unlocked():
-        config.model.concepts.n_known = n
-        topk = config.model.concepts.known_topk
-        config.model.concepts.known_topk = min(topk, n)
+        cc.n_known = n
+        cc.known_topk = min(cc.known_topk, n)
