@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the topology is described, neve
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from cbm_lm.atomic_io import write_text_atomic  # noqa: E402
 from cbm_lm.train.aot import aot_compile  # noqa: E402
 from cbm_lm.train.memory_plan import fmt_bytes, fmt_flops  # noqa: E402
 
@@ -58,8 +59,7 @@ def main(argv):
                    f"{fmt_bytes(r.hbm_bytes)} HBM per {r.device_kind} chip")
     print(f"memory verdict: {verdict}")
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(r.to_json(), f, indent=1)
+        write_text_atomic(_JSON.value, json.dumps(r.to_json(), indent=1))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 import numpy as np
 from etils import epath
 
+from cbm_lm.atomic_io import write_text_atomic
+
 SPECIALS = ("<|pad|>", "<|bos|>", "<|endofchunk|>", "<|mask|>")
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
                   r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
@@ -126,19 +128,20 @@ class Tokenizer:
 
     # -- persistence ------------------------------------------------------
     def save(self, directory) -> epath.Path:
-        """Writes the tokenizer into ``directory``; returns the main file."""
+        """Writes the tokenizer into ``directory``; returns the main file. Each file is
+        written whole or not at all (a tokenizer the corpus was built with stays readable)."""
         d = epath.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.kind == "hf":
             out = d / "tokenizer.json"
-            out.write_text(self._impl.to_str(pretty=False))
+            write_text_atomic(out, self._impl.to_str(pretty=False))
             return out
         ranks = d / "tokenizer.tiktoken"
         lines = [f"{base64.b64encode(t).decode()} {r}"
                  for t, r in sorted(self._impl._mergeable_ranks.items(), key=lambda kv: kv[1])]
-        ranks.write_text("\n".join(lines) + "\n")
+        write_text_atomic(ranks, "\n".join(lines) + "\n")
         spec = dict(self._spec, ranks="tokenizer.tiktoken")
-        (d / SPEC_FILE).write_text(json.dumps(spec, indent=1, sort_keys=True))
+        write_text_atomic(d / SPEC_FILE, json.dumps(spec, indent=1, sort_keys=True))
         return d / SPEC_FILE
 
 
