@@ -5,13 +5,13 @@
 Useful for smoke tests, exports and the demo before a model is trained.
 """
 
+import sys
+
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from cbm_lm.config import ModelConfig
-from cbm_lm.model import ConceptBottleneckLM
-from cbm_lm.train.checkpoint import save_params
+from cbm_lm.config import ConfigError
+from cbm_lm.train.checkpoint import CheckpointError, init_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "gin_configs/<scale>.py", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Checkpoint directory to write.", required=True)
@@ -23,8 +23,10 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required")
     config = _CONFIG.value
-    model = ConceptBottleneckLM(ModelConfig.from_config(config.model), rngs=nnx.Rngs(config.seed))
-    save_params(_OUT.value, config, model)
+    try:
+        init_checkpoint(_OUT.value, config)
+    except (CheckpointError, ConfigError) as e:
+        sys.exit(f"init_checkpoint: error: {e}")
     print(f"wrote random-init checkpoint (seed {config.seed}) to {_OUT.value}")
 
 

@@ -157,6 +157,28 @@ def save_params(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict,
     write_config(ckpt_dir, config)
 
 
+def init_checkpoint(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes a random-init checkpoint of ``config`` (seed ``config.seed``) as step 0.
+
+    The config is validated as training validates it, and the model is built as
+    load_model rebuilds it (with the learned key head when provenance trains one), so
+    the checkpoint always loads. A directory that already holds a run or checkpoint is
+    refused: its config.json would be replaced.
+    """
+    from cbm_lm.config_validation import validate_config
+    from cbm_lm.model import ConceptBottleneckLM
+    validate_config(config)
+    d = absolute(ckpt_dir)
+    held = [n for n in (CONFIG_FILE, CHECKPOINTS) if (d / n).exists()]
+    if held:
+        raise CheckpointError(f"{d} already holds {' and '.join(held)}; write the random-init "
+                              f"checkpoint to a new directory")
+    model = ConceptBottleneckLM(ModelConfig.from_config(config.model),
+                                rngs=nnx.Rngs(int(config.seed)),
+                                provenance=saved_provenance(config))
+    save_params(d, config, model)
+
+
 def saved_provenance(config: ml_collections.ConfigDict) -> ProvenanceConfig:
     """The provenance section of a saved config.json (fields it predates take their
     defaults; a config without the section trained no key head)."""
