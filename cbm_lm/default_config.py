@@ -152,9 +152,10 @@ def base_config() -> ml_collections.ConfigDict:
         mask_anneal_fraction=0.0,
     ))
     # Length of the fractional schedules (report teacher forcing, noise curriculum, AR
-    # warmup); 0 follows train.num_steps. A plain field: a reference to num_steps would make
-    # --config.loss.schedule_steps=N shorten the run itself.
-    c.loss.schedule_steps = 0
+    # warmup): follows train.num_steps until set. "+ 0" makes it a derived reference: setting
+    # it replaces the link, where the shared reference itself (get_ref alone) would carry
+    # --config.loss.schedule_steps=N into train.num_steps and shorten the run.
+    c.loss.schedule_steps = c.train.get_ref("num_steps") + 0
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=50,
         keep=3,

@@ -119,12 +119,7 @@ def eval_step(params, batch, *, graphdef, config):
 def step_config(model_cfg, config) -> dict:
     """The static pieces the step closes over (hashable-free; captured by closure)."""
     prov = provenance_config(config)
-    loss_cfg = config.loss
-    if not loss_cfg.get("schedule_steps"):            # 0: the schedules span the run
-        loss_cfg = loss_cfg.copy_and_resolve_references()
-        with loss_cfg.unlocked():
-            loss_cfg.schedule_steps = int(config.train.num_steps)
-    return {"model_cfg": model_cfg, "loss_cfg": loss_cfg,
+    return {"model_cfg": model_cfg, "loss_cfg": config.loss,
             "grad_accum_steps": config.train.grad_accum_steps,
             "nan_policy": config.train.nan_policy,
             "prov_cfg": prov, "log_keys": prov.log_keys}
