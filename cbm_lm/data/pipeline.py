@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from cbm_lm.config import ConfigError
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.pieces import PiecesOf, to_pieces
 from cbm_lm.data.source import ShardedArrayRecordSource, Subset
@@ -70,7 +71,7 @@ def _documents(corpus: Corpus, split: str, seed: int, shuffle: bool, process_ind
         ds = ds.shuffle(seed=s) if shuffle else ds
         ds = ds[process_index::process_count]
         if len(ds) == 0:
-            raise ValueError(f"{corpus.dir}: process {process_index} of {process_count} gets "
+            raise ConfigError(f"{corpus.dir}: process {process_index} of {process_count} gets "
                              f"no documents of split {split!r} ({len(src)} in all; expected at "
                              f"least one per process): split rows instead of documents "
                              f"(--config.data.process_split=rows), or for the eval split turn "

@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 
 # data.* fields that decide which documents the iterator's saved position points at
-DATA_ORDER_FIELDS = ("batch_size", "seq_len", "shuffle_seed", "mixture", "process_split",
-                     "packing_bins", "max_chunk_concepts")
+# (data.dir is not one: a corpus moved or copied elsewhere is the same corpus)
+DATA_ORDER_FIELDS = ("split", "batch_size", "seq_len", "shuffle_seed", "mixture",
+                     "process_split", "packing_bins")
 
 
 class CheckpointMismatchError(CheckpointError):
