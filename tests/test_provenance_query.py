@@ -290,3 +290,22 @@ def test_the_padding_batch_of_a_process_with_fewer_batches_keys_nothing(run_dir)
     res = key_fn(batch)
     assert (batch["slot_ids"] < 0).all()
     assert float(np.abs(res["mass"]).sum()) == 0.0
+
+
+def test_the_eval_reuses_an_index_of_its_checkpoint_whatever_its_keying(run_dir, tmp_path):
+    """current_index: the default index of this step and corpus, built with any re-keying
+    flags, is the eval's as it is; another step's, or another corpus's, is not."""
+    import shutil
+    workdir, model, config = run_dir
+    wd = tmp_path / "train"
+    shutil.copytree(workdir, wd)
+    corpus = Corpus(config.data.dir)
+    cfg = config.copy_and_resolve_references()
+    cfg.provenance.rekey_d_p = 2 * cfg.provenance.d_p             # a user's own keying
+    build.build_index(wd, model, cfg, 0, rekey=True, log=lambda m: None)
+    assert build.current_index(wd, 0, corpus) == build.REKEYED
+    assert build.current_index(wd, 1, corpus) is None
+    other = tmp_path / "corpus"
+    shutil.copytree(config.data.dir, other)
+    (other / "manifest.json").write_text((other / "manifest.json").read_text() + " ")
+    assert build.current_index(wd, 0, Corpus(str(other))) is None

@@ -45,10 +45,12 @@ def provenance_eval(workdir: str, model, config, corpus, step: int, *, source_ch
         raise ProvenanceUnavailable(f"{corpus.dir} has no {PLANTED_FACTS} (planted facts with "
                                     f"known source chunks) to score provenance against")
     cfg = _config_for(config, corpus.dir)
-    # Always through build_index: it reuses a re-keyed index built for this step, config and
-    # corpus, and otherwise builds one, so the figures never come from another checkpoint's
-    # keys (an index left by an earlier step, or a store with rows logged after this one).
-    build.build_index(workdir, model, cfg, step, corpus=corpus, log=log)
+    # An index of this checkpoint (and corpus) is used as it is, however it was keyed; any
+    # other (none, or one left by an earlier step) is built for this step, so the figures
+    # never come from another checkpoint's keys.
+    if build.current_index(workdir, step, corpus) is None:
+        log(f"no provenance index of step {step} in {workdir}: building one")
+        build.build_index(workdir, model, cfg, step, corpus=corpus, log=log)
     m = provenance_metrics(workdir, model, cfg, source_chunks=source_chunks)
     query = open_query(workdir, model, cfg, corpus_dir=os.fspath(corpus.dir))
 

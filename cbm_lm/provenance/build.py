@@ -178,6 +178,9 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
         name = REKEYED if REKEYED in masses else next(iter(masses))
         write_npy_atomic(root(workdir) / "mass.npy", masses[name].astype(np.float32))
         log(f"source distributions use the {name} mass ({MASS_KINDS[name]})")
+    elif (root(workdir) / "mass.npy").exists():    # an earlier build's: not this checkpoint's
+        (root(workdir) / "mass.npy").unlink()
+        log("no source mass for this checkpoint: source distributions fall back to the prior")
     word_mass = read_mass(store_path(workdir, REKEYED), "word-mass-p*.npy") if fresh else None
     if not fresh:                 # derived from the stale store: queries must not read them
         for stale in (root(workdir) / WORD_MASS, root(workdir) / MASS_OF.format(REKEYED)):
@@ -190,6 +193,30 @@ def build_index(workdir, model, config, step: int, *, rekey: bool = False,
     write_text_atomic(root(workdir) / "DEFAULT", default + "\n")
     log(f"default index for queries: {default}")
     return built
+
+
+def current_index(workdir, step: int, corpus: Corpus) -> str | None:
+    """The default index's name when it describes checkpoint ``step`` (and, for a re-keyed
+    index, this corpus), whatever keying it was built with; None otherwise (none, or stale).
+
+    What the eval reuses as is: an index a user built with other re-keying flags stays
+    theirs (``build_index`` would rebuild it for the saved config)."""
+    try:
+        name = default_index(workdir)
+    except FileNotFoundError:
+        return None
+    meta_file = index_path(workdir, name) / "meta.json"
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if int(meta.get("checkpoint_step", -1)) != int(step):
+        return None
+    built_on = meta.get("rekeyed_with", {}).get("corpus_manifest_sha256")
+    if built_on is not None:
+        manifest = hashlib.sha256((epath.Path(corpus.dir) / "manifest.json").read_bytes())
+        if built_on != manifest.hexdigest():
+            return None
+    return name
 
 
 def default_index(workdir) -> str:
