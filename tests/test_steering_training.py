@@ -76,3 +76,27 @@ def test_training_on_the_steering_loss_makes_injection_steer():
     # ... without learning to fire for the concept where it is neither injected nor labelled
     assert float(last["steering_head_prob_elsewhere"]) < float(last["steering_head_prob"]) - 0.1
     assert float(last["steering_out_loss"]) < float(first["steering_out_loss"])
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_diffusion_steering_loss_injects_where_generation_does(shift, monkeypatch):
+    """Hand-written row: concept 5 labels tokens 3..5 (masked and scored). Generation
+    injects at the masked positions, and under diffusion_shift (token i read from position
+    i-1) at position 2 too; the training loss must inject at the same rows."""
+    cfg = tiny_config(attention="block_causal", objective="diffusion", diffusion_shift=shift)
+    model = make_model(cfg, seed=2)
+    t = 8
+    tokens = jnp.arange(1, t + 1, dtype=jnp.int32)[None]
+    seg = jnp.ones((1, t), jnp.int32)
+    ids = -np.ones((1, t, 2), np.int32)
+    ids[0, 3:6, 0] = 5
+    seen = {}
+    real_call = type(model).__call__
+
+    def spy(self, *a, injection=None, **kw):
+        seen["rows"] = np.flatnonzero(np.abs(np.asarray(injection[0])).sum(-1) > 0).tolist()
+        return real_call(self, *a, injection=injection, **kw)
+    monkeypatch.setattr(type(model), "__call__", spy)
+    steering_loss(model, tokens, seg, jnp.arange(t)[None], jnp.asarray(ids), jax.random.key(0),
+                  diffusion=True, mask_id=cfg.resolved_mask_token_id, target=4.0, layer=1)
+    assert seen["rows"] == ([2, 3, 4, 5] if shift else [3, 4, 5])

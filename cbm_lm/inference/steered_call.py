@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbm_lm.inference.steer_spec import Steering
+from cbm_lm.model.lm import predicting_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,19 +70,11 @@ def prepare(steering: Steering, batch: int, length: int) -> tuple[SteerStatic, S
 
 def diffusion_steered(tokens, segment_ids, mask_id: int, shift: bool):
     """[B,L] bool: where a diffusion step injects, the positions whose state predicts a
-    masked token: the masked positions themselves (Steerling), and under
-    ``model.diffusion_shift`` (token i read from position i-1, model/lm.py) also the
-    position before each masked one in the same document, without which a block's first
-    masked token would be predicted from an unsteered state. numpy or jax arrays [B,L].
-    """
-    xp = jnp if isinstance(tokens, jax.Array) else np
-    is_mask = (tokens == mask_id) & (segment_ids > 0)
-    if not shift:
-        return is_mask
-    pad = xp.zeros_like(is_mask[:, :1])
-    next_mask = xp.concatenate([is_mask[:, 1:], pad], axis=1)
-    same_doc = xp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], pad], axis=1)
-    return is_mask | (next_mask & same_doc)
+    masked token (model.lm.predicting_positions): the masked positions themselves
+    (Steerling), and under ``model.diffusion_shift`` also the position before each masked
+    one, without which a block's first masked token is predicted from an unsteered state.
+    The training steering loss injects by the same rule (objectives/steering_loss.py)."""
+    return predicting_positions(tokens == mask_id, segment_ids, shift)
 
 
 def injection_alpha(static: SteerStatic, arrays: SteerArrays, n_committed: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cbm_lm.config import ModelConfig, ProvenanceConfig
@@ -74,6 +75,21 @@ def shift_to_predictions(h: jax.Array, positions: jax.Array, segment_ids: jax.Ar
         new_block = (positions % block_size == 0)[..., None]
         prev = jnp.where(new_block, jnp.roll(earlier_block, 1, axis=1), prev)
     return jnp.where(prev_ok[..., None], prev, h)
+
+
+def predicting_positions(targets, segment_ids, shift: bool):
+    """[B,T] bool: the positions whose state predicts a token of ``targets`` [B,T] bool:
+    the targets themselves, and under ``diffusion_shift`` (token i read from position i-1,
+    ``shift_to_predictions``) also the position before each, in the same document. Where a
+    steering injection must land to reach those predictions. numpy or jax arrays."""
+    xp = jnp if isinstance(targets, jax.Array) else np
+    targets = targets & (segment_ids > 0)
+    if not shift:
+        return targets
+    pad = xp.zeros_like(targets[:, :1])
+    next_target = xp.concatenate([targets[:, 1:], pad], axis=1)
+    same_doc = xp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1], pad], axis=1)
+    return targets | (next_target & same_doc)
 
 
 class ConceptBottleneckLM(nnx.Module):

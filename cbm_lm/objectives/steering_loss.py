@@ -39,6 +39,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cbm_lm.model.lm import predicting_positions
 from cbm_lm.objectives.diffusion import token_cross_entropy
 
 
@@ -73,7 +74,10 @@ def steering_loss(model, tokens, segment_ids, positions, concept_ids, rng, *, di
         same_doc = segment_ids[:, :-1] == segment_ids[:, 1:]
         at = jnp.pad(lifted[:, 1:] & same_doc, ((0, 0), (0, 1)))
         inputs, targets = tokens, jnp.roll(tokens, -1, axis=1)
-    injection = (alpha[:, None, None] * at[..., None]) * d[:, None, :]
+    # where generation injects (inference/steered_call.py): under diffusion_shift token i is
+    # read from position i-1, so that position is steered too
+    inject_at = predicting_positions(at, segment_ids, diffusion and model.config.diffusion_shift)
+    injection = (alpha[:, None, None] * inject_at[..., None]) * d[:, None, :]
     out = model(inputs, positions=positions, segment_ids=segment_ids, injection=injection,
                 inject_layer=layer, inject_alpha=1.0)
 
