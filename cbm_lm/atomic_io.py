@@ -59,7 +59,14 @@ def replace_dir_atomically(out: str | os.PathLike, write) -> epath.Path:
         raise
     if out.is_dir():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():      # put the previous one back
+            old.rename(out)
+        if tmp.exists():
+            tmp.rmtree()
+        raise
     if old.exists():
         old.rmtree()
     return out

@@ -139,6 +139,7 @@ def validate_config(config: Any) -> None:
                   "steering_weight"):
         at_least("loss", field, 0)
     at_least("loss", "steering_period", 1)
+    at_least("loss", "schedule_steps", 1)      # the fractional schedules' length
     for field in ("teacher_forcing_start", "teacher_forcing_end"):
         within("loss", field, 0, 1)
     check_loss_fields(sec["loss"], p)

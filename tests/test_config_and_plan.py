@@ -161,8 +161,8 @@ def test_bad_loss_choice_is_refused_at_start_up(field, value):
 
 
 def test_schedule_steps_follows_num_steps_unless_set_and_never_moves_it():
-    """loss.schedule_steps 0 spans the fractional schedules over the run; setting it must
-    not change train.num_steps (it was a reference to it, so an override shortened the run)."""
+    """loss.schedule_steps follows train.num_steps until set; setting it must not change
+    train.num_steps (it was the same reference, so an override shortened the run)."""
     from cbm_lm.config import ModelConfig
     from cbm_lm.default_config import base_config
     from cbm_lm.train.step import step_config

@@ -218,3 +218,30 @@ def test_source_accuracy_reads_every_query_chunk_of_a_text():
             rows = {"t1": [0, 1, 2], "t3": [3]}
             return types.SimpleNamespace(sources=sources), [rows[t] for t in texts]
     assert source_accuracy(Query(), corpus)["source_accuracy"] == 1.0
+
+
+def test_a_failed_directory_swap_puts_the_previous_one_back(tmp_path, monkeypatch):
+    """replace_dir_atomically: the old directory is renamed aside before the new one is
+    renamed in; when that second rename fails the old one returns and no temporary stays."""
+    from etils import epath
+
+    from cbm_lm.atomic_io import replace_dir_atomically
+    out = epath.Path(tmp_path) / "ix"
+
+    def write(text):
+        def go(d):
+            epath.Path(d).mkdir()
+            (epath.Path(d) / "f").write_text(text)
+        return go
+    replace_dir_atomically(out, write("old"))
+    real = type(out).rename
+
+    def rename(self, target):
+        if ".tmp-" in self.name:
+            raise OSError("rename failed")
+        return real(self, target)
+    monkeypatch.setattr(type(out), "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        replace_dir_atomically(out, write("new"))
+    assert (out / "f").read_text() == "old"
+    assert [p.name for p in epath.Path(tmp_path).iterdir()] == ["ix"]
