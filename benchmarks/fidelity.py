@@ -67,6 +67,8 @@ VARIANTS = {
     # the contrast each concept sees: sampled negatives per batch (64 of tiny.py's 198)
     # and the positive term's weight against the negatives'
     "negatives_256": ["loss.concept_negatives=256"],
+    "negatives_512": ["loss.concept_negatives=512"],
+    "negatives_1024": ["loss.concept_negatives=1024"],
     "pos_weight_2": ["loss.concept_pos_weight=2.0"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],

@@ -169,7 +169,8 @@ class TrainCheckpointer:
             saved = read_config(self.workdir).data
         except CheckpointError:
             return                                   # no config.json to compare against
-        plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v  # noqa: E731
+        def plain(v):
+            return v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
         diffs = [f"data.{k}: saved {plain(saved.get(k))!r}, now {plain(self.config.data.get(k))!r}"
                  for k in DATA_ORDER_FIELDS       # a field the saved config predates: unknown
                  if k in saved and plain(saved.get(k)) != plain(self.config.data.get(k))]

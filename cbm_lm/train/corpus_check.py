@@ -55,7 +55,8 @@ def check_corpus_fits_model(manifest: dict, data_dir: str, model_cfg, seq_len: i
                          f"tokenizer's mask id is {tok['mask_id']} ({where}); set "
                          f"--config.model.mask_token_id={tok['mask_id']}")
     if seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+        raise ConfigError(f"data.seq_len={seq_len} exceeds "
+                          f"model.max_seq_len={model_cfg.max_seq_len}")
 
 
 def resolve_mask_token(config, manifest: dict) -> None:
