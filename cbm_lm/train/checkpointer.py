@@ -178,8 +178,8 @@ class TrainCheckpointer:
             raise CheckpointMismatchError(
                 f"{self.workdir}: the data pipeline differs from the one its checkpoints' "
                 f"iterator state was saved in, so resuming would skip or repeat data; refusing "
-                f"(nothing was moved or deleted):\n  " + "\n  ".join(diffs) + "\nDrop the "
-                f"override to resume, or start a new --workdir (--init_from for the params).")
+                "(nothing was moved or deleted):\n  " + "\n  ".join(diffs) + "\nDrop the "
+                "override to resume, or start a new --workdir (--init_from for the params).")
 
     def _restored_mass(self, restored, has_mass: bool, step: int, abstract_state: TrainState):
         target = abstract_state.source_mass
