@@ -75,7 +75,10 @@ def generation_panels(model, corpus: Corpus, windows: HeldoutWindows, *, num_pro
     for b, spans in enumerate(trace_chunks(trace, tok.endofchunk_id)):
         chunks = [_chunk_panel(tok, trace, ia, ca, labels, b, s, e, top)
                   for s, e in spans if e > s]
-        text = " ".join(c["text"] for c in chunks)
+        # One decode of the chunks' tokens: joining per-chunk decodes would put a space
+        # wherever a chunk boundary falls inside a word, and the query would see two words.
+        ids = [int(t) for s, e in spans for t in trace.tokens[b, s:e]]
+        text = tok.decode(ids)
         prov = provenance(text) if provenance else None
         panels.append({"title": f"held-out prompt {b + 1} ({windows.doc_keys[rows[b]]})",
                        "prompt": tok.decode(trace.prompt(b)),
