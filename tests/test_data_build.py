@@ -243,6 +243,10 @@ def test_a_mistyped_build_flag_is_refused_not_handed_to_beam(tmp_path):
     assert unknown_pipeline_args(["--skip-bad-records", "--runner=DirectRunner",
                                   "--vocab-size=100"]) == ["--skip-bad-records",
                                                            "--vocab-size=100"]
+    # a positional word is no flag's value: a forgotten --jsonl is refused, not dropped
+    assert unknown_pipeline_args(["--runner", "DirectRunner", "docs.jsonl"]) == ["docs.jsonl"]
+    assert unknown_pipeline_args(["docs.jsonl", "--runner=DirectRunner"]) == ["docs.jsonl"]
+    assert unknown_pipeline_args(["--runner", "X", "X"]) == ["X"]
     with pytest.raises(ValueError, match="--skip-bad-records"):
         build_corpus(BuildConfig(out=str(tmp_path / "c"), jsonl=["x.jsonl"]),
                      ["--skip-bad-records"])

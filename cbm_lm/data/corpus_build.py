@@ -191,9 +191,22 @@ def _prepare_tokenizer(cfg, files, tmp):
 
 def unknown_pipeline_args(args: list[str]) -> list[str]:
     """The flags of ``args`` no Beam pipeline option knows (Beam itself only logs
-    "Discarding unparseable args", so a mistyped build flag would be dropped silently)."""
+    "Discarding unparseable args", so a mistyped build flag would be dropped silently),
+    and the words that are no flag's value (``build_corpus.py --out c docs.jsonl``, a
+    missing ``--jsonl``, would otherwise build without the file).
+
+    A word counts as a value when it follows a flag written without ``=``.
+    """
     if not args:
         return []
+    stray, after_flag = set(), False
+    for i, a in enumerate(args):
+        if a.startswith("-"):
+            after_flag = "=" not in a
+        else:
+            if not after_flag:
+                stray.add(i)
+            after_flag = False
     opts = PipelineOptions(args)
     beam_log = logging.getLogger("apache_beam.options.pipeline_options")
     level = beam_log.level
@@ -204,8 +217,9 @@ def unknown_pipeline_args(args: list[str]) -> list[str]:
     finally:
         beam_log.setLevel(level)
     names = every - known
-    return [a for a in args
-            if a.startswith("-") and a.lstrip("-").split("=")[0].replace("-", "_") in names]
+    return [a for i, a in enumerate(args)
+            if a.startswith("-") and a.lstrip("-").split("=")[0].replace("-", "_") in names
+            or i in stray]
 
 
 def check_pipeline_args(args) -> None:
