@@ -197,6 +197,7 @@ class ConceptHead(nnx.Module):
         b, t, d = h.shape
         q = self.query(h.reshape(b * t, d))
         logits = None
+        every = active_ids is None and self.topk is None     # all C concepts, every row
         if active_ids is not None:
             ids = active_ids.reshape(b * t, -1).astype(jnp.int32)
         elif self.topk is None:
@@ -206,6 +207,9 @@ class ConceptHead(nnx.Module):
                     f"allowed up to dense_threshold={self.dense_threshold}")
             ids = jnp.broadcast_to(jnp.arange(self.n_concepts, dtype=jnp.int32),
                                    (b * t, self.n_concepts))
+            # z = q K^T as one matmul: scoring ids = 0..C-1 row by row would gather (or
+            # block-scatter) C key rows per token, [N,C,Q], where XLA's own ops run it
+            logits = self.cap(q @ self.keys()[: self.n_concepts].astype(jnp.float32).T)
         elif self.scoring == "gather" and self.n_concepts <= self.dense_threshold:
             ids, logits = self.dense_select(q, self.topk)                         # [N,k]
         else:
@@ -230,7 +234,14 @@ class ConceptHead(nnx.Module):
             ids = jnp.concatenate([ids, jnp.where(valid, iv_ids, 0)], axis=-1)
             weights = jnp.concatenate([weights, jnp.where(valid, iv_vals, 0.0)], axis=-1)
 
-        features = self.out_proj(self.mix_values(weights, ids)).astype(h.dtype)
+        if every:       # sum_c w[n,c] V[c] over all C as a matmul, + any intervened rows
+            c = self.n_concepts
+            mixed = weights[:, :c] @ self.values()[:c].astype(jnp.float32)
+            if ids.shape[-1] > c:
+                mixed = mixed + self.mix_values(weights[:, c:], ids[:, c:])
+        else:
+            mixed = self.mix_values(weights, ids)
+        features = self.out_proj(mixed).astype(h.dtype)
 
         def shape(x):
             return x.reshape(b, t, *x.shape[1:])
