@@ -64,7 +64,8 @@ VARIANTS = {
     # the concept term's pull on the backbone (tiny.py: 0.2)
     "concept_weight_0.5": ["loss.concept_weight=0.5"],
     "concept_weight_0.1": ["loss.concept_weight=0.1"],
-    # the contrast each concept sees: sampled negatives per batch (64 of tiny.py's 198)
+    # the contrast each concept sees: sampled negatives per batch (tiny.py: 256 of its 198
+    # concepts, drawn with replacement; 64 before, and in tiny_diffusion.py)
     # and the positive term's weight against the negatives'
     "negatives_256": ["loss.concept_negatives=256"],
     "negatives_512": ["loss.concept_negatives=512"],
@@ -81,7 +82,7 @@ COLUMNS = ("concept_auroc_macro", "logit_share_known", "logit_share_unknown",
 
 _CORPUS = flags.DEFINE_string("corpus", "runs/demo/corpus", "Corpus built by build_corpus.")
 _OUT = flags.DEFINE_string("out", "runs/fidelity", "Where runs and the table go.")
-_STEPS = flags.DEFINE_integer("steps", 1200, "Training steps per run (make demo's).")
+_STEPS = flags.DEFINE_integer("steps", 1200, "Training steps per run (make demo trains 1800).")
 _OBJ = flags.DEFINE_list("objectives", list(CONFIGS), "Objectives to sweep.")
 _VAR = flags.DEFINE_list("variants", list(VARIANTS), "Variants to run.")
 _NUM = flags.DEFINE_integer("num_examples", 256, "Held-out documents per eval (the "

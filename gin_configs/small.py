@@ -1,4 +1,4 @@
-"""Small: 8 layers, d=512, ~60M params. One GPU/TPU host, or a slow CPU run."""
+"""Small: 8 layers, d=512, ~51M params. One GPU/TPU host, or a slow CPU run."""
 
 from cbm_lm.default_config import base_config
 
