@@ -247,6 +247,9 @@ def test_a_mistyped_build_flag_is_refused_not_handed_to_beam(tmp_path):
     assert unknown_pipeline_args(["--runner", "DirectRunner", "docs.jsonl"]) == ["docs.jsonl"]
     assert unknown_pipeline_args(["docs.jsonl", "--runner=DirectRunner"]) == ["docs.jsonl"]
     assert unknown_pipeline_args(["--runner", "X", "X"]) == ["X"]
+    # after a switch a word is no value either; a typed value (int) is one
+    assert unknown_pipeline_args(["--save_main_session", "docs.jsonl"]) == ["docs.jsonl"]
+    assert unknown_pipeline_args(["--direct_num_workers", "2", "--experiments", "a"]) == []
     with pytest.raises(ValueError, match="--skip-bad-records"):
         build_corpus(BuildConfig(out=str(tmp_path / "c"), jsonl=["x.jsonl"]),
                      ["--skip-bad-records"])

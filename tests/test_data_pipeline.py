@@ -172,3 +172,14 @@ def test_more_processes_than_documents_is_refused_naming_the_corpus_and_the_way_
         next(make_pipeline(str(small_corpus), "train", 1, 64, seed=0, max_chunk_concepts=4,
                            process_index=n, process_count=n + 1))
     assert str(small_corpus) in str(e.value)
+
+
+def test_a_mixture_source_short_of_processes_is_named_with_its_own_count(small_corpus):
+    corpus = Corpus(small_corpus)
+    src = corpus.source_index("train")["source_id"]
+    n_pets = int((src == corpus.sources.index("pets")).sum())
+    with pytest.raises(ValueError, match=rf"mixture source 'pets' in split 'train' "
+                                         rf"\({n_pets} in all"):
+        next(make_pipeline(str(small_corpus), "train", 1, 64, seed=0, max_chunk_concepts=4,
+                           mixture={"pets": 1.0}, process_index=n_pets,
+                           process_count=n_pets + 1))

@@ -34,6 +34,11 @@ def test_a_batch_is_one_prompt_per_row(batch):
     np.testing.assert_array_equal(np.stack(got), [[1, 2], [3, 4]])
 
 
+def test_an_array_of_rank_3_is_refused_not_joined_into_one_prompt():
+    with pytest.raises(ValueError, match=r"shape \(2, 1, 3\)"):
+        as_prompt_list(np.array([[[1, 2, 3]], [[4, 5, 6]]]))
+
+
 def test_intervention_positions_narrower_than_the_row():
     """The sampler rounds rows up to a bucket the caller does not know: columns past the
     given positions are not intervened on; a wrong rank or too few rows is refused."""

@@ -309,3 +309,57 @@ def test_the_eval_reuses_an_index_of_its_checkpoint_whatever_its_keying(run_dir,
     shutil.copytree(config.data.dir, other)
     (other / "manifest.json").write_text((other / "manifest.json").read_text() + " ")
     assert build.current_index(wd, 0, Corpus(str(other))) is None
+
+
+def test_a_store_logged_only_after_the_checkpoint_is_refused_naming_it(tmp_path):
+    """Key logging switched on after the indexed checkpoint: every row is from a later
+    model. The build says so, naming the store and the steps, before writing an index."""
+    from cbm_lm.config import ProvenanceConfig
+    writer = keystore.KeyStoreWriter(build.store_path(tmp_path, build.LOGGED), 0)
+    writer.add(np.arange(4), np.ones((4, 8), np.float32), step=7)
+    writer.flush()
+    with pytest.raises(ValueError, match=r"keys/logged.*after checkpoint step 2 "
+                                         r"\(earliest step 7\)"):
+        build.index_store(tmp_path, build.LOGGED, ProvenanceConfig(d_p=8), 2, log=lambda m: None)
+    assert not build.index_path(tmp_path, build.LOGGED).exists()
+
+
+def test_a_process_with_fewer_batches_runs_the_key_pass_as_often_as_the_busiest(run_dir,
+                                                                                tmp_path,
+                                                                                monkeypatch):
+    """rekey_corpus as process 0 of 2 whose peer has 2 more batches: it keys 2 padding
+    batches after its own (the collective pass must run as often everywhere), and they add
+    no key and no mass: the store equals a one-process pass over the same documents."""
+    import jax
+    from jax.experimental import multihost_utils
+    from cbm_lm.provenance import rekey
+    _, model, config = run_dir
+    prov = build.provenance_config(config).for_rekeying()
+    corpus = Corpus(config.data.dir)
+    calls = []
+    real_make = rekey.make_key_fn
+
+    def counting_make(*a, **kw):
+        fn = real_make(*a, **kw)
+
+        def key_fn(batch):
+            calls.append(int((batch["slot_ids"] >= 0).sum()))
+            return fn(batch)
+        return key_fn
+
+    monkeypatch.setattr(rekey, "make_key_fn", counting_make)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.array([int(x), int(x) + 2]))
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+    res = rekey.rekey_corpus(model, corpus, prov, config.data.seq_len, tmp_path / "p0",
+                             log=lambda m: None)
+    assert len(calls) == res["batches"] + 2 and calls[-2:] == [0, 0] and min(calls[:-2]) > 0
+    rows = keystore.read_store(tmp_path / "p0")
+    assert len(rows["ids"]) == res["chunks"] > 0
+    # the same documents keyed without padding passes give the same mass
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([int(x)] * 2))
+    rekey.rekey_corpus(model, corpus, prov, config.data.seq_len, tmp_path / "same",
+                       log=lambda m: None)
+    np.testing.assert_array_equal(rekey.read_mass(tmp_path / "p0"),
+                                  rekey.read_mass(tmp_path / "same"))

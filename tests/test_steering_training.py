@@ -9,7 +9,7 @@ from flax import nnx
 
 from cbm_lm.data.synthetic import synthetic_batch
 from cbm_lm.default_config import base_config
-from cbm_lm.objectives.steering_loss import pick_concepts, steering_loss
+from cbm_lm.objectives.steering_loss import elsewhere_positions, pick_concepts, steering_loss
 from cbm_lm.train.losses import compute_losses
 from model_fixtures import make_model, tiny_config
 
@@ -100,3 +100,13 @@ def test_diffusion_steering_loss_injects_where_generation_does(shift, monkeypatc
     steering_loss(model, tokens, seg, jnp.arange(t)[None], jnp.asarray(ids), jax.random.key(0),
                   diffusion=True, mask_id=cfg.resolved_mask_token_id, target=4.0, layer=1)
     assert seen["rows"] == ([2, 3, 4, 5] if shift else [3, 4, 5])
+
+
+def test_the_head_negatives_exclude_every_injected_position():
+    """Row 0: tokens 3..5 lifted and scored, position 2 injected too (diffusion_shift), 7
+    padding -> negatives 0, 1, 6. Row 1 has no concept -> no negatives."""
+    seg = jnp.array([[1] * 7 + [0], [1] * 8])
+    lifted = jnp.zeros((2, 8), bool).at[0, 3:6].set(True)
+    inject = lifted.at[0, 2].set(True)
+    neg = elsewhere_positions(seg, lifted, lifted, inject, jnp.array([True, False]))
+    assert np.flatnonzero(neg[0]).tolist() == [0, 1, 6] and not bool(neg[1].any())

@@ -195,31 +195,37 @@ def unknown_pipeline_args(args: list[str]) -> list[str]:
     and the words that are no flag's value (``build_corpus.py --out c docs.jsonl``, a
     missing ``--jsonl``, would otherwise build without the file).
 
-    A word counts as a value when it follows a flag written without ``=``.
+    A word counts as a flag's value when it follows that flag (written without ``=``) and
+    Beam parsed it as the flag's value: after a switch (``--save_main_session docs.jsonl``)
+    it is stray too.
     """
     if not args:
         return []
-    stray, after_flag = set(), False
-    for i, a in enumerate(args):
-        if a.startswith("-"):
-            after_flag = "=" not in a
-        else:
-            if not after_flag:
-                stray.add(i)
-            after_flag = False
     opts = PipelineOptions(args)
     beam_log = logging.getLogger("apache_beam.options.pipeline_options")
     level = beam_log.level
     beam_log.setLevel(logging.ERROR)          # the warning this function turns into an error
     try:
         known = set(opts.get_all_options())
-        every = set(opts.get_all_options(retain_unknown_options=True))
+        values = opts.get_all_options(retain_unknown_options=True)
     finally:
         beam_log.setLevel(level)
-    names = every - known
+    names = set(values) - known
+
+    def name(flag: str) -> str:
+        return flag.lstrip("-").split("=")[0].replace("-", "_")
+
+    def is_value_of(word: str, flag: str) -> bool:
+        if not flag.startswith("-") or "=" in flag:
+            return False
+        v = values.get(name(flag))
+        if name(flag) not in values:     # a dest other than the flag's name: cannot tell
+            return True
+        return str(v) == word or (isinstance(v, list) and word in map(str, v))
+
     return [a for i, a in enumerate(args)
-            if a.startswith("-") and a.lstrip("-").split("=")[0].replace("-", "_") in names
-            or i in stray]
+            if (name(a) in names if a.startswith("-")
+                else not (i and is_value_of(a, args[i - 1])))]
 
 
 def check_pipeline_args(args) -> None:

@@ -67,12 +67,13 @@ def _documents(corpus: Corpus, split: str, seed: int, shuffle: bool, process_ind
     if len(src) == 0:
         raise ValueError(f"{corpus.dir}: split {split!r} has no documents")
 
-    def prepare(ds, s):
+    def prepare(ds, s, what=f"split {split!r}"):
+        n = len(ds)
         ds = ds.shuffle(seed=s) if shuffle else ds
         ds = ds[process_index::process_count]
         if len(ds) == 0:
             raise ConfigError(f"{corpus.dir}: process {process_index} of {process_count} gets "
-                             f"no documents of split {split!r} ({len(src)} in all; expected at "
+                             f"no documents of {what} ({n} in all; expected at "
                              f"least one per process): split rows instead of documents "
                              f"(--config.data.process_split=rows), or for the eval split turn "
                              f"eval off (--config.train.eval_every=0)")
@@ -94,7 +95,8 @@ def _documents(corpus: Corpus, split: str, seed: int, shuffle: bool, process_ind
         if len(ids) == 0:
             raise ValueError(f"mixture source {name!r} has no documents in split {split!r}")
         parts.append(prepare(grain.MapDataset.source(Subset(src, ids)),
-                             seed + 1 + names.index(name)))
+                             seed + 1 + names.index(name),
+                             f"mixture source {name!r} in split {split!r}"))
         weights.append(float(w))
     if not parts:
         raise ValueError(f"mixture {dict(mixture)} has no positive weight")

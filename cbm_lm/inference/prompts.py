@@ -23,6 +23,9 @@ def as_prompt_list(prompts) -> list[np.ndarray]:
         prompts = np.asarray(prompts)
         if prompts.ndim == 2:
             return [np.asarray(p, np.int32) for p in prompts]
+        if prompts.ndim > 2:
+            raise ValueError(f"prompts: expected token ids [P] or a batch [B,P], got an array "
+                             f"of shape {prompts.shape}")
         return [np.asarray(prompts, np.int32).reshape(-1)]
     if len(prompts) and np.ndim(prompts[0]) == 0:   # a flat sequence of ids (ints, 0-d arrays)
         return [np.asarray(prompts, np.int32)]

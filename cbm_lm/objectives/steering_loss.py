@@ -54,6 +54,18 @@ def pick_concepts(rng, concept_ids: jax.Array, segment_ids: jax.Array):
     return jnp.maximum(c, 0).astype(jnp.int32), jnp.any(flat_valid, -1)
 
 
+def elsewhere_positions(segment_ids: jax.Array, at: jax.Array, lifted: jax.Array,
+                        inject_at: jax.Array, has: jax.Array) -> jax.Array:
+    """[B,T] bool: the real positions the head loss scores as the concept's negatives.
+
+    Neither a scored position (``at``), a labelled one (``lifted``) nor one the injection
+    reaches (``inject_at``: under diffusion_shift also the position before each lifted run,
+    which carries the full injection and must not be trained to read the concept as absent),
+    in rows that have a concept (``has`` [B]).
+    """
+    return (segment_ids > 0) & ~at & ~lifted & ~inject_at & has[:, None]
+
+
 def steering_loss(model, tokens, segment_ids, positions, concept_ids, rng, *, diffusion: bool,
                   mask_id: int, target: float, layer: int):
     """Returns (L_steer scalar, metrics). Shapes: tokens etc. [B,T], concept_ids [B,T,K]."""
@@ -86,7 +98,7 @@ def steering_loss(model, tokens, segment_ids, positions, concept_ids, rng, *, di
                         jnp.repeat(c, t)[:, None]).reshape(b, t)
     w = at.astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
-    q = ((segment_ids > 0) & ~at & ~lifted & has[:, None]).astype(jnp.float32)
+    q = elsewhere_positions(segment_ids, at, lifted, inject_at, has).astype(jnp.float32)
     head_loss = (jnp.sum(w * jax.nn.softplus(-z)) / n
                  + jnp.sum(q * jax.nn.softplus(z)) / jnp.maximum(q.sum(), 1.0))
     out_loss = jnp.sum(w * token_cross_entropy(out.logits, targets)) / n

@@ -116,6 +116,11 @@ def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print
     # keys of a model the index does not describe; resuming drops them, so must the index
     late = rows["steps"] > step
     if late.any():
+        if late.all():
+            raise ValueError(
+                f"{store_path(workdir, name)}: every logged row is from after checkpoint step "
+                f"{step} (earliest step {int(rows['steps'].min())}): the store describes no "
+                f"model of this checkpoint; index a later checkpoint, or re-key this one")
         log(f"{name}: leaving out {int(late.sum())} rows logged after step {step}")
         rows = {k: v[~late] for k, v in rows.items()}
     ids, keys = keystore.latest_keys(rows)
