@@ -1,7 +1,8 @@
 """The grain training pipeline over a built corpus (DESIGN.md section 4).
 
     ArrayRecord shards (MapDataset) -> shuffle(seed) -> this process's slice
-    [-> per-source datasets mixed by weight] -> repeat -> split documents into
+    [-> per-source datasets mixed by weight: data.mixture, or data.source_weighting
+    "windows" (data/source_weighting.py)] -> repeat -> split documents into
     pieces of <= T tokens -> first-fit pack to T (segment ids, positions) ->
     per-token concept ids [T, K], chunk ids, source ids -> batch
     [-> multiprocess prefetch]
@@ -38,6 +39,7 @@ from cbm_lm.config import ConfigError
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.pieces import PiecesOf, to_pieces
 from cbm_lm.data.source import ShardedArrayRecordSource, Subset
+from cbm_lm.data.source_weighting import WEIGHTINGS, window_mixture
 
 _FEATURES = ("tokens", "concept_ids", "chunk_ids", "chunk_local", "source_ids")
 
@@ -62,10 +64,21 @@ def finalize_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _documents(corpus: Corpus, split: str, seed: int, shuffle: bool, process_index: int,
-               process_count: int, mixture: Mapping[str, float] | None) -> grain.MapDataset:
+               process_count: int, mixture: Mapping[str, float] | None,
+               source_weighting: str = "natural", seq_len: int = 0) -> grain.MapDataset:
     src = ShardedArrayRecordSource(corpus.shards(split))
     if len(src) == 0:
         raise ValueError(f"{corpus.dir}: split {split!r} has no documents")
+    if source_weighting not in WEIGHTINGS:
+        raise ConfigError(f"data.source_weighting must be one of {WEIGHTINGS}, got "
+                          f"{source_weighting!r}")
+    if source_weighting == "windows":
+        if mixture:
+            raise ConfigError(f"data.mixture {dict(mixture)} and data.source_weighting="
+                              f"'windows' both set the source weights: set one")
+        index = corpus.source_index(split)
+        mixture = window_mixture(index["source_id"], index["num_tokens"], corpus.sources,
+                                 seq_len)
 
     def prepare(ds, s, what=f"split {split!r}"):
         n = len(ds)
@@ -108,11 +121,12 @@ def make_dataset(data_dir, split: str, batch_size: int, seq_len: int, seed: int 
                  mixture: Mapping[str, float] | None = None, worker_count: int = 0,
                  num_epochs: int | None = None, shuffle: bool = True,
                  packing_bins: int | None = None, drop_remainder: bool = True,
-                 read_threads: int = 4) -> grain.IterDataset:
+                 read_threads: int = 4, source_weighting: str = "natural") -> grain.IterDataset:
     """The pipeline as a grain IterDataset (see the module docstring)."""
     corpus = Corpus(data_dir)
     pad_id = corpus.tokenizer.pad_id
-    ds = _documents(corpus, split, seed, shuffle, process_index, process_count, mixture)
+    ds = _documents(corpus, split, seed, shuffle, process_index, process_count, mixture,
+                    source_weighting, seq_len)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     ds = ds.map(functools.partial(to_pieces, seq_len=seq_len, k=max_chunk_concepts))

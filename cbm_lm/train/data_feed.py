@@ -54,6 +54,7 @@ def process_pipeline(config, split: str, per_process_batch: int, *, eval_mode: b
         process_count=1 if rows else n, max_chunk_concepts=config.data.max_chunk_concepts,
         # eval scores the whole split: a mixture stops at its first exhausted source
         mixture=None if eval_mode else (dict(config.data.mixture) or None),
+        source_weighting="natural" if eval_mode else config.data.source_weighting,
         worker_count=0 if eval_mode else config.data.worker_count,
         packing_bins=config.data.packing_bins or None,
         **({"num_epochs": 1, "shuffle": False, "drop_remainder": True} if eval_mode else {}))
