@@ -5,10 +5,12 @@
 
 For each objective and each variant (the demo recipe with one change switched), trains
 the recipe with launch/train.py, then runs launch/attribution_eval.py on the run. A
-same-size run without the concept layer (no epsilon dropout, no concept terms, so the
-LM reads h exactly) is the perplexity baseline: its own report's perplexity (same
-held-out windows, same seed) is the baseline_perplexity column and ppl_ratio divides by
-it. Prints and writes OUT/fidelity.md: held-out concept AUROC, logit shares, dead real
+same-size run without the concept layer (no epsilon dropout, no concept terms, no
+residual-energy pull, so the LM reads h exactly and nothing else shapes it) is the
+perplexity baseline: its own report's perplexity (same held-out windows, same seed) is the
+baseline_perplexity column and ppl_ratio divides by it. A variant that changes the data
+(data.* overrides, e.g. "windows") is divided by a baseline trained on the same data
+(run no_concept_layer+<its overrides>). Prints and writes OUT/fidelity.md: held-out concept AUROC, logit shares, dead real
 concepts, perplexity against the baseline, steering success and held-out masked CE
 (diffusion). Runs already finished in OUT are reused (a run whose metrics reach --steps
 is only evaluated), so an interrupted sweep resumes.
@@ -35,7 +37,8 @@ VARIANTS = {
     "base": [],
     "no_concept_layer": ["loss.epsilon_dropout=0.0", "loss.concept_weight=0.0",
                          "loss.reconstruction_weight=0.0", "loss.independence_weight=0.0",
-                         "loss.teacher_forcing_start=0.0", "loss.cfg_dropout=0.0"],
+                         "loss.teacher_forcing_start=0.0", "loss.cfg_dropout=0.0",
+                         "loss.epsilon_weight=0.0"],
     "soft_or_positives": ["loss.concept_positives=soft_or", "loss.concept_weight=1.0"],
     "token_positives": ["loss.concept_positives=token"],
     "no_unknown_tf": ["loss.unknown_teacher_forcing=False"],   # tiny_diffusion.py has it on
@@ -71,6 +74,10 @@ VARIANTS = {
     "negatives_512": ["loss.concept_negatives=512"],
     "negatives_1024": ["loss.concept_negatives=1024"],
     "pos_weight_2": ["loss.concept_pos_weight=2.0"],
+    # the data each step sees: sources by one window per document (data/source_weighting.py);
+    # a data variant gets its own no_concept_layer baseline on the same data
+    "windows": ["data.source_weighting=windows"],
+    "natural": ["data.source_weighting=natural"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
 }
@@ -105,14 +112,21 @@ def _last_step(run: str) -> int:
     return max(steps, default=0)
 
 
-def train_and_eval(objective: str, variant: str, out: str, baseline: dict | None) -> dict:
-    """Trains one run (unless trained) and evaluates it (unless evaluated); returns the row."""
-    run = os.path.join(out, objective, variant)
+def data_overrides(variant: str) -> list[str]:
+    """The variant's data.* overrides: its baseline must read the same data."""
+    return [o for o in VARIANTS[variant] if o.startswith("data.")]
+
+
+def train_and_eval(objective: str, variant: str, out: str, baseline: dict | None,
+                   extra: tuple[str, ...] = ()) -> dict:
+    """Trains one run (unless trained) and evaluates it (unless evaluated); returns the row.
+    ``extra``: overrides after the variant's (a baseline's data variant), in the run's name."""
+    run = os.path.join(out, objective, "+".join([variant, *extra]))
     report = os.path.join(run, "eval", "report.json")
     if not os.path.exists(report):
         os.makedirs(run, exist_ok=True)
         if _last_step(run) < _STEPS.value:   # launch/train.py resumes a cut run
-            overrides = [f"--config.{o}" for o in VARIANTS[variant]]
+            overrides = [f"--config.{o}" for o in [*VARIANTS[variant], *extra]]
             _run(["launch/train.py", "--config", CONFIGS[objective], "--workdir", run,
                   f"--config.data.dir={_CORPUS.value}",
                   f"--config.train.num_steps={_STEPS.value}", *overrides],
@@ -146,7 +160,10 @@ def main(argv):
         for variant in _VAR.value:
             if objective == "autoregressive" and variant in DIFFUSION_ONLY:
                 continue
-            row = train_and_eval(objective, variant, out, base)
+            own = data_overrides(variant)
+            row = train_and_eval(objective, variant, out,
+                                 train_and_eval(objective, "no_concept_layer", out, None,
+                                                tuple(own)) if own and base else base)
             lines.append(f"| {objective} | {variant} | "
                          + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |")
             print(lines[-1], flush=True)
