@@ -81,9 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
         worker_count=0,
         max_chunk_concepts=8,   # K: concept ids per chunk, -1 padded
         mixture=ml_collections.ConfigDict(),  # source name -> weight; empty = natural
-        # natural | windows: each source's token share as one seq_len window per document
-        # would give it (cbm_lm/data/source_weighting.py); not with an explicit mixture
+        # natural | windows: each source's token share as one window of window_tokens
+        # (0: seq_len) per document would give it (cbm_lm/data/source_weighting.py); not
+        # with an explicit mixture
         source_weighting="natural",
+        window_tokens=0,
         process_split="documents",  # documents | rows (see cbm_lm/train/data_feed.py)
         known_concepts_from_corpus=False,  # size model.concepts.n_known to the corpus's concepts
         packing_bins=0,         # first-fit packing bins; 0 = max(per-process batch, 8)

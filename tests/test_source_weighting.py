@@ -17,13 +17,13 @@ def test_window_weights_by_hand():
     20x longer, so each is drawn 20x less often: weights 1/21 and 20/21."""
     ids = np.array([0, 0, 1, 1, 1, 1])
     n = np.array([1000, 1000, 50, 50, 50, 50])
-    m = window_mixture(ids, n, ["a", "b", "empty"], seq_len=100)
+    m = window_mixture(ids, n, ["a", "b", "empty"], window=100)
     assert set(m) == {"a", "b"}
     assert m["a"] == pytest.approx(1 / 21) and m["b"] == pytest.approx(20 / 21)
     shares = token_shares(m, ids, n, ["a", "b", "empty"])
     assert shares["a"] == pytest.approx(0.5) and shares["b"] == pytest.approx(0.5)
     # documents no longer than a window: the natural token shares
-    short = window_mixture(ids, np.array([80, 80, 50, 50, 50, 50]), ["a", "b"], seq_len=100)
+    short = window_mixture(ids, np.array([80, 80, 50, 50, 50, 50]), ["a", "b"], window=100)
     nat = token_shares(short, ids, np.array([80, 80, 50, 50, 50, 50]), ["a", "b"])
     assert nat["a"] == pytest.approx(160 / 360)
 
@@ -42,14 +42,20 @@ def test_the_pipeline_draws_sources_by_the_window_weights(tmp_path):
     want = token_shares(window_mixture(idx["source_id"], idx["num_tokens"], names, 16),
                         idx["source_id"], idx["num_tokens"], names)
     assert natural[names.index("long")] > 0.6 and want["long"] < 0.3
-    it = make_pipeline(str(corpus.dir), "train", 8, 16, seed=0, max_chunk_concepts=4,
-                       source_weighting="windows")
-    seen = np.zeros(len(names))
-    for _ in range(100):
-        s = next(it)["source_ids"]
-        seen += np.bincount(s[s >= 0], minlength=len(names))
-    got = seen / seen.sum()
-    assert got[names.index("long")] == pytest.approx(want["long"], abs=0.07), got
+
+    def long_share(**kw):
+        it = make_pipeline(str(corpus.dir), "train", 8, 16, seed=0, max_chunk_concepts=4,
+                           source_weighting="windows", **kw)
+        seen = np.zeros(len(names))
+        for _ in range(100):
+            s = next(it)["source_ids"]
+            seen += np.bincount(s[s >= 0], minlength=len(names))
+        return seen[names.index("long")] / seen.sum()
+
+    assert long_share() == pytest.approx(want["long"], abs=0.07)
+    # a window longer than every document (data.window_tokens) gives the natural shares
+    assert long_share(window_tokens=10_000) == pytest.approx(natural[names.index("long")],
+                                                             abs=0.07)
 
 
 def test_an_explicit_mixture_and_window_weighting_are_refused_together(small_corpus):

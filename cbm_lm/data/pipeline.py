@@ -65,7 +65,7 @@ def finalize_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _documents(corpus: Corpus, split: str, seed: int, shuffle: bool, process_index: int,
                process_count: int, mixture: Mapping[str, float] | None,
-               source_weighting: str = "natural", seq_len: int = 0) -> grain.MapDataset:
+               source_weighting: str = "natural", window: int = 0) -> grain.MapDataset:
     src = ShardedArrayRecordSource(corpus.shards(split))
     if len(src) == 0:
         raise ValueError(f"{corpus.dir}: split {split!r} has no documents")
@@ -78,7 +78,7 @@ def _documents(corpus: Corpus, split: str, seed: int, shuffle: bool, process_ind
                               f"'windows' both set the source weights: set one")
         index = corpus.source_index(split)
         mixture = window_mixture(index["source_id"], index["num_tokens"], corpus.sources,
-                                 seq_len)
+                                 window)
 
     def prepare(ds, s, what=f"split {split!r}"):
         n = len(ds)
@@ -121,12 +121,13 @@ def make_dataset(data_dir, split: str, batch_size: int, seq_len: int, seed: int 
                  mixture: Mapping[str, float] | None = None, worker_count: int = 0,
                  num_epochs: int | None = None, shuffle: bool = True,
                  packing_bins: int | None = None, drop_remainder: bool = True,
-                 read_threads: int = 4, source_weighting: str = "natural") -> grain.IterDataset:
+                 read_threads: int = 4, source_weighting: str = "natural",
+                 window_tokens: int = 0) -> grain.IterDataset:
     """The pipeline as a grain IterDataset (see the module docstring)."""
     corpus = Corpus(data_dir)
     pad_id = corpus.tokenizer.pad_id
     ds = _documents(corpus, split, seed, shuffle, process_index, process_count, mixture,
-                    source_weighting, seq_len)
+                    source_weighting, window_tokens or seq_len)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     ds = ds.map(functools.partial(to_pieces, seq_len=seq_len, k=max_chunk_concepts))

@@ -7,9 +7,10 @@ its genre/play concepts are learned first and the short WordNet glosses and fort
 of the steps each. A document-level view (the attribution eval reads the first
 ``seq_len`` tokens of held-out documents) weighs documents, not tokens. With
 ``data.source_weighting = "windows"`` each source s gets the token share that one
-window per document would give it,
+window of W tokens per document would give it,
 
-    share_s = sum_{d in s} min(n_d, T) / sum_d min(n_d, T)       (T = data.seq_len)
+    share_s = sum_{d in s} min(n_d, W) / sum_d min(n_d, W)
+    (W = data.window_tokens, or data.seq_len when 0)
 
 and since the pipeline mixes whole documents (grain.MapDataset.mix draws documents by
 weight), its per-document weight divides that share by the source's mean length
@@ -28,15 +29,17 @@ WEIGHTINGS = ("natural", "windows")
 
 
 def window_mixture(source_ids: np.ndarray, num_tokens: np.ndarray, names: list[str],
-                   seq_len: int) -> dict[str, float]:
+                   window: int) -> dict[str, float]:
     """{source name: per-document weight} (summing to 1) over the sources with tokens.
 
     source_ids, num_tokens [D]: per document of the split (Corpus.source_index).
     """
+    if window < 1:
+        raise ValueError(f"data.window_tokens: a window of {window} tokens holds nothing")
     ids = np.asarray(source_ids, np.int64)
     n = np.asarray(num_tokens, np.float64)
     tokens = np.bincount(ids, weights=n, minlength=len(names))
-    windows = np.bincount(ids, weights=np.minimum(n, seq_len), minlength=len(names))
+    windows = np.bincount(ids, weights=np.minimum(n, window), minlength=len(names))
     docs = np.bincount(ids, minlength=len(names)).astype(np.float64)
     have = tokens > 0
     weight = np.where(have, windows / np.where(have, tokens, 1.0) * docs, 0.0)

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # data.* fields that decide which documents the iterator's saved position points at
 # (data.dir is not one: a corpus moved or copied elsewhere is the same corpus)
 DATA_ORDER_FIELDS = ("split", "batch_size", "seq_len", "shuffle_seed", "mixture",
-                     "source_weighting", "process_split", "packing_bins")
+                     "source_weighting", "window_tokens", "process_split", "packing_bins")
 
 
 class CheckpointMismatchError(CheckpointError):

@@ -55,6 +55,7 @@ def process_pipeline(config, split: str, per_process_batch: int, *, eval_mode: b
         # eval scores the whole split: a mixture stops at its first exhausted source
         mixture=None if eval_mode else (dict(config.data.mixture) or None),
         source_weighting="natural" if eval_mode else config.data.source_weighting,
+        window_tokens=config.data.window_tokens,
         worker_count=0 if eval_mode else config.data.worker_count,
         packing_bins=config.data.packing_bins or None,
         **({"num_epochs": 1, "shuffle": False, "drop_remainder": True} if eval_mode else {}))
