@@ -49,6 +49,10 @@ from cbm_lm.default_config import load_config_file
 
 def get_config():
     c = load_config_file(pathlib.Path(__file__).with_name("tiny.py"))
+    # the natural token stream its tables were measured on (tiny.py weights sources by
+    # document windows since)
+    c.data.source_weighting = "natural"
+    c.data.window_tokens = 0
     c.model.objective = "diffusion"
     c.model.attention = "block_causal"
     c.model.diffusion_block_size = 4
