@@ -28,6 +28,14 @@ import numpy as np
 WEIGHTINGS = ("natural", "windows")
 
 
+def _per_source(source_ids: np.ndarray, num_tokens: np.ndarray, n_sources: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [S], documents [S]) per source, float64, from per-document rows [D]."""
+    ids = np.asarray(source_ids, np.int64)
+    tokens = np.bincount(ids, weights=np.asarray(num_tokens, np.float64), minlength=n_sources)
+    return tokens, np.bincount(ids, minlength=n_sources).astype(np.float64)
+
+
 def window_mixture(source_ids: np.ndarray, num_tokens: np.ndarray, names: list[str],
                    window: int) -> dict[str, float]:
     """{source name: per-document weight} (summing to 1) over the sources with tokens.
@@ -36,11 +44,8 @@ def window_mixture(source_ids: np.ndarray, num_tokens: np.ndarray, names: list[s
     """
     if window < 1:
         raise ValueError(f"data.window_tokens: a window of {window} tokens holds nothing")
-    ids = np.asarray(source_ids, np.int64)
-    n = np.asarray(num_tokens, np.float64)
-    tokens = np.bincount(ids, weights=n, minlength=len(names))
-    windows = np.bincount(ids, weights=np.minimum(n, window), minlength=len(names))
-    docs = np.bincount(ids, minlength=len(names)).astype(np.float64)
+    tokens, docs = _per_source(source_ids, num_tokens, len(names))
+    windows = _per_source(source_ids, np.minimum(num_tokens, window), len(names))[0]
     have = tokens > 0
     weight = np.where(have, windows / np.where(have, tokens, 1.0) * docs, 0.0)
     weight = weight / weight.sum() if weight.sum() > 0 else weight
@@ -50,9 +55,7 @@ def window_mixture(source_ids: np.ndarray, num_tokens: np.ndarray, names: list[s
 def token_shares(mixture: dict[str, float], source_ids: np.ndarray, num_tokens: np.ndarray,
                  names: list[str]) -> dict[str, float]:
     """Each source's expected share of the tokens when documents are drawn by ``mixture``."""
-    ids = np.asarray(source_ids, np.int64)
-    tokens = np.bincount(ids, weights=np.asarray(num_tokens, np.float64), minlength=len(names))
-    docs = np.bincount(ids, minlength=len(names)).astype(np.float64)
+    tokens, docs = _per_source(source_ids, num_tokens, len(names))
     mass = {s: w * tokens[names.index(s)] / docs[names.index(s)] for s, w in mixture.items()}
     total = sum(mass.values())
     return {s: m / total for s, m in mass.items()}
