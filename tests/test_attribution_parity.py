@@ -13,7 +13,7 @@ from steerling.attribution import OutputToInputAttributor  # noqa: E402
 
 from cbm_lm.attribution.integrated_gradients import LogitQuery, integrated_gradients  # noqa: E402
 from cbm_lm.interop import import_steerling  # noqa: E402
-from test_steerling_parity import VOCAB, make_steerling, save_steerling  # noqa: E402
+from steerling_fixtures import VOCAB, make_steerling, save_steerling  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

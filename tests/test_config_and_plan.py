@@ -1,5 +1,5 @@
 """Config validation names every offending field; the 8B param count by hand
-(tests/test_steerling_parity.py checks it against Steerling's own module)."""
+(tests/test_steerling_import.py checks it against Steerling's own module)."""
 
 import pathlib
 

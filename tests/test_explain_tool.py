@@ -105,7 +105,7 @@ def test_generate_json_on_trained_checkpoint(trained):
 
 @pytest.mark.parity
 def test_generate_on_imported_steerling_checkpoint(tmp_path):
-    from test_steerling_parity import make_steerling, save_steerling
+    from steerling_fixtures import make_steerling, save_steerling
     model, cfg, ccfg = make_steerling({}, {}, seed=0)
     save_steerling(model, cfg, ccfg, str(tmp_path / "src"))
     _tool("import_steerling.py", "--src", tmp_path / "src", "--out", tmp_path / "ckpt")

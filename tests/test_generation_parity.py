@@ -21,7 +21,7 @@ from cbm_lm.inference.generate import generate  # noqa: E402
 from cbm_lm.inference.logit_processing import SamplingConfig  # noqa: E402
 from cbm_lm.inference.steering import amplify, injection, intervene, suppress  # noqa: E402
 from cbm_lm.interop import import_steerling  # noqa: E402
-from test_steerling_parity import VOCAB, make_steerling, save_steerling  # noqa: E402
+from steerling_fixtures import VOCAB, make_steerling, save_steerling  # noqa: E402
 
 MASK, PAD, EOS = VOCAB - 1, VOCAB - 4, VOCAB - 3
 PROMPTS = [[5, 17, 250, 3, 99], [7, 7, 120, 64, 1, 2, 8, 33, 12]]

@@ -13,7 +13,7 @@ Steerling checkpoints come with one of two config.json layouts:
 
 Fields a config.json leaves out take Steerling's defaults (pydantic defaults of
 CausalDiffusionConfig / ConceptConfig, mirrored below so this module does not
-need the steerling package; tests/test_steerling_parity.py checks the mirror).
+need the steerling package; tests/test_steerling_import.py checks the mirror).
 Features cbm_lm does not implement raise ``SteerlingFormatError`` naming the field.
 """
 
