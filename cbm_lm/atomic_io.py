@@ -48,7 +48,6 @@ def replace_dir_atomically(out: str | os.PathLike, write) -> epath.Path:
     """
     out = epath.Path(out)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f"{out.name}.old-{os.getpid()}"
     if tmp.exists():
         tmp.rmtree()
     try:
@@ -57,6 +56,19 @@ def replace_dir_atomically(out: str | os.PathLike, write) -> epath.Path:
         if tmp.exists():
             tmp.rmtree()
         raise
+    return swap_dir_in(tmp, out)
+
+
+def swap_dir_in(tmp: str | os.PathLike, out: str | os.PathLike) -> epath.Path:
+    """Moves the complete directory ``tmp`` to ``out``, replacing any ``out``.
+
+    The second half of ``replace_dir_atomically``, for a directory that several
+    processes wrote (each its own files) before one of them swaps it in: the old
+    ``out`` is renamed aside, ``tmp`` renamed in, then the old one removed; when
+    the rename in fails the old one is put back and ``tmp`` removed.
+    """
+    tmp, out = epath.Path(tmp), epath.Path(out)
+    old = out.parent / f"{out.name}.old-{os.getpid()}"
     if out.is_dir():
         out.rename(old)
     try:

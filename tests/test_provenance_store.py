@@ -32,6 +32,53 @@ def test_keystore_truncate_after_keeps_exactly_the_rows_up_to_the_step(tmp_path)
     assert sorted(ids.tolist()) == sorted(i + 10 * s for s in range(1, 8) for i in range(3))
 
 
+def test_equal_sized_flushes_at_one_step_all_read_back(tmp_path):
+    """Re-keying and the gradient reference log every row at step 0, so auto-flushes of
+    equal size carry the same steps and row count: each must be a segment of its own
+    (they were one name, each overwriting the last). A second writer on the same
+    directory (a resumed run, a second pass) appends after them."""
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(1000)[:14].astype(np.int64)
+    keys = rng.standard_normal((14, 4)).astype(np.float32)
+    w = keystore.KeyStoreWriter(tmp_path, 0, flush_rows=4)
+    for s in range(0, 12, 4):                          # three auto-flushes of 4 rows at step 0
+        w.add(ids[s:s + 4], keys[s:s + 4], step=0)
+    assert len(keystore.segments(keystore.process_dir(tmp_path, 0))) == 3
+    again = keystore.KeyStoreWriter(tmp_path, 0, flush_rows=4)
+    again.add(ids[12:], keys[12:], step=0)
+    again.flush()
+    rows = keystore.read_store(tmp_path)
+    assert rows["ids"].tolist() == ids.tolist()        # every row, in the order written
+    np.testing.assert_array_equal(rows["keys"], keys)
+    assert keystore.row_count(keystore.process_dir(tmp_path, 0)) == 14
+    got_ids, got_keys = keystore.latest_keys(rows)
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(got_ids, ids[order])
+    np.testing.assert_array_equal(got_keys, keys[order])
+
+
+def test_a_store_with_old_style_segment_names_reads_truncates_and_appends(tmp_path):
+    """Segments named before the sequence number (seg-<first>-<last>-<n>.npz) are read,
+    counted and truncated as before, and new segments neither replace nor hide them."""
+    import io
+    d = keystore.process_dir(tmp_path, 0)
+    d.mkdir(parents=True)
+    for first, last, base in ((1, 2, 10), (3, 4, 20)):
+        buf = io.BytesIO()
+        np.savez(buf, ids=np.arange(base, base + 2), keys=np.full((2, 4), base, np.float32),
+                 steps=np.array([first, last]))
+        (d / f"seg-{first:010d}-{last:010d}-00000002.npz").write_bytes(buf.getvalue())
+    w = keystore.KeyStoreWriter(tmp_path, 0)
+    assert w.truncate_after(3) == 1                    # id 21 (step 4) goes
+    w.add(np.array([30, 31]), np.full((2, 4), 30, np.float32), step=4)
+    w.flush()
+    rows = keystore.read_store(tmp_path)
+    assert rows["ids"].tolist() == [10, 11, 20, 30, 31]
+    assert rows["steps"].tolist() == [1, 2, 3, 4, 4]
+    np.testing.assert_array_equal(rows["keys"][:, 0], [10, 10, 20, 30, 30])
+    assert keystore.row_count(d) == 5
+
+
 def test_keystore_rejects_a_corrupt_segment(tmp_path):
     d = keystore.process_dir(tmp_path, 0)
     d.mkdir(parents=True)

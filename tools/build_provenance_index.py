@@ -1,7 +1,7 @@
 """Builds the provenance index of a training run, beside its checkpoints.
 
-  python tools/build_provenance_index.py --workdir DIR [--rekey [--rekey_d_p N]] [--gradient]
-      [--corpus_dir CORPUS]
+  python tools/build_provenance_index.py --workdir DIR [--rekey [--rekey_d_p N] [--context C]]
+      [--gradient] [--corpus_dir CORPUS]
 
 Indexes the training-time key store (DIR/provenance/keys/logged). With
 --rekey, or when the run logged no keys, every training chunk is first keyed
@@ -9,6 +9,9 @@ again with the checkpoint (--step, default the latest) and that store is
 indexed too; queries use the re-keyed index then. A re-keyed index already built
 from the same step, corpus and re-keying config (by the eval binary, or an earlier
 --rekey) is reused, and stays the default, unless --rekey asks for a new pass.
+--context / --rekey_d_p set how re-keying keys: on a run with a training-time key
+store they need --rekey (or an index already re-keyed with them), else they are a
+usage error, since nothing would be re-keyed with them.
 See cbm_lm/provenance/build.py.
 --gradient also builds the projected-gradient reference (cbm_lm/provenance/gradient.py).
 """
@@ -17,8 +20,8 @@ import json
 
 from absl import app, flags, logging
 
-from cbm_lm.provenance.build import build_index
-from cbm_lm.train.checkpoint import load_model, params_manager
+from cbm_lm.provenance.build import UnusedRekeyOverrides, build_index
+from cbm_lm.train.checkpoint import load_model_and_step
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, config.json).",
                                required=True)
@@ -30,9 +33,11 @@ _GRADIENT = flags.DEFINE_bool("gradient", False, "Also build the projected-gradi
 _GRADIENT_DIM = flags.DEFINE_integer("gradient_dim", 1024, "CountSketch dimension of the "
                                      "gradient reference.")
 _CONTEXT = flags.DEFINE_enum("context", None, ["chunk", "document"],
-                             "Override provenance.rekey_context for re-keying.")
+                             "Override provenance.rekey_context for re-keying (with --rekey, "
+                             "or on a run that logged no keys).")
 _REKEY_D_P = flags.DEFINE_integer("rekey_d_p", None, "Override provenance.rekey_d_p: the key "
-                                  "width of the re-keyed index (fixed head only; 0 = d_p).")
+                                  "width of the re-keyed index (fixed head only; 0 = d_p; with "
+                                  "--rekey, or on a run that logged no keys).")
 
 
 def main(argv):
@@ -40,17 +45,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    model, config = load_model(_WORKDIR.value, step=_STEP.value)
-    with params_manager(_WORKDIR.value, read_only=True) as mngr:
-        step = _STEP.value if _STEP.value is not None else mngr.latest_step()
+    # the step of the params restored: a run training beside it may commit a newer one
+    model, config, step = load_model_and_step(_WORKDIR.value, step=_STEP.value)
     if _CORPUS.value:
         config.data.dir = _CORPUS.value
     overrides = {k: v for k, v in (("rekey_context", _CONTEXT.value),
                                    ("rekey_d_p", _REKEY_D_P.value)) if v is not None}
-    if overrides:
-        config.provenance = dict(config.get("provenance", {}) or {}, **overrides)
-    built = build_index(_WORKDIR.value, model, config, step, rekey=_REKEY.value,
-                        log=lambda m: print(m, flush=True))
+    try:
+        built = build_index(_WORKDIR.value, model, config, step, rekey=_REKEY.value,
+                            rekey_overrides=overrides, log=lambda m: print(m, flush=True))
+    except UnusedRekeyOverrides as e:
+        raise app.UsageError(str(e)) from e
     if _GRADIENT.value:
         from cbm_lm.data.corpus import Corpus
         from cbm_lm.provenance.build import corpus_dir, provenance_config

@@ -1,6 +1,6 @@
 """Building the provenance index of a training workdir (tools/build_provenance_index.py).
 
-  WORKDIR/provenance/keys/logged/     training-time key store (cbm_lm/provenance/logging.py)
+  WORKDIR/provenance/keys/logged/     training-time key store (cbm_lm/train/chunk_keys.py)
   WORKDIR/provenance/keys/rekeyed/    every training chunk keyed with one checkpoint
   WORKDIR/provenance/index/<name>/    faiss index over a store (cbm_lm/provenance/index.py)
   WORKDIR/provenance/mass.npy         concept x source mass used for source distributions:
@@ -87,12 +87,18 @@ def has_store(path) -> bool:
     return p.exists() and any(keystore.segments(d) for d in p.iterdir() if d.name.startswith("p"))
 
 
+def manifest_sha256(corpus: Corpus) -> str:
+    """The corpus's identity for indexes built from it: the sha256 of its manifest.json
+    (the manifest lists every shard with its hash, so a rebuilt corpus or another one
+    differs; a copy of the same corpus elsewhere does not)."""
+    return hashlib.sha256((epath.Path(corpus.dir) / "manifest.json").read_bytes()).hexdigest()
+
+
 def rekey_fingerprint(prov: ProvenanceConfig, step: int, corpus: Corpus, seq_len: int) -> dict:
     """What a re-keyed store depends on: the checkpoint step, the re-keying config (width,
     context, lexical features, weights, seeds), the window length and the corpus (its
     manifest's digest)."""
-    manifest = hashlib.sha256((epath.Path(corpus.dir) / "manifest.json").read_bytes())
-    return {"checkpoint_step": int(step), "corpus_manifest_sha256": manifest.hexdigest(),
+    return {"checkpoint_step": int(step), "corpus_manifest_sha256": manifest_sha256(corpus),
             "seq_len": int(seq_len), "config": json.loads(json.dumps(dataclasses.asdict(prov)))}
 
 
@@ -138,17 +144,49 @@ def index_store(workdir, name: str, prov: ProvenanceConfig, step: int, log=print
     return idx
 
 
+class UnusedRekeyOverrides(ValueError):
+    """Re-keying overrides given where nothing would be re-keyed (``build_index``)."""
+
+
+# the provenance fields a build may override for re-keying, and the index tool's flags for them
+REKEY_FLAGS = {"rekey_context": "--context", "rekey_d_p": "--rekey_d_p"}
+
+
 def build_index(workdir, model, config, step: int, *, rekey: bool = False,
-                corpus: Corpus | None = None, batch_sharding=None, log=print) -> dict:
-    """Builds the index(es) of ``workdir``; returns {name: meta} of what was built."""
+                rekey_overrides: dict | None = None, corpus: Corpus | None = None,
+                batch_sharding=None, log=print) -> dict:
+    """Builds the index(es) of ``workdir``; returns {name: meta} of what was built.
+
+    rekey_overrides: provenance fields of REKEY_FLAGS to re-key with instead of the
+    config's. They only act where a re-keyed index is built or reused; on a run with a
+    training-time key store, without ``rekey`` and with no re-keyed index of ``step``
+    built with them, nothing is re-keyed, and the changed fingerprint would only set
+    the re-keyed index on disk aside (and delete its masses). That case raises
+    UnusedRekeyOverrides, naming the flags, before anything is written.
+    """
+    if rekey_overrides:
+        unknown = sorted(set(rekey_overrides) - set(REKEY_FLAGS))
+        if unknown:
+            raise ValueError(f"rekey_overrides {unknown}: only {sorted(REKEY_FLAGS)} set how "
+                             "re-keying keys")
+        config = config.copy_and_resolve_references()
+        config.provenance = dict(config.get("provenance", {}) or {}, **rekey_overrides)
     prov = provenance_config(config)
     corpus = corpus or Corpus(corpus_dir(config, workdir))
-    root(workdir).mkdir(parents=True, exist_ok=True)
-    built = {}
     logged = has_store(store_path(workdir, LOGGED))
     rprov = prov.for_rekeying()
     fingerprint = rekey_fingerprint(rprov, step, corpus, config.data.seq_len)
     reuse = None if rekey else reusable_rekeyed(workdir, fingerprint)
+    if rekey_overrides and logged and not rekey and reuse is None:
+        given = ", ".join(f"{REKEY_FLAGS[k]}={v}" for k, v in sorted(rekey_overrides.items()))
+        raise UnusedRekeyOverrides(
+            f"{given} set how chunks are re-keyed, but nothing would be re-keyed: "
+            f"{store_path(workdir, LOGGED)} holds training-time keys and no re-keyed index of "
+            f"step {step} was built with them, so the build would index the logged keys and set "
+            f"the re-keyed index on disk aside; pass --rekey to re-key with them, or leave them "
+            f"out")
+    root(workdir).mkdir(parents=True, exist_ok=True)
+    built = {}
     if reuse is not None:
         built[REKEYED] = reuse
         log(f"{REKEYED}: reusing the index of step {step} already built with this config and "
@@ -217,10 +255,8 @@ def current_index(workdir, step: int, corpus: Corpus) -> str | None:
     if int(meta.get("checkpoint_step", -1)) != int(step):
         return None
     built_on = meta.get("rekeyed_with", {}).get("corpus_manifest_sha256")
-    if built_on is not None:
-        manifest = hashlib.sha256((epath.Path(corpus.dir) / "manifest.json").read_bytes())
-        if built_on != manifest.hexdigest():
-            return None
+    if built_on is not None and built_on != manifest_sha256(corpus):
+        return None
     return name
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from cbm_lm.atomic_io import replace_dir_atomically
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
 from cbm_lm.provenance import keystore
@@ -127,9 +128,6 @@ def build_gradient_index(workdir, model, corpus: Corpus, prov, *, k: int = 1024,
                          log=print) -> KeyIndex:
     """phi of every training chunk (cut at ``length`` tokens) -> store + exact index."""
     store, index_dir = paths(workdir)
-    tmp = store.parent / (store.name + ".tmp")
-    if tmp.exists():
-        tmp.rmtree()
     fn = make_gradient_fn(model, k, prov.seed)
     src = ShardedArrayRecordSource(corpus.shards(split))
     ids, chunks = [], []
@@ -140,18 +138,21 @@ def build_gradient_index(workdir, model, corpus: Corpus, prov, *, k: int = 1024,
             ids.append(int(rec.chunk_ids[j]))
             chunks.append(np.asarray(rec.tokens[b[j]:b[j + 1]], np.int32))
     src.close()
-    writer = keystore.KeyStoreWriter(tmp, 0)
     t0 = time.time()
-    step = batch * 64
-    for s in range(0, len(chunks), step):
-        phi = gradient_features(fn, chunks[s:s + step], length, corpus.tokenizer.pad_id, k, batch)
-        writer.add(np.asarray(ids[s:s + step], np.int64), phi, step=0)
-        log(f"gradient reference: {min(s + step, len(chunks))}/{len(chunks)} chunks "
-            f"({(time.time() - t0):.0f}s)")
-    writer.flush()
-    if store.exists():
-        store.rmtree()
-    tmp.rename(store)
+
+    def write(tmp):
+        writer = keystore.KeyStoreWriter(tmp, 0)
+        step = batch * 64
+        for s in range(0, len(chunks), step):
+            phi = gradient_features(fn, chunks[s:s + step], length, corpus.tokenizer.pad_id, k,
+                                    batch)
+            writer.add(np.asarray(ids[s:s + step], np.int64), phi, step=0)
+            log(f"gradient reference: {min(s + step, len(chunks))}/{len(chunks)} chunks "
+                f"({(time.time() - t0):.0f}s)")
+        writer.flush()
+
+    # the store is replaced only once the new one is whole: a failed pass keeps the old
+    replace_dir_atomically(store, write)
     rows = keystore.read_store(store)
     idx = KeyIndex.build(rows["ids"], rows["keys"], _exact(prov), center=False,
                          meta={"method": "gradient", "k": k, "seed": prov.seed, "length": length,

@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from cbm_lm.atomic_io import write_npy_atomic
+from cbm_lm.atomic_io import swap_dir_in, write_npy_atomic
 from cbm_lm.config import ProvenanceConfig
 from cbm_lm.data.corpus import Corpus
 from cbm_lm.data.source import ShardedArrayRecordSource
@@ -131,10 +131,12 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
                  split: str = "train", batch_sharding=None, log=print) -> dict:
     """Keys every chunk of ``split`` with ``model`` into the key store ``store``.
 
-    Replaces any earlier store at that path (written to ``store``.tmp, then
-    renamed, so a failed re-key leaves the previous store intact). Returns
-    {"chunks", "batches", "seconds", "dropped"}; writes the pass's mass beside the
-    segments (``mass-p<i>.npy``).
+    Replaces any earlier store at that path: every process writes its files into
+    ``store``.tmp, then process 0 swaps it in (atomic_io.swap_dir_in: the old store
+    is renamed aside and removed only once the new one is in place), so a failed
+    re-key leaves the previous store intact. Returns {"chunks", "batches",
+    "seconds"} of this process; writes the pass's mass beside the segments
+    (``mass-p<i>.npy``).
     """
     store = epath.Path(store)
     tmp = store.parent / (store.name + ".tmp")
@@ -180,9 +182,7 @@ def rekey_corpus(model, corpus: Corpus, prov: ProvenanceConfig, seq_len: int, st
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("cbm_lm_rekey_written")
     if jax.process_index() == 0:
-        if store.exists():
-            store.rmtree()
-        tmp.rename(store)
+        swap_dir_in(tmp, store)
     return {"chunks": n_chunks, "batches": n_batches, "seconds": time.time() - t0}
 
 

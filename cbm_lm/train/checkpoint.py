@@ -195,6 +195,19 @@ def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=N
     cast to it, the module computes in it), e.g. "float32" to compare with a
     reference implementation; the returned model.config says so.
     """
+    model, config, _ = load_model_and_step(ckpt_dir, mesh=mesh, rules=rules, step=step,
+                                           param_dtype=param_dtype, dtype=dtype)
+    return model, config
+
+
+def load_model_and_step(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=None,
+                        step: int | None = None, param_dtype=None, dtype: str | None = None):
+    """``load_model`` -> (model, config, step), step being the one whose params were restored.
+
+    For whatever labels its output with the step (the provenance index): asking the
+    checkpoint manager for the latest step a second time can name a newer one, when a
+    training run beside it commits a checkpoint in between.
+    """
     config = read_config(ckpt_dir)
     model_cfg = ModelConfig.from_config(config.model)
     if dtype is not None:
@@ -212,6 +225,6 @@ def load_model(ckpt_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules=N
         return jax.ShapeDtypeStruct(var.shape, param_dtype or var.dtype, sharding=sharding)
 
     targets = jax.tree.map(target, abs_params.to_pure_dict(), shardings.to_pure_dict())
-    restored, _ = restore_params(ckpt_dir, targets, step=step)
+    restored, step = restore_params(ckpt_dir, targets, step=step)
     nnx.replace_by_pure_dict(abs_params, restored)
-    return nnx.merge(graphdef, abs_params), config
+    return nnx.merge(graphdef, abs_params), config, int(step)
