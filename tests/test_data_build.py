@@ -190,7 +190,7 @@ def test_a_bare_glob_matches_in_the_working_directory(tmp_path, monkeypatch):
 def test_publishing_over_an_old_corpus_keeps_it_when_the_swap_fails(tmp_path, monkeypatch):
     from etils import epath
 
-    from cbm_lm.data import corpus_build
+    from cbm_lm.data import corpus_finalize
     out, new = epath.Path(tmp_path) / "corpus", epath.Path(tmp_path) / ".corpus.tmp-1"
     out.mkdir()
     (out / "manifest.json").write_text("old")
@@ -204,10 +204,10 @@ def test_publishing_over_an_old_corpus_keeps_it_when_the_swap_fails(tmp_path, mo
         return real(self, target)
     monkeypatch.setattr(type(new), "rename", rename)
     with pytest.raises(OSError, match="cross-device"):
-        corpus_build._publish(new, out)
+        corpus_finalize.publish(new, out)
     assert (out / "manifest.json").read_text() == "old"
     monkeypatch.setattr(type(new), "rename", real)
-    corpus_build._publish(new, out)
+    corpus_finalize.publish(new, out)
     assert (out / "manifest.json").read_text() == "new"
     assert sorted(p.name for p in epath.Path(tmp_path).iterdir()) == ["corpus"]
 

@@ -120,3 +120,44 @@ def test_degraded_demo_corpus_without_apt(tmp_path, monkeypatch):
     assert all(len(d.token_spans) == 0 for d in c.documents("train"))
     status = json.loads((tmp_path / "demo" / "demo_sources.json").read_text())
     assert status["degraded"] and "fortunes" in status["missing_apt_packages"]
+
+
+def test_a_failure_after_the_beam_build_keeps_the_old_corpus(tmp_path, monkeypatch):
+    """planted_facts.json, demo_sources.json and lexicon.tsv belong to the build: if
+    locating the facts fails, nothing is published and an earlier corpus at the
+    destination stays as it was (no half corpus without them); when it succeeds they
+    arrive with the corpus. A few tiny documents stand in for the real sources."""
+    from cbm_lm.data import demo_corpus
+
+    from data_fixtures import build
+    dest = build(tmp_path / "old", out=str(tmp_path / "demo"))    # inputs in old/, corpus at demo/
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    facts = planted_facts.generate_facts(4, seed=0)
+    docs = [{"text": f"Some filler text number {i}, said twice. " * 2, "source": "filler"}
+            for i in range(6)]
+    docs += planted_facts.training_documents(facts) + planted_facts.query_documents(facts)
+    have = {"shakespeare": True, "fortunes": False, "wordnet": False, "pydoc": False}
+    monkeypatch.setattr(demo_corpus, "gather", lambda cfg, log: (docs, have))
+    real_locate = planted_facts.locate_facts
+
+    def fail(corpus_dir, fs):
+        raise ValueError("facts not stated in exactly one chunk")
+    monkeypatch.setattr(planted_facts, "locate_facts", fail)
+    cfg = DemoConfig(out=str(tmp_path / "demo"), vocab_size=300, num_facts=4, num_shards=1,
+                     heldout_fraction=0.0, overwrite=True)
+    with pytest.raises(ValueError, match="exactly one chunk"):
+        build_demo_corpus(cfg, log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "old"]   # no half corpus
+
+    monkeypatch.setattr(planted_facts, "locate_facts", real_locate)
+    build_demo_corpus(cfg, log=lambda m: None)
+    c = Corpus(tmp_path / "demo")
+    assert "planted_facts" in c.sources
+    pf = json.loads((tmp_path / "demo" / "planted_facts.json").read_text())
+    for f in pf["facts"]:                  # each chunk id decodes to its fact's statement
+        rec, j = c.find_chunk(f["chunk_id"])
+        text = c.tokenizer.decode(rec.tokens[rec.chunk_bounds[j]:rec.chunk_bounds[j + 1]])
+        assert text.strip() == f["statement"]
+    assert json.loads((tmp_path / "demo" / "demo_sources.json").read_text())["degraded"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "old"]

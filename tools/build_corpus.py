@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cbm_lm.data.corpus_build import (BuildConfig, build_corpus,  # noqa: E402
-                                     unknown_pipeline_args)
+                                     check_config, unknown_pipeline_args)
 from cbm_lm.data.errors import DataError  # noqa: E402
 
 
@@ -60,20 +60,24 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args, beam_args = parse_args(sys.argv[1:] if argv is None else argv)
-    jsonl = list(args.jsonl)
-    if args.seqio_task:
-        from cbm_lm.data.seqio_input import seqio_to_jsonl
-        jsonl.append(seqio_to_jsonl(args.seqio_task, args.seqio_split, args.out,
-                                    args.seqio_max_examples))
     # metadata specs use ';' between fields on the command line (',' splits labelers)
     labelers = [s.replace(";", ",") for s in args.labelers]
     cfg = BuildConfig(
-        out=args.out, jsonl=jsonl, atlas=args.atlas, tokenizer=args.tokenizer,
+        out=args.out, jsonl=list(args.jsonl), atlas=args.atlas, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, concepts=args.concepts, max_concepts=args.max_concepts,
         labelers=labelers, max_chunk_tokens=args.max_chunk_tokens,
         max_chunk_concepts=args.max_chunk_concepts, num_shards=args.num_shards,
         heldout_shards=args.heldout_shards, heldout_fraction=args.heldout_fraction,
         skip_bad_records=args.skip_bad_records, overwrite=args.overwrite)
+    try:
+        check_config(cfg)          # before the seqio dump writes anything
+    except ValueError as e:
+        print(f"build_corpus: {e}", file=sys.stderr)
+        return 2
+    if args.seqio_task:
+        from cbm_lm.data.seqio_input import seqio_to_jsonl
+        cfg.jsonl.append(seqio_to_jsonl(args.seqio_task, args.seqio_split, args.out,
+                                        args.seqio_max_examples))
     try:
         m = build_corpus(cfg, beam_args)
     except DataError as e:

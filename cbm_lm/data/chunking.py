@@ -48,6 +48,9 @@ def resolve_doc(doc: LabelledDoc, name_to_id, num_concepts, vocab_file):
 
 def _split_points(n_tokens: int, ends_with_newline: np.ndarray, max_len: int) -> list[int]:
     """Cut positions (exclusive ends) splitting n_tokens into pieces <= max_len."""
+    if not max_len >= 1:      # 0 would never advance (an endless loop); NaN fails too
+        raise ValueError(f"chunk length {max_len!r} tokens (max_chunk_tokens); expected an "
+                         "integer >= 1")
     cuts, start = [], 0
     while n_tokens - start > max_len:
         window = ends_with_newline[start + max_len // 2: start + max_len]

@@ -14,6 +14,7 @@ from cbm_lm.data import records, shards
 from cbm_lm.data import tokenizer as tokenizer_lib
 from cbm_lm.data.concepts import ConceptVocab
 from cbm_lm.data.corpus_finalize import FORMAT
+from cbm_lm.data.source import ShardRef
 
 
 class Corpus:
@@ -33,11 +34,12 @@ class Corpus:
     def max_chunk_concepts(self) -> int:
         return self.manifest["max_chunk_concepts"]
 
-    def shards(self, split: str) -> list[tuple[str, int]]:
-        """[(path, num_records)] of a split, in shard order."""
+    def shards(self, split: str) -> list[ShardRef]:
+        """[(path, num_records)] of a split, in shard order; each a ``ShardRef`` carrying
+        the manifest's sha256 of the file (remote shards are staged and checked by it)."""
         if split not in self.manifest["splits"]:
             raise KeyError(f"{self.dir}: no split {split!r}; have {sorted(self.manifest['splits'])}")
-        return [(str(self.dir / s["file"]), s["records"])
+        return [ShardRef(str(self.dir / s["file"]), s["records"], s.get("sha256"))
                 for s in self.manifest["splits"][split]["shards"]]
 
     @functools.cached_property
@@ -66,9 +68,9 @@ class Corpus:
     def documents(self, split: str) -> Iterator[records.DocumentRecord]:
         """Every document of a split, in shard order (one shard open at a time)."""
         from cbm_lm.data.source import ShardedArrayRecordSource
-        for path, n in self.shards(split):
-            src = ShardedArrayRecordSource([(path, n)])
-            for i in range(n):
+        for ref in self.shards(split):
+            src = ShardedArrayRecordSource([ref])
+            for i in range(ref[1]):
                 yield src[i]
             src.close()
 
@@ -76,8 +78,9 @@ class Corpus:
         """(document, chunk index) holding a global chunk id; reads one shard."""
         from cbm_lm.data.source import ShardedArrayRecordSource
         split_code, shard, _ = records.split_id(chunk_id)
-        path, n = self.shards(records.SPLITS[split_code])[shard]
-        for rec in (ShardedArrayRecordSource([(path, n)])[i] for i in range(n)):
+        ref = self.shards(records.SPLITS[split_code])[shard]
+        (path, n), src = ref, ShardedArrayRecordSource([ref])
+        for rec in (src[i] for i in range(n)):
             hit = np.nonzero(rec.chunk_ids == chunk_id)[0]
             if len(hit):
                 return rec, int(hit[0])

@@ -5,7 +5,9 @@ other argument is a Beam pipeline option.
 
 Outputs go to a hidden sibling ``.<out>.tmp-<id>`` and are renamed to ``out``
 only after the whole build succeeded, with ``manifest.json`` written last, so a
-failed run never leaves shards that look complete. Determinism: documents are
+failed run never leaves shards that look complete (object stores copy instead of
+renaming: ``corpus_finalize.publish``). Flags are range-checked (``check_config``)
+before anything is read or written. Determinism: documents are
 split (train/heldout) and sharded by a hash of their content, sorted by it
 inside a shard, and ids are positions in the sorted shard, so the same input
 gives byte-identical shards whatever the runner's ordering.
@@ -18,6 +20,7 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -26,7 +29,7 @@ from etils import epath
 from cbm_lm.data import chunking, inputs, labelers as labelers_lib, shards
 from cbm_lm.data import tokenizer as tokenizer_lib
 from cbm_lm.data.concepts import ConceptVocab
-from cbm_lm.data.corpus_finalize import finalize
+from cbm_lm.data.corpus_finalize import finalize, publish
 from cbm_lm.data.errors import DataError, unwrap
 
 BAD = "bad"
@@ -67,12 +70,39 @@ def expand(patterns: list[str]) -> list[str]:
                 raise FileNotFoundError(f"{pat}: no files match")
             files += [str(m) for m in matched]
         elif p.is_dir():
-            files += sorted(str(m) for m in p.iterdir() if m.name.endswith((".jsonl", ".jsonl.gz")))
+            found = sorted(str(m) for m in p.iterdir() if m.name.endswith((".jsonl", ".jsonl.gz")))
+            if not found:
+                raise FileNotFoundError(f"{pat}: directory holds no input; expected .jsonl or "
+                                        ".jsonl.gz files in it")
+            files += found
         elif p.exists():
             files.append(str(p))
         else:
             raise FileNotFoundError(f"{pat}: no such file")
     return files
+
+
+def check_config(cfg: BuildConfig) -> None:
+    """Raises ValueError naming each out-of-range build flag and its value; build_corpus
+    calls it before reading or writing anything (a 0 would otherwise surface deep inside
+    Beam, e.g. --num_shards 0 as 'integer modulo by zero', or never return)."""
+    bad = [f"--{flag} {getattr(cfg, flag)!r}: expected an integer >= 1"
+           for flag in ("max_chunk_tokens", "max_chunk_concepts", "num_shards")
+           if not getattr(cfg, flag) >= 1]
+    bad += [f"--{flag} {getattr(cfg, flag)!r}: expected an integer >= 0 ({zero})"
+            for flag, zero in (("vocab_size", "0 = use --tokenizer"),
+                               ("max_concepts", "0 = no limit"))
+            if not getattr(cfg, flag) >= 0]
+    frac = cfg.heldout_fraction
+    if not 0 <= frac <= 1:
+        bad.append(f"--heldout_fraction {frac!r}: expected a fraction in [0, 1]")
+    elif frac > 0 and not cfg.heldout_shards >= 1:
+        bad.append(f"--heldout_shards {cfg.heldout_shards!r}: expected an integer >= 1 when "
+                   f"--heldout_fraction is {frac} (held-out documents need a shard)")
+    elif not cfg.heldout_shards >= 0:
+        bad.append(f"--heldout_shards {cfg.heldout_shards!r}: expected an integer >= 0")
+    if bad:
+        raise ValueError("invalid build flag(s): " + "; ".join(bad))
 
 
 class _ReadJsonl(beam.DoFn):
@@ -117,7 +147,11 @@ class _Encode(beam.DoFn):
         if not hasattr(self, "_maps") or self._maps[0] is not concept_names:
             self._maps = (concept_names, {n: i for i, n in enumerate(concept_names)},
                           {n: i for i, n in enumerate(source_names)})
+        split = doc.split_for(cfg.heldout_fraction)
         try:
+            if split == "heldout" and cfg.heldout_shards < 1:
+                raise doc.error(f"field 'split' is 'heldout' but --heldout_shards is "
+                                f"{cfg.heldout_shards}; expected 'train', or --heldout_shards >= 1")
             doc_ids, spans, tok_labels = chunking.resolve_doc(doc, self._maps[1], len(concept_names),
                                                               self.vocab_file)
             out = chunking.tokenize_and_chunk(doc, doc_ids, spans, tok_labels, self.tok,
@@ -128,7 +162,6 @@ class _Encode(beam.DoFn):
             yield beam.pvalue.TaggedOutput(BAD, str(e))
             return
         h = doc.hash()
-        split = doc.split_for(cfg.heldout_fraction)
         n = cfg.heldout_shards if split == "heldout" else cfg.num_shards
         shard = int.from_bytes(h[8:16], "big") % n
         out.update(hash=h, source_id=self._maps[2][doc.source], doc_key=doc.key)
@@ -236,9 +269,16 @@ def check_pipeline_args(args) -> None:
                          f"option (see --help)")
 
 
-def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None) -> dict:
-    """Runs the build; returns the manifest. Raises DataError on bad input."""
+def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None,
+                 before_publish: Callable[[epath.Path], None] | None = None) -> dict:
+    """Runs the build; returns the manifest. Raises DataError on bad input.
+
+    ``before_publish(build_dir)``, when given, runs on the finished build (a readable
+    corpus, manifest included) before it replaces ``cfg.out``: files it writes there are
+    published with the corpus, and if it raises nothing is published.
+    """
     check_pipeline_args(pipeline_args)
+    check_config(cfg)
     out = epath.Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
@@ -248,6 +288,7 @@ def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None) -> di
     files = expand(cfg.jsonl) if cfg.jsonl else []
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+    publishing = False
     try:
         tokenizer_path = _prepare_tokenizer(cfg, files, tmp)
         fixed_vocab, vocab_file = None, None
@@ -267,41 +308,19 @@ def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None) -> di
         _run_pipeline(cfg, files, tmp, tokenizer_path, fixed_vocab, vocab_file,
                       atlas_concepts, pipeline_args or [])
         manifest = finalize(tmp, cfg)
-        _publish(tmp, out)
+        if before_publish is not None:
+            before_publish(tmp)
+        publishing = True
+        publish(tmp, out)
         return manifest
     except BaseException as e:
-        if tmp.exists():
+        # a remote publish that failed midway keeps the complete build (publish names it)
+        if tmp.exists() and not (publishing and not shards.is_local(out)):
             shutil.rmtree(tmp, ignore_errors=True) if shards.is_local(tmp) else tmp.rmtree()
         data_error = unwrap(e)
         if data_error is not None and data_error is not e:
             raise data_error from None
         raise
-
-
-def _publish(tmp: epath.Path, out: epath.Path) -> None:
-    """Moves the finished build into place; manifest.json arrives last."""
-    if shards.is_local(out):
-        # the old corpus renamed aside, the new one in, then the old removed: a failure
-        # before the swap leaves the old corpus whole
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        if out.exists():
-            out.rename(old)
-        try:
-            tmp.rename(out)  # atomic on one filesystem
-        except BaseException:
-            if old.exists() and not out.exists():
-                old.rename(out)
-            raise
-        if old.exists():
-            shutil.rmtree(old)
-        return
-    if out.exists():
-        out.rmtree()
-    out.mkdir(parents=True, exist_ok=True)  # object stores: copy, manifest last
-    files = sorted(tmp.iterdir(), key=lambda f: f.name == "manifest.json")
-    for f in files:
-        (out / f.name).write_bytes(f.read_bytes())
-    tmp.rmtree()
 
 
 def _run_pipeline(cfg, files, tmp, tokenizer_path, fixed_vocab, vocab_file, atlas_concepts,

@@ -1,4 +1,5 @@
-"""Folds per-shard stats into ``manifest.json`` after the Beam run.
+"""Folds per-shard stats into ``manifest.json`` after the Beam run, and publishes the
+finished build (``publish``).
 
 Manifest fields: format, tokenizer (file, vocab_size, special ids),
 max_chunk_tokens, max_chunk_concepts, num_concepts, splits.<split>.shards
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
+import uuid
 from collections import Counter
 
 from etils import epath
@@ -84,3 +87,44 @@ def finalize(tmp, cfg) -> dict:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True,
                                                   ensure_ascii=False))
     return manifest
+
+
+def publish(tmp, out) -> None:
+    """Moves the finished build ``tmp`` (a sibling of ``out``) into place at ``out``.
+
+    Local: the old corpus renamed aside, the new one renamed in, then the old removed; a
+    failure before the swap leaves the old corpus whole. Object stores have no directory
+    rename: the new corpus is already complete at ``tmp`` before the old one is touched;
+    then the old ``manifest.json`` goes first (a directory without one reads as incomplete,
+    ``Corpus`` refuses it), the old files next, the new ones are copied with
+    ``manifest.json`` last, and ``tmp`` is removed. A failure in between keeps ``tmp`` (the
+    caller must not remove it) and raises naming it: the complete build survives there.
+    """
+    tmp, out = epath.Path(tmp), epath.Path(out)
+    if shards.is_local(out):
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)  # atomic on one filesystem
+        except BaseException:
+            if old.exists() and not out.exists():
+                old.rename(out)
+            raise
+        if old.exists():
+            shutil.rmtree(old)
+        return
+    try:
+        if out.exists():
+            if (out / "manifest.json").exists():
+                (out / "manifest.json").unlink()
+            out.rmtree()
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "manifest.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    except Exception as e:
+        raise RuntimeError(
+            f"{out}: copying the new corpus into place failed ({type(e).__name__}: {e}); readers "
+            f"refuse {out} while it has no manifest.json. The complete build is kept at {tmp}: "
+            f"copy its files to {out}, manifest.json last, or rerun the build") from e
+    tmp.rmtree()

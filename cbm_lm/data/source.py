@@ -9,7 +9,9 @@ opens nothing; readers are opened on first use and kept in an LRU of at most
 whose record count differs from the manifest, or a record that fails to read
 or decode, raises an error naming the shard file and record index. Remote
 shards (``gs://...``) are copied to a local cache directory on first use,
-since the ArrayRecord reader needs a local file.
+since the ArrayRecord reader needs a local file; the cached copy is named by the
+manifest's sha256 of the shard and checked against it when staged, so a corpus
+rebuilt in place (same paths, new bytes) is never read from a stale copy.
 """
 
 from __future__ import annotations
@@ -28,17 +30,43 @@ from etils import epath
 from cbm_lm.data import records, shards
 
 
-def _stage_local(path: str, cache_dir: str | None) -> str:
+class ShardRef(tuple):
+    """``(path, records)`` of one shard (unpacks as that pair) with ``sha256``, the
+    manifest's hash of the file (None when unknown); what ``Corpus.shards`` returns."""
+
+    def __new__(cls, path: str, records: int, sha256: str | None = None):
+        self = super().__new__(cls, (path, records))
+        self.sha256 = sha256
+        return self
+
+    def __getnewargs__(self):
+        return (*self, self.sha256)
+
+    def __repr__(self) -> str:
+        return f"ShardRef({self[0]!r}, {self[1]}, sha256={self.sha256!r})"
+
+
+def _stage_local(path: str, cache_dir: str | None, sha256: str | None = None) -> str:
+    """A local file holding the shard at ``path``: ``path`` itself when local, else a
+    cached copy. With ``sha256`` (the manifest's) the copy is named by it and its bytes
+    checked against it before it enters the cache; without, the copy is named by the path
+    and a shard replaced in place is not noticed."""
     if shards.is_local(path):
         return path
     cache = epath.Path(cache_dir or os.path.join(tempfile.gettempdir(), "cbm_lm_shards"))
     cache.mkdir(parents=True, exist_ok=True)
-    local = cache / (hashlib.sha1(path.encode()).hexdigest()[:16] + "-" + epath.Path(path).name)
+    key = sha256[:32] if sha256 else hashlib.sha1(path.encode()).hexdigest()[:16]
+    local = cache / f"{key}-{epath.Path(path).name}"
     if not local.exists():
+        data = epath.Path(path).read_bytes()
+        if sha256 and (got := hashlib.sha256(data).hexdigest()) != sha256:
+            raise ValueError(f"{path}: sha256 {got} but the manifest says {sha256}; expected the "
+                             "shard the manifest describes (was the corpus rebuilt or changed "
+                             "since it was opened?)")
         # one temporary name per caller (grain's read threads share a pid); the rename is
         # atomic, and a second copy of the same bytes replacing the first is harmless
         part = local.with_name(f"{local.name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        part.write_bytes(epath.Path(path).read_bytes())
+        part.write_bytes(data)
         os.replace(part, local)
     return os.fspath(local)
 
@@ -46,9 +74,13 @@ def _stage_local(path: str, cache_dir: str | None) -> str:
 class ShardedArrayRecordSource:
     """``len`` = total records; ``src[i]`` = the i-th DocumentRecord in shard order."""
 
-    def __init__(self, shard_list: Sequence[tuple[str, int]], max_open: int = 64,
+    def __init__(self, shard_list: Sequence[tuple], max_open: int = 64,
                  cache_dir: str | None = None):
-        self._shards = [(str(p), int(n)) for p, n in shard_list]
+        """``shard_list``: ``(path, records)`` pairs (``ShardRef``s carry the manifest's
+        sha256, which remote shards are staged and checked by) or ``(path, records,
+        sha256)`` triples."""
+        self._shards = [(str(e[0]), int(e[1])) for e in shard_list]
+        self._sha256 = [e[2] if len(e) > 2 else getattr(e, "sha256", None) for e in shard_list]
         self._starts = [0]
         for _, n in self._shards:
             self._starts.append(self._starts[-1] + n)
@@ -94,7 +126,7 @@ class ShardedArrayRecordSource:
         path, expected = self._shards[s]
         try:
             reader = array_record_module.ArrayRecordReader(
-                _stage_local(path, self._cache_dir), "readahead_buffer_size:0",
+                _stage_local(path, self._cache_dir, self._sha256[s]), "readahead_buffer_size:0",
                 file_reader_buffer_size=32768)
             n = reader.num_records()
         except Exception as e:  # noqa: BLE001
