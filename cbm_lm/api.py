@@ -210,12 +210,22 @@ class Explainer:
         """The last ``n_explain`` tokens of ``ids`` [T] as if the model had generated them:
         a trace whose prompt is ids[:T - n] and whose "generated" tokens are the true ones,
         committed all at once from a fully masked window (diffusion) or one per step
-        (autoregressive). Explaining it explains the model's prediction of real text."""
+        (autoregressive). Explaining it explains the model's prediction of real text.
+        Raises ValueError, as the samplers do, when ids do not fit the model's max_seq_len
+        or hold an id outside its vocabulary."""
         ids = np.asarray(ids, np.int32).reshape(-1)
         n = int(n_explain)
         if not 0 < n < len(ids):
             raise ValueError(f"n_explain={n}: expected 1..{len(ids) - 1} (the prompt keeps >= 1 "
                              f"of the {len(ids)} tokens)")
+        cfg = self.model.config
+        if len(ids) > cfg.max_seq_len:
+            raise ValueError(f"teacher_forced: {len(ids)} tokens; the model's max_seq_len is "
+                             f"{cfg.max_seq_len} (keep the last {cfg.max_seq_len} or fewer)")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            bad = int(ids[(ids < 0) | (ids >= cfg.vocab_size)][0])
+            raise ValueError(f"teacher_forced: id {bad} is outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
         diffusion = self.model.config.attention != "causal"
         steps = np.zeros(n, np.int32) if diffusion else np.arange(n, dtype=np.int32)
         committed = np.full((1, len(ids)), -1, np.int32)
@@ -299,6 +309,30 @@ class Explainer:
                                  for s, e in gen.chunks[b]]
             rows.append(row)
         return rows
+
+    def to_text(self, gen: Generation, explanations: list[ChunkExplanation]) -> str:
+        """Per sequence: the prompt, then each output chunk's text and its three views on
+        indented lines (concepts with epsilon's share, input tokens, training chunks)."""
+        out = []
+        for row in self.to_json(gen, explanations):
+            out.append(str(row["prompt"] if row["prompt"] is not None else row["prompt_ids"]))
+            p = len(row["prompt_ids"])
+            for i, c in enumerate(row["chunks"]):
+                out.append(f"--- chunk {i} [{c['start']}, {c['end']}) ---")
+                out.append(str(c["text"] if c["text"] is not None
+                               else row["tokens"][c["start"] - p: c["end"] - p]))
+                out.append("    concepts: " + ", ".join(
+                    f"{e['name']} {e['score']:+.3f}" for e in c["top_concepts"])
+                    + f"; epsilon {c['epsilon_share']:+.3f}")
+                out.append("    input tokens: " + ", ".join(
+                    f"{t['text'] if t['text'] is not None else '#' + str(t['token_id'])!r}"
+                    f"@{t['position']} {t['score']:+.3f}" for t in c["top_input_tokens"]))
+                if "training_chunks" in c:
+                    out.append("    training chunks: " + ", ".join(
+                        f"{m.get('chunk_id')} ({m.get('source', '?')}) {m.get('score', 0.0):.3f}"
+                        for m in c["training_chunks"]))
+            out.append("")
+        return "\n".join(out)
 
 
 def _until_stop(ids: np.ndarray, stop_ids) -> np.ndarray:

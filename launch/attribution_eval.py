@@ -30,6 +30,8 @@ _BASE = flags.DEFINE_string("baseline_workdir", None, "A same-size run without t
 _PROMPTS = flags.DEFINE_integer("num_prompts", 3, "Held-out prompts explained in the HTML.")
 _STEER = flags.DEFINE_integer("steering_concepts", 6, "Concepts amplified in the steering test "
                               "(0 skips it).")
+_STEER_MIN = flags.DEFINE_integer("steering_min_chunks", 20, "Sampled training chunks a concept "
+                                  "must label for the steering test's detector.")
 
 
 def main(argv):
@@ -41,6 +43,8 @@ def main(argv):
         raise app.UsageError("--out is required")
     if _CKPT.value and not _DATA.value:
         raise app.UsageError("--checkpoint needs --data CORPUS_DIR")
+    if _NUM.value < 1:
+        raise app.UsageError(f"--num_examples={_NUM.value}: expected >= 1 held-out document")
     import jax
 
     from cbm_lm.eval.report import OutputError
@@ -55,7 +59,8 @@ def main(argv):
               flush=True)
         report = run_eval(target, _OUT.value, EvalOptions(
             num_examples=_NUM.value, seed=_SEED.value, baseline_workdir=_BASE.value,
-            num_prompts=_PROMPTS.value, steering_concepts=_STEER.value))
+            num_prompts=_PROMPTS.value, steering_concepts=_STEER.value,
+            steering_min_chunks=_STEER_MIN.value))
     except (EvalInputError, OutputError) as e:
         sys.exit(f"attribution_eval: error: {e}")
     out = os.path.abspath(_OUT.value)

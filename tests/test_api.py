@@ -86,6 +86,41 @@ def test_explain_gives_three_views_per_chunk(explainer, steered):
     assert rows[1]["prompt_ids"] == [4, 8, 15, 16, 23]
 
 
+def test_text_view_lists_each_chunks_explanation(explainer, steered):
+    """to_text (tools/generate.py without --json) shows what explain found for every chunk:
+    its text, its top concepts in order with their scores, epsilon's share, and its top
+    input tokens with their positions, the same entries as the JSON view."""
+    gen, views = steered
+    chunks = explainer.explain(gen, top_k=2, views=views)
+    text = explainer.to_text(gen, chunks)
+    blocks = text.split("--- chunk ")[1:]
+    assert len(blocks) == len(chunks)
+    for c, block in zip(chunks, blocks):
+        lines = block.splitlines()
+        assert f"[{c.start}, {c.end}) ---" in lines[0]
+        # no tokenizer here: the chunk's ids stand for its text
+        assert lines[1] == str([int(t) for t in gen.trace.tokens[c.batch, c.start:c.end]])
+        concepts = next(ln for ln in lines if ln.startswith("    concepts: "))
+        assert concepts == "    concepts: " + ", ".join(
+            f"{e['name']} {e['score']:+.3f}" for e in c.top_concepts) + (
+            f"; epsilon {c.epsilon_share:+.3f}")
+        inputs = next(ln for ln in lines if ln.startswith("    input tokens: "))
+        assert [int(x.split("@")[1].split()[0]) for x in inputs.split(", ")] == [
+            t["position"] for t in c.top_input_tokens]
+        assert len(c.top_concepts) == 2 and "training chunks" not in block
+
+
+def test_teacher_forced_refuses_what_the_model_cannot_read(explainer):
+    """As the samplers do (inference/prompts.layout): at most max_seq_len (64 here) tokens,
+    every id inside the vocabulary (97)."""
+    ok = explainer.teacher_forced(np.arange(64) % 90, 3)
+    assert ok.trace.length == 64 and list(ok.trace.gen_lens) == [3]
+    with pytest.raises(ValueError, match=r"65 tokens; the model's max_seq_len is 64"):
+        explainer.teacher_forced(np.arange(65) % 90, 3)
+    with pytest.raises(ValueError, match=r"id 97 is outside the vocabulary \[0, 97\)"):
+        explainer.teacher_forced([1, 2, 97, 4], 2)
+
+
 def test_generation_is_deterministic_and_batch_independent(explainer):
     a = explainer.generate([[5, 9, 11], [4, 8, 15, 16, 23]], max_new_tokens=8, seed=3,
                            capture=False)

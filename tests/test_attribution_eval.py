@@ -19,7 +19,7 @@ from cbm_lm.eval.report import TOP_LEVEL, OutputError, prepare_output
 from cbm_lm.eval.target import EvalInputError, load_target
 from cbm_lm.train.checkpoint import save_params
 from cbm_lm.config import ModelConfig
-from model_fixtures import make_model
+from model_fixtures import make_model, tiny_config
 from train_fixtures import ROOT, run, tiny_corpus, train_args
 
 BINARY = str(ROOT / "launch" / "attribution_eval.py")
@@ -112,12 +112,17 @@ def test_binary_on_a_trained_checkpoint(tmp_path, corpus):
                                        "model.attention": "causal"}))
     out = tmp_path / "out"
     proc = run([sys.executable, BINARY, "--workdir", str(workdir), "--out", str(out),
-                "--num_examples", "8", "--num_prompts", "1", "--steering_concepts", "1"])
+                "--num_examples", "8", "--num_prompts", "1", "--steering_concepts", "1",
+                "--steering_min_chunks", "10"])
     assert "eta" in proc.stdout and f"report: {out}/report.html" in proc.stdout
     report = check_report(out, step=4, curves=True)
     assert report["details"]["heldout"]["windows"] == 8
     steering = report["details"]["steering"]["per_concept"]
-    assert [p["name"] for p in steering] == ["topic:filler0"]   # the one with 20 labelled chunks
+    # a concept labelling >= 10 of the training split's chunks (the detector's data; the
+    # manifest's counts add the held-out split): topic:filler0 (13) or topic:filler2 (10)
+    counts = train_chunk_counts(corpus)
+    assert len(steering) == 1 and counts[steering[0]["name"]] >= 10
+    assert steering[0]["detector_train_positives"] == counts[steering[0]["name"]]
     assert math.isfinite(report["steering_perplexity_ratio"])
 
 
@@ -165,3 +170,91 @@ def test_provenance_needs_planted_facts(tmp_path, corpus):
     from cbm_lm.eval.provenance_eval import ProvenanceUnavailable, provenance_eval
     with pytest.raises(ProvenanceUnavailable, match=r"has no planted_facts.json"):
         provenance_eval(str(tmp_path), None, base_config(), Corpus(corpus), 0)
+
+
+def train_chunk_counts(corpus_dir) -> dict[str, int]:
+    """{concept name: chunks of the training split that carry it}, read record by record."""
+    from collections import Counter
+
+    from cbm_lm.data.corpus import Corpus
+    c = Corpus(corpus_dir)
+    counts = Counter()
+    for doc in c.documents("train"):
+        for k in range(doc.num_chunks):
+            counts.update({c.concepts.name(int(j)) for j in doc.chunk_concepts[k] if j >= 0})
+    return counts
+
+
+def test_detector_concepts_are_counted_on_its_training_sample(tmp_path, corpus):
+    """The manifest says topic:filler0 labels 20 chunks, but 7 of them are held out: with
+    20 required, no concept qualifies on the training chunks, so the steering test is
+    unavailable (not a crash); a concept absent from a small sample gets no detector and
+    is skipped, not fatal."""
+    from cbm_lm.data.corpus import Corpus
+    from cbm_lm.eval.concept_classifier import chunk_texts, train_classifier, trainable_concepts
+    from cbm_lm.eval.report import MetricUnavailable
+    from cbm_lm.eval.steering_eval import SteeringUnavailable, steering_eval
+    c = Corpus(corpus)
+    counts = train_chunk_counts(corpus)
+    filler0 = c.concepts.id("topic:filler0")
+    assert c.manifest["concepts"]["topic:filler0"]["chunks"] == 20 > counts["topic:filler0"]
+    texts, labels = chunk_texts(c, "train", 20000, 0)
+    assert len(texts) == sum(1 for d in c.documents("train") for _ in range(d.num_chunks))
+    assert trainable_concepts(labels, 20) == []
+    assert trainable_concepts(labels, 10) == sorted(
+        c.concepts.id(n) for n, k in counts.items() if k >= 10)
+    model = make_model(tiny_config())                  # 40 known concepts: all 9 fit
+    with pytest.raises(SteeringUnavailable, match=r"labels 20 of the \d+ sampled training chunks"):
+        steering_eval(model, c, None, min_train_chunks=20)
+    assert issubclass(SteeringUnavailable, MetricUnavailable)
+    # a 10-chunk sample: a concept none of its chunks carries gets no detector
+    texts, labels = chunk_texts(c, "train", 10, 0)
+    absent = [j for j in range(len(c.concepts)) if not any(j in ids for ids in labels)]
+    present = [j for j in range(len(c.concepts))
+               if 0 < sum(j in ids for ids in labels) < len(labels)]
+    assert absent and present
+    clf = train_classifier(c, [present[0], absent[0]], max_chunks=10, seed=0)
+    assert list(clf.models) == [present[0]] and absent[0] in clf.skipped
+    assert "0 of the 10 sampled training chunks" in clf.skipped[absent[0]]
+    with pytest.raises(KeyError, match=f"concept {absent[0]}: no detector"):
+        clf.probability(["some text"], absent[0])
+    assert clf.probability(["some text"], present[0]).shape == (1,)
+
+
+def test_unmeasurable_deletion_is_null_with_a_reason_and_the_rest_runs(tmp_path, corpus):
+    """An 8-token model: no held-out token has the deletion test's 8 tokens of context
+    (AR: the token at p+1 >= 9 would be outside the window), so the deletion metrics
+    are null with the reason in details.missing, and every other stage still reports."""
+    from cbm_lm.eval.runner import EvalOptions, run_eval
+    ckpt = save_random_checkpoint(tmp_path / "ckpt", corpus, max_seq_len=8)
+    out = tmp_path / "out"
+    report = run_eval(load_target(workdir=str(ckpt)), str(out),
+                      EvalOptions(num_examples=4, num_prompts=1, steering_concepts=0,
+                                  deletion_tokens=2, ig_steps=1, elbo_draws=1))
+    assert report["details"]["heldout"]["seq_len"] == 8
+    assert json.loads((out / "report.json").read_text()) == report
+    for k in ("input_attribution_deletion_auc", "random_deletion_auc"):
+        assert report[k] is None
+        assert "has 8 tokens of context" in report["details"]["missing"][k], k
+    for k in ("perplexity", "logit_share_known", "decomposition_max_error",
+              "dead_real_concepts"):
+        assert math.isfinite(report[k]), k
+    assert not (out / "plots" / "deletion_curves.png").exists()
+
+
+def test_zero_examples_is_refused_and_out_is_left_alone(tmp_path, corpus):
+    from cbm_lm.eval.runner import EvalOptions, run_eval
+    ckpt = save_random_checkpoint(tmp_path / "ckpt", corpus)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("keep me")
+    with pytest.raises(EvalInputError, match=r"num_examples=0: expected >= 1"):
+        run_eval(load_target(workdir=str(ckpt)), str(out), EvalOptions(num_examples=0))
+    assert sorted(os.listdir(out)) == ["earlier.txt"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith("out.")] == []
+    for n in ("0", "-3"):       # the binary refuses before loading anything
+        proc = run([sys.executable, BINARY, "--workdir", str(ckpt), "--out", str(out),
+                    "--num_examples", n], check=False)
+        assert proc.returncode != 0
+        assert f"--num_examples={n}: expected >= 1" in proc.stderr
+    assert sorted(os.listdir(out)) == ["earlier.txt"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +191,94 @@ def test_bag_of_words_detector_learns_the_corpus_labels(small_corpus):
     p = clf.probability(["The dog barked. A proud dog.", "Filler document number 3.",
                          "Goldfish swim in small bowls."], dogs)
     assert p[0] > 0.5 > max(p[1], p[2])
+
+
+def _labelled_windows(tokens, lengths, chunk_len):
+    """windows_of plus token-level labels of concepts 5 and 7 on a few spans."""
+    w = windows_of(tokens, lengths, chunk_len)
+    w.token_labels = np.asarray([[r, s, s + 2, 5 if (r + s) % 2 else 7]
+                                 for r in range(len(lengths)) for s in range(0, lengths[r] - 2, 3)],
+                                np.int32)
+    return w
+
+
+@pytest.mark.parametrize("objective", ["autoregressive", "diffusion"])
+def test_concept_detection_is_the_dense_computation_bit_for_bit(objective):
+    """One streamed pass (chunk sums per row batch, token-level columns only) gives exactly
+    the result of the dense [N,T,M] softplus reference, an odd last batch included."""
+    from cbm_lm.eval.concept_detection import (concept_detection, position_softplus,
+                                               predicted_chunk_of, token_detection)
+    cfg = tiny_config(objective=objective,
+                      attention="causal" if objective == "autoregressive" else "block_causal")
+    model = make_model(cfg, seed=2)
+    tokens = np.asarray(jax.random.randint(jax.random.key(8), (5, 16), 0, cfg.vocab_size - 1))
+    w = _labelled_windows(tokens, [16, 12, 16, 9, 14], chunk_len=4)
+    n_c = 12
+    chunk, tok = concept_detection(model, w, n_c, min_positives=1, batch=2, token_concepts=[5, 7])
+    # the dense reference: every position's softplus of every concept, then the sums
+    sp = position_softplus(model, w, n_c, batch=2)
+    assert sp.shape == (5, 16, n_c)
+    target = predicted_chunk_of(w.chunk_of, objective)
+    ref = np.zeros((len(w.chunks), n_c))
+    np.add.at(ref, target[target >= 0], sp[target >= 0])
+    want = macro_detection(ref, w.labels(n_c), 1)
+    n = np.bincount(target[target >= 0], minlength=len(w.chunks))
+    mean = macro_detection(ref / np.maximum(n, 1)[:, None], w.labels(n_c), 1)
+    assert chunk == dataclasses.replace(want, mean_pooled_auroc_macro=mean.auroc_macro)
+    assert chunk.num_concepts > 0
+    want_tok = token_detection(sp, w, objective, [5, 7], 1)
+    assert tok == want_tok and tok.num_concepts == 2
+    np.testing.assert_array_equal(chunk_scores(model, w, n_c, batch=2), ref)
+
+
+def test_concept_detection_never_holds_the_dense_softplus():
+    """Host memory: the dense [N,T,M] float32 softplus (and its copy of real positions) is
+    what the old path held; the streamed one holds a row batch and the chunk sums."""
+    import tracemalloc
+    from cbm_lm.eval.concept_detection import concept_detection
+    cfg = tiny_config(objective="autoregressive", attention="causal")
+    model = make_model(cfg)
+    n_rows, t, n_c = 256, 64, cfg.concepts.n_known
+    tokens = np.asarray(jax.random.randint(jax.random.key(9), (n_rows, t), 0, cfg.vocab_size))
+    w = windows_of(tokens, [t] * n_rows, chunk_len=t)          # one chunk per row
+    run = lambda: concept_detection(model, w, n_c, min_positives=1, batch=8)  # noqa: E731
+    run()                                                       # compile outside the measure
+    tracemalloc.start()
+    try:
+        run()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    dense = n_rows * t * n_c * 4                                # 2.6 MB
+    assert peak < dense / 4, (peak, dense)
+
+
+def test_map_rows_refuses_zero_rows_by_name():
+    from cbm_lm.eval.forward import map_rows
+    calls = []
+    with pytest.raises(ValueError, match=r"map_rows: n=0 rows; expected >= 1"):
+        map_rows(lambda r: calls.append(r) or {"x": r}, 0, 8)
+    assert calls == []
+    got = map_rows(lambda r: {"x": r * 10}, 5, 2)                 # 3 batches, last one padded
+    np.testing.assert_array_equal(got["x"], [0, 10, 20, 30, 40])
+
+
+def test_stages_without_data_raise_metric_unavailable():
+    """What the runner turns into null + details.missing: no labelled concept (dead
+    concepts), no token followed by another of its document (AR logit shares), no token
+    with 8 tokens of context (deletion)."""
+    from cbm_lm.eval.dead_concepts import dead_concepts
+    from cbm_lm.eval.input_faithfulness import input_deletion
+    from cbm_lm.eval.report import MetricUnavailable
+    cfg = tiny_config(objective="autoregressive", attention="causal")
+    model = make_model(cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(7), (2, 8), 0, cfg.vocab_size))
+    one_token = windows_of(tokens, [1, 1])
+    with pytest.raises(MetricUnavailable, match="no token of the 2 held-out windows to explain"):
+        logit_shares(model, one_token, batch=2)
+    unlabelled = windows_of(tokens, [8, 8])
+    unlabelled.chunks = [dataclasses.replace(c, concepts=()) for c in unlabelled.chunks]
+    with pytest.raises(MetricUnavailable, match="none of the corpus's 12 concepts is labelled"):
+        dead_concepts(model, unlabelled, 12, batch=2)
+    with pytest.raises(MetricUnavailable, match=r"longest 8 tokens\) has 8 tokens of context"):
+        input_deletion(model, unlabelled, num_tokens=2, ig_steps=1)

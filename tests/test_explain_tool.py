@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cbm_lm.eval.corpus_stats import unigram_entropy
+from data_fixtures import build
 from train_fixtures import ROOT, run, tiny_corpus, train_args
 
 pytestmark = pytest.mark.slow
@@ -58,6 +59,26 @@ def test_report_on_trained_checkpoint(trained, tmp_path):
     assert len(re.findall(r"^### position \d+", text, re.M)) == 3
     assert re.search(r"known topic:\w+: [+-]\d", text)      # concept names from concepts.json
     assert len(re.findall(r"^- context tokens \(integrated gradients\): \S", text, re.M)) == 3
+    # a corpus whose held-out split is empty: an error naming it, not a StopIteration
+    empty = build(tmp_path / "empty")                 # heldout_fraction 0: 0 held-out records
+    bad = _tool("explain.py", "--checkpoint", workdir, "--corpus_dir", empty, "--out",
+                tmp_path / "r2.md", check=False)
+    assert bad.returncode != 0 and "StopIteration" not in bad.stderr
+    assert f"{empty}: the 'heldout' split has no document to explain" in bad.stderr
+    assert not (tmp_path / "r2.md").exists()
+
+
+def test_first_document_names_the_corpus_and_split(tmp_path):
+    from cbm_lm.data.corpus import Corpus
+    from cbm_lm.eval.checkpoint_report import first_document
+    corpus = build(tmp_path / "c")
+    assert Corpus(corpus).manifest["splits"]["heldout"]["shards"][0]["records"] == 0
+    with pytest.raises(ValueError, match=f"{corpus}: the 'heldout' split has no document"):
+        first_document(str(corpus), "heldout")
+    with pytest.raises(ValueError, match=f"{corpus}: no 'dev' split"):
+        first_document(str(corpus), "dev")
+    first = next(iter(Corpus(corpus).documents("train")))
+    np.testing.assert_array_equal(first_document(str(corpus), "train"), first.tokens)
 
 
 def test_generate_json_on_trained_checkpoint(trained):
@@ -87,9 +108,17 @@ def test_generate_json_on_trained_checkpoint(trained):
                                               for t in ch["top_input_tokens"])
     plain = _tool("generate.py", "--checkpoint", workdir, "--corpus_dir", corpus,
                   "--prompt", "The king", "--max_new_tokens", 12, "--seed", 2,
-                  "--amplify", f"{c.concepts.name(0)}=4").stdout
+                  "--amplify", f"{c.concepts.name(0)}=4", "--top_k", 2).stdout
     assert plain.startswith("The king") and "--- chunk 0 [" in plain
     assert d["text"].split(c.tokenizer.decode([c.tokenizer.endofchunk_id]))[0] in plain
+    # without --json each chunk is explained too, and --top_k reaches it (it was ignored):
+    # the JSON run's top concepts (same seed), cut to 2, in the same order
+    concept_lines = re.findall(r"^    concepts: (.*)$", plain, re.M)
+    assert len(concept_lines) == len(d["chunks"])
+    for line, ch in zip(concept_lines, d["chunks"]):
+        names = [e.rsplit(" ", 1)[0] for e in line.split("; epsilon")[0].split(", ")]
+        assert names == [e["name"] for e in ch["top_concepts"][:2]]
+    assert len(re.findall(r"^    input tokens: \S", plain, re.M)) == len(d["chunks"])
     bad = _tool("generate.py", "--checkpoint", workdir, "--corpus_dir", corpus, "--prompt", "x",
                 "--amplify", "topic", check=False)
     assert bad.returncode != 0 and "--amplify='topic': expected NAME=VALUE" in bad.stderr

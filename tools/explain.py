@@ -23,36 +23,43 @@ _CORPUS = flags.DEFINE_string("corpus_dir", None, "Corpus dir (tokenizer, concep
                               "default: the checkpoint's own corpus, when found.")
 _TEXT = flags.DEFINE_string("text", None, "Text to explain (needs a tokenizer).")
 _IDS = flags.DEFINE_string("input_ids", None, "[1,T] int32 .npy to explain instead of text.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens of context to run.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens of context to run (at most the "
+                                   "model's max_seq_len).")
 _POSITIONS = flags.DEFINE_integer("positions", 6, "Positions to explain.")
 _TOP = flags.DEFINE_integer("top", 5, "Contributions listed per head.")
 _N_STEPS = flags.DEFINE_integer("n_steps", 8, "Integrated-gradients steps (0: no input view).")
 _OUT = flags.DEFINE_string("out", None, "Markdown report path.", required=True)
 
 
-def _input_ids(ex, corpus_dir, vocab):
+def _input_ids(ex, corpus_dir, vocab, limit):
     import numpy as np
+
+    from cbm_lm.eval.checkpoint_report import first_document
     if _IDS.value:
         ids = np.load(_IDS.value)
         if ids.ndim != 2 or ids.min() < 0 or ids.max() >= vocab:
             raise app.UsageError(f"{_IDS.value}: expected [B,T] ids in [0, {vocab}), got shape "
                                  f"{ids.shape}, range [{ids.min()}, {ids.max()}]")
-        return ids[0, : _MAX_TOKENS.value], "ids from " + _IDS.value
+        return ids[0, :limit], "ids from " + _IDS.value
     if _TEXT.value:
         try:
-            return np.asarray(ex.encode(_TEXT.value)[: _MAX_TOKENS.value]), "--text"
+            return np.asarray(ex.encode(_TEXT.value)[:limit]), "--text"
         except ValueError as e:
             raise app.UsageError(f"--text: {e}") from None
     if corpus_dir is not None:
-        from cbm_lm.data.corpus import Corpus
-        doc = next(iter(Corpus(corpus_dir).documents("heldout")))
-        return np.asarray(doc.tokens[: _MAX_TOKENS.value]), "the first held-out document"
+        try:
+            return first_document(corpus_dir, "heldout")[:limit], "the first held-out document"
+        except ValueError as e:
+            sys.exit(f"explain: error: {e}; give --text or --input_ids instead")
     return np.random.default_rng(0).integers(0, vocab, size=16), "random ids"
 
 
 def main(argv):
     if len(argv) > 1:   # a stray word, e.g. the value of "--config.x False" (write x=False)
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
+    if _MAX_TOKENS.value < 2:
+        raise app.UsageError(f"--max_tokens={_MAX_TOKENS.value}: expected >= 2 (a context "
+                             f"token and one to explain)")
     logging.set_verbosity(logging.WARNING)
     from cbm_lm.api import Explainer, find_corpus
     from cbm_lm.eval import checkpoint_report as report
@@ -61,13 +68,16 @@ def main(argv):
     corpus_dir = _CORPUS.value or find_corpus(_CKPT.value, read_config(_CKPT.value))
     ex = Explainer.load(_CKPT.value, corpus_dir=corpus_dir)
     cfg = ex.model.config
-    ids, what = _input_ids(ex, corpus_dir, cfg.vocab_size)
+    ids, what = _input_ids(ex, corpus_dir, cfg.vocab_size, min(_MAX_TOKENS.value, cfg.max_seq_len))
     diffusion = cfg.attention != "causal"
-    start, end = report.explained_span(len(ids), _POSITIONS.value, diffusion,
-                                       cfg.diffusion_block_size)
+    try:
+        start, end = report.explained_span(len(ids), _POSITIONS.value, diffusion,
+                                           cfg.diffusion_block_size)
+        gen = ex.teacher_forced(ids[:end], end - start)
+    except ValueError as e:
+        sys.exit(f"explain: error: {what}: {e}")
     mode = (f"masked diffusion: positions [{start}, {end}) masked, true tokens explained"
             if diffusion else "autoregressive: the next token explained")
-    gen = ex.teacher_forced(ids[:end], end - start)
     if _N_STEPS.value > 0:
         inputs, concepts = ex.attribute(gen, n_steps=_N_STEPS.value)
     else:

@@ -4,8 +4,11 @@
       [--max_new_tokens N] [--seed S] [--top_p P] [--amplify NAME=VALUE ...]
       [--suppress NAME ...] [--intervene NAME=WEIGHT ...] [--json]
 
-Prints the prompt and the generated text with its chunk boundaries, or with
---json one object per prompt (a list when --prompt_ids holds several):
+Prints the prompt and each output chunk of the generated text with its
+explanation (top concepts and epsilon's share, top input tokens, training
+chunks when the run has a provenance index; --n_steps, --top_k and
+--input_scope shape it), or with --json one object per prompt (a list when
+--prompt_ids holds several):
 
   {"prompt_ids", "prompt", "tokens", "text",
    "chunks": [{"start", "end", "text", "top_concepts": [...], "epsilon_share",
@@ -43,9 +46,11 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.2, "Sampling temperature; rea
 _AMPLIFY = flags.DEFINE_multi_string("amplify", [], "NAME=VALUE: inject the concept, VALUE logits.")
 _SUPPRESS = flags.DEFINE_multi_string("suppress", [], "NAME: suppress the concept.")
 _INTERVENE = flags.DEFINE_multi_string("intervene", [], "NAME=WEIGHT: override a concept weight.")
-_JSON = flags.DEFINE_bool("json", False, "Print JSON with the per-chunk explanations.")
-_N_STEPS = flags.DEFINE_integer("n_steps", 16, "Integrated-gradients steps (1 = grad x input).")
-_TOP_K = flags.DEFINE_integer("top_k", 5, "Concepts and input tokens listed per chunk.")
+_JSON = flags.DEFINE_bool("json", False, "Print JSON (the same per-chunk explanations).")
+_N_STEPS = flags.DEFINE_integer("n_steps", 16, "Integrated-gradients steps (1 = grad x input).",
+                                lower_bound=1)
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Concepts and input tokens listed per chunk.",
+                              lower_bound=1)
 _SCOPE = flags.DEFINE_enum("input_scope", "all", ["prompt", "generated", "all"],
                            "Input positions the input attribution ranks.")
 
@@ -96,18 +101,13 @@ def main(argv):
                           use_entropy_sampling=_ENTROPY.value, steering=steering)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"generate: error: {e}")
+    explanations = ex.explain(gen, n_steps=_N_STEPS.value, top_k=_TOP_K.value,
+                              input_scope=_SCOPE.value)
     if _JSON.value:
-        rows = ex.to_json(gen, ex.explain(gen, n_steps=_N_STEPS.value, top_k=_TOP_K.value,
-                                          input_scope=_SCOPE.value))
+        rows = ex.to_json(gen, explanations)
         print(json.dumps(rows[0] if len(rows) == 1 else rows, ensure_ascii=False))
         return
-    for row in ex.to_json(gen):
-        print(row["prompt"] if row["prompt"] is not None else row["prompt_ids"])
-        for i, c in enumerate(row["chunks"]):
-            print(f"--- chunk {i} [{c['start']}, {c['end']}) ---")
-            p = len(row["prompt_ids"])
-            print(c["text"] if c["text"] is not None else row["tokens"][c["start"] - p: c["end"] - p])
-        print()
+    print(ex.to_text(gen, explanations))
 
 
 if __name__ == "__main__":

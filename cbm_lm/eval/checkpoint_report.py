@@ -59,6 +59,20 @@ def training_section(ckpt_dir: str, corpus_dir: str | None = None) -> list[str]:
     return lines + [""]
 
 
+def first_document(corpus_dir: str, split: str = "heldout") -> np.ndarray:
+    """Token ids of the first document of a corpus split. Raises ValueError naming the
+    corpus directory and the split when the split is missing or holds no document."""
+    from cbm_lm.data.corpus import Corpus
+    corpus = Corpus(corpus_dir)
+    if split not in corpus.manifest.get("splits", {}):
+        raise ValueError(f"{corpus_dir}: no {split!r} split (have "
+                         f"{sorted(corpus.manifest.get('splits', {}))}) to take a document from")
+    doc = next(iter(corpus.documents(split)), None)
+    if doc is None:
+        raise ValueError(f"{corpus_dir}: the {split!r} split has no document to explain")
+    return np.asarray(doc.tokens)
+
+
 def explained_span(n_tokens: int, positions: int, diffusion: bool, block: int) -> tuple[int, int]:
     """[start, end) of the tokens to explain in a text of n_tokens: the first ``positions``
     tokens of the last diffusion block (start >= 1), or the last ``positions`` tokens."""

@@ -11,9 +11,13 @@ over the positions that PREDICT the chunk's tokens, as in training
 shifted one back for an autoregressive model (position t predicts token t+1,
 so a document's first chunk loses its first token and the position before a
 chunk's first token belongs to it). Only the corpus's concepts are scored, as
-logits of those ids ([N,T,M] with M the corpus concept count, never the
-head's full width). Ranking chunks by S_cj is ranking by P, so AUROC and
-average precision (PR-AUC) are computed on S.
+logits of those ids, M the corpus concept count, never the head's full width;
+the per-position softplus [B,T,M] of one row batch is folded into the chunk
+sums S [chunks,M] and dropped, so host memory is O(chunks x M + N x T x M_tok)
+(M_tok the token-level concepts, whose positions token_detection ranks), never
+the dense [N,T,M] (``position_softplus``, kept for small callers: ~138 GB for
+33k concepts x 256 windows x 4096 tokens). Ranking chunks by S_cj is ranking
+by P, so AUROC and average precision (PR-AUC) are computed on S.
 
 Macro averages run over concepts with at least ``min_positives`` positive
 and one negative chunk in the held-out windows; how many qualified is
@@ -41,7 +45,7 @@ import numpy as np
 from flax import nnx
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cbm_lm.eval.forward import map_rows
+from cbm_lm.eval.forward import iter_rows
 from cbm_lm.eval.heldout import HeldoutWindows
 from cbm_lm.model import ConceptBottleneckLM
 
@@ -95,29 +99,57 @@ def predicted_chunk_of(chunk_of: np.ndarray, objective: str) -> np.ndarray:
     return out
 
 
-def position_softplus(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
-                      batch: int = 8) -> np.ndarray:
-    """softplus(z_tj) [N,T,n_concepts] over the windows."""
+def _softplus_batches(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
+                      batch: int):
+    """Yields (first row, softplus(z_tj) [k,T,n_concepts]) per row batch of the windows."""
     w = windows
     ids = jnp.arange(n_concepts, dtype=jnp.int32)
-    return map_rows(lambda r: _token_softplus(model, jnp.asarray(w.tokens[r]),
-                                              jnp.asarray(w.positions[r]),
-                                              jnp.asarray(w.segment_ids[r]), ids),
-                    w.num_rows, batch)["sp"]
+    for start, out in iter_rows(lambda r: _token_softplus(model, jnp.asarray(w.tokens[r]),
+                                                          jnp.asarray(w.positions[r]),
+                                                          jnp.asarray(w.segment_ids[r]), ids),
+                                w.num_rows, batch):
+        yield start, out["sp"]
+
+
+def position_softplus(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
+                      batch: int = 8) -> np.ndarray:
+    """softplus(z_tj) [N,T,n_concepts] over the windows: dense, N x T x n_concepts floats on
+    the host, so for small corpora and probes only (concept_detection never builds it)."""
+    return np.concatenate([sp for _, sp in _softplus_batches(model, windows, n_concepts, batch)])
+
+
+def _add_chunk_sums(scores: np.ndarray, target: np.ndarray, sp: np.ndarray) -> None:
+    """scores[c] += sp[t] for every position t with target[t] = c >= 0 (in row-major
+    order; float64 accumulation). target [k,T], sp [k,T,M]."""
+    real = target >= 0
+    np.add.at(scores, target[real], sp[real])
 
 
 def chunk_scores(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int,
                  batch: int = 8, sp: np.ndarray | None = None) -> np.ndarray:
     """S [n_chunks, n_concepts]: per chunk, softplus(z_tj) summed over the positions
-    predicting its tokens (``sp``: position_softplus's output, if already computed)."""
-    w = windows
+    predicting its tokens (``sp``: position_softplus's output, if already computed;
+    without it the sums are accumulated one row batch at a time)."""
     if sp is None:
-        sp = position_softplus(model, w, n_concepts, batch)
+        return _scores_and_token_columns(model, windows, n_concepts, batch,
+                                         np.zeros(0, np.int64))[0]
+    scores = np.zeros((len(windows.chunks), n_concepts), np.float64)
+    _add_chunk_sums(scores, predicted_chunk_of(windows.chunk_of, model.config.objective), sp)
+    return scores
+
+
+def _scores_and_token_columns(model, windows: HeldoutWindows, n_concepts: int, batch: int,
+                              token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk_scores [n_chunks, n_concepts], softplus [N,T,len(token_ids)] of only those
+    concepts) from one pass over the windows, one row batch on the host at a time."""
+    w = windows
     scores = np.zeros((len(w.chunks), n_concepts), np.float64)
     target = predicted_chunk_of(w.chunk_of, model.config.objective)
-    real = target >= 0
-    np.add.at(scores, target[real], sp[real])
-    return scores
+    cols = []
+    for start, part in _softplus_batches(model, w, n_concepts, batch):
+        _add_chunk_sums(scores, target[start:start + len(part)], part)
+        cols.append(part[..., token_ids])
+    return scores, np.concatenate(cols)
 
 
 def chunk_positions(windows: HeldoutWindows, objective: str) -> np.ndarray:
@@ -127,17 +159,22 @@ def chunk_positions(windows: HeldoutWindows, objective: str) -> np.ndarray:
 
 
 def token_detection(sp: np.ndarray, windows: HeldoutWindows, objective: str,
-                    concept_ids, min_positives: int = 5) -> ConceptDetection:
+                    concept_ids, min_positives: int = 5, *, columns_are_ids: bool = False
+                    ) -> ConceptDetection:
     """Per-position AUROC of the token-level concepts ``concept_ids`` (module docstring).
 
-    sp [N,T,C] scores, C > max(concept_ids); ``per_concept`` ids are corpus ids and
-    ``num_chunks`` counts the scored positions.
+    sp [N,T,C] scores, C > max(concept_ids) (column j: concept j), or with
+    ``columns_are_ids`` [N,T,len(concept_ids)] (column i: concept_ids[i]);
+    ``per_concept`` ids are corpus ids and ``num_chunks`` counts the scored positions.
     """
     w = windows
     ids = np.asarray(list(concept_ids), np.int64)
     if ids.size == 0 or len(w.token_labels) == 0:
         return ConceptDetection(None, None, 0, 0, [])
-    col = np.full(sp.shape[-1], -1, np.int64)
+    if columns_are_ids and sp.shape[-1] != len(ids):
+        raise ValueError(f"token_detection: sp has {sp.shape[-1]} columns for "
+                         f"{len(ids)} concept ids")
+    col = np.full(int(ids.max()) + 1 if columns_are_ids else sp.shape[-1], -1, np.int64)
     col[ids] = np.arange(len(ids))
     y = np.zeros(w.tokens.shape + (len(ids),), bool)                     # by token index
     for row, start, end, c in w.token_labels.tolist():
@@ -150,7 +187,7 @@ def token_detection(sp: np.ndarray, windows: HeldoutWindows, objective: str,
     elif objective != "diffusion":
         raise ValueError(f"objective must be 'diffusion' or 'autoregressive', got {objective!r}")
     ok = real_token & (w.segment_ids > 0)
-    det = macro_detection(sp[ok][:, ids], y[ok], min_positives)
+    det = macro_detection(sp[ok] if columns_are_ids else sp[ok][:, ids], y[ok], min_positives)
     per = [dict(p, id=int(ids[p["id"]])) for p in det.per_concept]
     return dataclasses.replace(det, per_concept=per)
 
@@ -180,13 +217,14 @@ def macro_detection(scores: np.ndarray, labels: np.ndarray, min_positives: int =
 def concept_detection(model: ConceptBottleneckLM, windows: HeldoutWindows, n_concepts: int, *,
                       min_positives: int = 5, batch: int = 8, token_concepts=()
                       ) -> tuple[ConceptDetection, ConceptDetection]:
-    """(chunk-level detection of all concepts, per-position detection of ``token_concepts``)."""
-    sp = position_softplus(model, windows, n_concepts, batch)
-    scores = chunk_scores(model, windows, n_concepts, batch, sp=sp)
+    """(chunk-level detection of all concepts, per-position detection of ``token_concepts``),
+    from one pass that keeps only the chunk sums and the token-level concepts' columns."""
+    token_ids = np.asarray(list(token_concepts), np.int64)
+    scores, sp_token = _scores_and_token_columns(model, windows, n_concepts, batch, token_ids)
     labels = windows.labels(n_concepts)
     chunk = macro_detection(scores, labels, min_positives)
     n = chunk_positions(windows, model.config.objective)
     mean = macro_detection(scores / np.maximum(n, 1)[:, None], labels, min_positives)
     chunk = dataclasses.replace(chunk, mean_pooled_auroc_macro=mean.auroc_macro)
-    return chunk, token_detection(sp, windows, model.config.objective, token_concepts,
-                                  min_positives)
+    return chunk, token_detection(sp_token, windows, model.config.objective, token_ids,
+                                  min_positives, columns_are_ids=True)

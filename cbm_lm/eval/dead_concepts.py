@@ -28,6 +28,7 @@ from flax import nnx
 
 from cbm_lm.eval.forward import map_rows
 from cbm_lm.eval.heldout import HeldoutWindows
+from cbm_lm.eval.report import MetricUnavailable
 from cbm_lm.model import ConceptBottleneckLM
 
 
@@ -65,7 +66,7 @@ def dead_concepts(model: ConceptBottleneckLM, windows: HeldoutWindows, n_real: i
                   batch: int = 8) -> DeadConcepts:
     """Runs the model over the windows and counts the real concepts that never fire."""
     if n_real < 1:
-        raise ValueError(f"dead_concepts: the corpus has {n_real} concepts; expected >= 1")
+        raise MetricUnavailable(f"the corpus has {n_real} concepts; expected >= 1")
     w = windows
     act = map_rows(lambda r: _active(model, jax.numpy.asarray(w.tokens[r]),
                                      jax.numpy.asarray(w.positions[r]),
@@ -73,7 +74,8 @@ def dead_concepts(model: ConceptBottleneckLM, windows: HeldoutWindows, n_real: i
     valid = w.segment_ids > 0
     present = w.present(n_real)
     if not present.any():
-        raise ValueError("dead_concepts: no real concept is labelled in the held-out windows")
+        raise MetricUnavailable(f"none of the corpus's {n_real} concepts is labelled in the "
+                                f"{w.num_rows} held-out windows")
     any_fire = fire_counts(act["indices"], act["weights"], valid, n_real)
     sure_fire = fire_counts(act["indices"], act["weights"], valid, n_real, min_weight=0.5)
     return summarize(any_fire, sure_fire, present, int(valid.sum()))

@@ -22,16 +22,26 @@ def forward(model: ConceptBottleneckLM, tokens, positions=None, segment_ids=None
     return _forward(model, tokens, positions, segment_ids, stream)
 
 
-def map_rows(fn: Callable[[np.ndarray], dict], n: int, batch: int) -> dict:
-    """Concatenates fn(rows) over row batches; returns dicts of numpy arrays [n,...].
+def iter_rows(fn: Callable[[np.ndarray], dict], n: int, batch: int):
+    """Yields (start, fn(rows) as numpy arrays [k,...]) per row batch, rows [start, start+k).
 
     ``rows`` always holds ``batch`` indices (the last batch repeats its last
-    row, and the repeats are dropped), so a jitted fn compiles once.
+    row, and the repeats are dropped), so a jitted fn compiles once. Raises
+    ValueError for n < 1 (no row to run fn on, so no output shapes) or batch < 1.
     """
-    parts = []
+    if n < 1:
+        raise ValueError(f"map_rows: n={n} rows; expected >= 1 (no window to evaluate)")
+    if batch < 1:
+        raise ValueError(f"map_rows: batch={batch}; expected >= 1")
     for i in range(0, n, batch):
         rows = np.minimum(np.arange(i, i + batch), n - 1)
         out = jax.device_get(fn(rows))
         keep = min(batch, n - i)
-        parts.append({k: np.asarray(v)[:keep] for k, v in out.items()})
+        yield i, {k: np.asarray(v)[:keep] for k, v in out.items()}
+
+
+def map_rows(fn: Callable[[np.ndarray], dict], n: int, batch: int) -> dict:
+    """Concatenates fn(rows) over row batches (``iter_rows``); returns dicts of numpy
+    arrays [n,...]. Raises ValueError for n < 1."""
+    parts = [out for _, out in iter_rows(fn, n, batch)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -65,7 +65,11 @@ class HeldoutWindows:
 
 def heldout_windows(corpus: Corpus, num_examples: int, seq_len: int, seed: int,
                     split: str = "heldout", min_tokens: int = 2) -> HeldoutWindows:
-    """Draws ``num_examples`` held-out documents (>= min_tokens tokens) into [N,T] windows."""
+    """Draws ``num_examples`` held-out documents (>= min_tokens tokens) into [N,T] windows.
+
+    Raises ValueError when num_examples < 1 or the split has no such document."""
+    if num_examples < 1:
+        raise ValueError(f"num_examples={num_examples}: expected >= 1 held-out document")
     docs = [d for d in corpus.documents(split) if len(d.tokens) >= min_tokens]
     if not docs:
         raise ValueError(f"{corpus.dir}: the {split!r} split has no document of at least "

@@ -18,6 +18,7 @@ from flax import nnx
 from cbm_lm.attribution.integrated_gradients import LogitQuery, integrated_gradients
 from cbm_lm.eval.deletion import DeletionResult, deletion_auc
 from cbm_lm.eval.heldout import HeldoutWindows
+from cbm_lm.eval.report import MetricUnavailable
 from cbm_lm.model import ConceptBottleneckLM
 
 
@@ -42,7 +43,9 @@ def explained_tokens(model_cfg, windows: HeldoutWindows, num: int, seed: int,
             b = model_cfg.diffusion_block_size
             cands += [(row, p) for p in range(length) if (p // b) * b >= min_context]
     if not cands:
-        raise ValueError(f"no held-out token has {min_context} tokens of context")
+        raise MetricUnavailable(f"no token of the {windows.num_rows} held-out windows (longest "
+                                f"{int(windows.segment_ids.sum(1).max(initial=0))} tokens) has "
+                                f"{min_context} tokens of context")
     pick = rng.choice(len(cands), size=min(num, len(cands)), replace=False)
     inputs, read, targets, context = [], [], [], []
     for i in sorted(pick):

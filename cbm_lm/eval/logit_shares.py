@@ -34,6 +34,7 @@ from cbm_lm.attribution.decomposition import decompose_logits
 from cbm_lm.eval.forward import map_rows
 from cbm_lm.eval.heldout import HeldoutWindows
 from cbm_lm.eval.perplexity import two_stream_inputs
+from cbm_lm.eval.report import MetricUnavailable
 from cbm_lm.model import ConceptBottleneckLM
 from cbm_lm.objectives.diffusion import corrupt
 
@@ -119,7 +120,8 @@ def contributions(model: ConceptBottleneckLM, windows: HeldoutWindows, *, seed: 
             clean_context=clean_context, t_min=t_min), w.num_rows, batch)
     m = out.pop("explain").astype(bool)
     if not m.any():
-        raise ValueError("no held-out token to explain")
+        raise MetricUnavailable(f"no token of the {w.num_rows} held-out windows to explain "
+                                f"(none is followed by a token of its document, or masked)")
     return {k: v[m] for k, v in out.items()}
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from cbm_lm.eval.forward import map_rows
 from cbm_lm.eval.heldout import HeldoutWindows
+from cbm_lm.eval.report import MetricUnavailable
 from cbm_lm.model import ConceptBottleneckLM
 from cbm_lm.objectives.diffusion import corrupt, token_cross_entropy
 
@@ -100,6 +101,7 @@ def perplexity(model: ConceptBottleneckLM, windows: HeldoutWindows, *, seed: int
         method = (f"masked-diffusion ELBO ({num_draws} mask draws, t_min={t_min}, "
                   f"{'two-stream clean context' if clean_context else 'single stream'})")
     if count == 0:
-        raise ValueError("no held-out token to score (every window shorter than 2 tokens)")
+        raise MetricUnavailable(f"no token of the {w.num_rows} windows to score (every window "
+                                f"shorter than 2 tokens, or none selected)")
     per_token = nll / count
     return Perplexity(float(np.exp(per_token)), per_token, count, method)

@@ -19,6 +19,7 @@ import os
 
 from etils import epath
 
+from cbm_lm.eval.report import MetricUnavailable
 from cbm_lm.provenance import build
 from cbm_lm.provenance.evaluate import PLANTED_FACTS, provenance_metrics
 from cbm_lm.provenance.open import open_query
@@ -27,7 +28,7 @@ KEYS = {"provenance_recall_at_10": "recall@10", "provenance_mrr": "mrr",
         "bm25_recall_at_10": "bm25_recall@10", "source_accuracy": "source_accuracy"}
 
 
-class ProvenanceUnavailable(ValueError):
+class ProvenanceUnavailable(MetricUnavailable):
     """The run or corpus cannot support the provenance figures (reported, not fatal)."""
 
 

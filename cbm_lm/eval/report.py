@@ -58,6 +58,12 @@ class OutputError(OSError):
     """The output directory cannot be written."""
 
 
+class MetricUnavailable(ValueError):
+    """The data cannot support a metric (e.g. no held-out token has enough context): the
+    runner reports the metric as null with this message in details.missing[key] and goes
+    on; it is not an error of the run."""
+
+
 def finite_or_none(x):
     if x is None:
         return None

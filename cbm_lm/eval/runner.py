@@ -4,7 +4,9 @@
   report = run_eval(target, out_dir, EvalOptions(...))
 
 Everything is written into a temporary sibling of OUT and renamed into place
-at the end, so a failure leaves OUT as it was.
+at the end, so a failure leaves OUT as it was. A stage the data cannot support
+raises MetricUnavailable (cbm_lm.eval.report): its metrics are null, the reason
+is in details.missing, and the other stages run.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from cbm_lm.eval.logit_shares import logit_shares
 from cbm_lm.eval.panels import generation_panels
 from cbm_lm.eval.perplexity import perplexity
 from cbm_lm.eval.progress import Progress
-from cbm_lm.eval.provenance_eval import ProvenanceUnavailable, provenance_eval
+from cbm_lm.eval.provenance_eval import provenance_eval
+from cbm_lm.eval.report import MetricUnavailable
 from cbm_lm.eval.steering_eval import SteeringUnavailable, steering_eval
-from cbm_lm.eval.target import EvalTarget, load_target
+from cbm_lm.eval.target import EvalInputError, EvalTarget, load_target
 
 PROVENANCE_KEYS = ("provenance_recall_at_10", "provenance_mrr", "bm25_recall_at_10",
                    "source_accuracy")
 STEERING_KEYS = ("steering_success", "steering_perplexity_ratio")
+SHARE_KEYS = ("logit_share_known", "logit_share_unknown", "logit_share_epsilon",
+              "decomposition_max_error")
+DELETION_KEYS = ("input_attribution_deletion_auc", "random_deletion_auc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,7 @@ class EvalOptions:
     min_positives: int = 5        # positive chunks a concept needs to count in the macro AUROC
     elbo_draws: int = 4           # mask draws of the diffusion ELBO
     steering_concepts: int = 6    # concepts amplified in the steering test
+    steering_min_chunks: int = 20  # sampled training chunks a steered concept's detector needs
 
 
 def run_eval(target: EvalTarget, out_dir: str, opts: EvalOptions = EvalOptions()) -> dict:
@@ -71,18 +78,25 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
                          "provenance": 1, "panels": 3, "write": 1})
 
     progress.start("data", f"reading {opts.num_examples} held-out documents of {corpus.dir}")
-    windows = heldout_windows(corpus, opts.num_examples, seq_len, opts.seed)
+    try:
+        windows = heldout_windows(corpus, opts.num_examples, seq_len, opts.seed)
+    except (KeyError, ValueError) as e:    # no held-out split / document, num_examples < 1
+        raise EvalInputError(str(e.args[0]) if e.args else repr(e)) from e
     details["heldout"] = {"windows": windows.num_rows, "seq_len": seq_len,
                           "chunks": len(windows.chunks),
                           "tokens": int(windows.segment_ids.sum())}
     progress.finish(f"{windows.num_rows} windows, {len(windows.chunks)} chunks")
 
     progress.start("ppl", "perplexity on the held-out windows")
-    ppl = perplexity(model, windows, seed=opts.seed, batch=opts.batch, num_draws=opts.elbo_draws,
-                     t_min=t_min, clean_context=clean_context)
-    metrics["perplexity"] = ppl.perplexity
-    details["perplexity"] = dataclasses.asdict(ppl)
-    progress.finish(f"perplexity {ppl.perplexity:.3f} ({ppl.method})")
+    try:
+        ppl = perplexity(model, windows, seed=opts.seed, batch=opts.batch,
+                         num_draws=opts.elbo_draws, t_min=t_min, clean_context=clean_context)
+    except MetricUnavailable as e:
+        _skip(progress, missing, ("perplexity",), f"perplexity: {e}")
+    else:
+        metrics["perplexity"] = ppl.perplexity
+        details["perplexity"] = dataclasses.asdict(ppl)
+        progress.finish(f"perplexity {ppl.perplexity:.3f} ({ppl.method})")
 
     if opts.baseline_workdir:
         progress.start("base", f"baseline perplexity of {opts.baseline_workdir}")
@@ -122,49 +136,65 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
                     f"{tok.auroc_macro} over {tok.num_concepts} concepts")
 
     progress.start("dead", "real concepts never in the known head's active set")
-    dead = dead_concepts(model, windows, n_concepts, batch=opts.batch)
-    metrics["dead_real_concepts"] = dead.fraction
-    details["dead_concepts"] = dict(dataclasses.asdict(dead), dead_names=[
-        corpus.concepts.name(j) for j in dead.dead_ids])
-    progress.finish(f"{len(dead.dead_ids)}/{dead.num_present} labelled concepts dead "
-                    f"({dead.fraction:.3f}); never confident (sigmoid > 0.5): "
-                    f"{dead.fraction_confident:.3f}; of all {n_concepts}: {dead.fraction_all:.3f}")
+    try:
+        dead = dead_concepts(model, windows, n_concepts, batch=opts.batch)
+    except MetricUnavailable as e:
+        _skip(progress, missing, ("dead_real_concepts",), f"dead concepts: {e}")
+    else:
+        metrics["dead_real_concepts"] = dead.fraction
+        details["dead_concepts"] = dict(dataclasses.asdict(dead), dead_names=[
+            corpus.concepts.name(j) for j in dead.dead_ids])
+        progress.finish(f"{len(dead.dead_ids)}/{dead.num_present} labelled concepts dead "
+                        f"({dead.fraction:.3f}); never confident (sigmoid > 0.5): "
+                        f"{dead.fraction_confident:.3f}; of all {n_concepts}: "
+                        f"{dead.fraction_all:.3f}")
 
     progress.start("shares", "logit decomposition of every explained held-out token")
-    sh = logit_shares(model, windows, seed=opts.seed, batch=opts.batch,
-                      clean_context=clean_context)
-    metrics.update(logit_share_known=sh.known, logit_share_unknown=sh.unknown,
-                   logit_share_epsilon=sh.epsilon, decomposition_max_error=sh.max_error)
-    details["logit_shares"] = {"tokens": sh.num_tokens, "percentiles": sh.percentiles}
-    progress.finish(f"known {sh.known:.3f} unknown {sh.unknown:.3f} epsilon {sh.epsilon:.3f}, "
-                    f"identity error {sh.max_error:.2e} over {sh.num_tokens} tokens")
+    details["logit_shares"] = {}
+    try:
+        sh = logit_shares(model, windows, seed=opts.seed, batch=opts.batch,
+                          clean_context=clean_context)
+    except MetricUnavailable as e:
+        _skip(progress, missing, SHARE_KEYS, f"logit shares: {e}")
+    else:
+        metrics.update(logit_share_known=sh.known, logit_share_unknown=sh.unknown,
+                       logit_share_epsilon=sh.epsilon, decomposition_max_error=sh.max_error)
+        details["logit_shares"] = {"tokens": sh.num_tokens, "percentiles": sh.percentiles}
+        progress.finish(f"known {sh.known:.3f} unknown {sh.unknown:.3f} epsilon "
+                        f"{sh.epsilon:.3f}, identity error {sh.max_error:.2e} over "
+                        f"{sh.num_tokens} tokens")
 
     figures = {}
     progress.start("deletion", f"deletion test on {opts.deletion_tokens} explained tokens")
-    dl = input_deletion(model, windows, num_tokens=opts.deletion_tokens, ig_steps=opts.ig_steps,
-                        seed=opts.seed)
-    metrics["input_attribution_deletion_auc"] = dl.attribution_auc
-    metrics["random_deletion_auc"] = dl.random_auc
-    details["deletion"] = dataclasses.asdict(dl)
-    figures["deletion curves"] = plots.deletion_curves(dl.fractions, dl.attribution_curve,
-                                                       dl.random_curve)
-    progress.finish(f"AUC attribution {dl.attribution_auc:.3f} vs random {dl.random_auc:.3f}")
+    try:
+        dl = input_deletion(model, windows, num_tokens=opts.deletion_tokens,
+                            ig_steps=opts.ig_steps, seed=opts.seed)
+    except MetricUnavailable as e:
+        _skip(progress, missing, DELETION_KEYS, f"deletion: {e}")
+    else:
+        metrics["input_attribution_deletion_auc"] = dl.attribution_auc
+        metrics["random_deletion_auc"] = dl.random_auc
+        details["deletion"] = dataclasses.asdict(dl)
+        figures["deletion curves"] = plots.deletion_curves(dl.fractions, dl.attribution_curve,
+                                                           dl.random_curve)
+        progress.finish(f"AUC attribution {dl.attribution_auc:.3f} vs random "
+                        f"{dl.random_auc:.3f}")
 
     progress.start("steering", f"steering test: amplifying {opts.steering_concepts} concepts")
     try:
         if not opts.steering_concepts:
             raise SteeringUnavailable("disabled (steering_concepts=0)")
         st = steering_eval(model, corpus, windows, num_concepts=opts.steering_concepts,
-                           seed=opts.seed, t_min=t_min, clean_context=clean_context,
+                           min_train_chunks=opts.steering_min_chunks, seed=opts.seed,
+                           t_min=t_min, clean_context=clean_context,
                            log=lambda m: print(f"      {m}", flush=True))
+    except MetricUnavailable as e:
+        _skip(progress, missing, STEERING_KEYS, f"steering: {e}")
+    else:
         metrics["steering_success"] = st.success
         metrics["steering_perplexity_ratio"] = st.perplexity_ratio
         details["steering"] = dataclasses.asdict(st)
         progress.finish(f"success {st.success:.2f}, perplexity ratio {st.perplexity_ratio:.3f}")
-    except SteeringUnavailable as e:
-        for k in STEERING_KEYS:
-            missing[k] = f"steering: {e}"
-        progress.finish("skipped: " + missing[STEERING_KEYS[0]])
 
     provenance_panel = None
     progress.start("provenance", "provenance: planted-fact recall, BM25, source accuracy")
@@ -172,19 +202,20 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
         pm, provenance_panel = provenance_eval(
             target.checkpoint_dir, model, cfg, corpus, target.step,
             log=lambda m: print(f"      {m}", flush=True))
+    except MetricUnavailable as e:
+        _skip(progress, missing, PROVENANCE_KEYS, f"provenance: {e}")
+    else:
         metrics.update(pm)
         progress.finish("  ".join(f"{k} {v:.3f}" for k, v in pm.items()))
-    except ProvenanceUnavailable as e:
-        for k in PROVENANCE_KEYS:
-            missing[k] = f"provenance: {e}"
-        progress.finish("skipped: " + missing[PROVENANCE_KEYS[0]])
 
     progress.start("panels", f"generating and explaining {opts.num_prompts} held-out prompts")
     panels, gen_err = generation_panels(model, corpus, windows, num_prompts=opts.num_prompts,
                                         ig_steps=opts.ig_steps, seed=opts.seed,
                                         provenance=provenance_panel)
-    details["logit_shares"]["generated_tokens_max_error"] = gen_err
-    metrics["decomposition_max_error"] = max(metrics["decomposition_max_error"], gen_err)
+    if panels:     # the identity measured on generated tokens too (alone if shares were not)
+        details["logit_shares"]["generated_tokens_max_error"] = gen_err
+        metrics["decomposition_max_error"] = max(metrics.get("decomposition_max_error", gen_err),
+                                                 gen_err)
     progress.finish(f"{len(panels)} panels; identity error on generated tokens {gen_err:.2e}")
 
     progress.start("write", "writing the report")
@@ -209,3 +240,10 @@ def _evaluate(target: EvalTarget, tmp: str, opts: EvalOptions) -> dict:
                                  f"step {target.step}"))
     progress.finish()
     return report
+
+
+def _skip(progress: Progress, missing: dict, keys, reason: str) -> None:
+    """A stage the data cannot support: its metrics are null, with ``reason``."""
+    for k in keys:
+        missing[k] = reason
+    progress.finish("skipped: " + reason)

@@ -1,9 +1,11 @@
 """Steering test: amplify a concept, check an independent detector sees it, and what it costs.
 
-For each sampled concept j (seeded, among those the corpus labels often
-enough), generate from the same held-out prompts unsteered and with
-``amplify(model, j)`` (cbm_lm.inference.steering: residual injection of the
-concept's direction). With the bag-of-words detector P_j
+For each sampled concept j (seeded, among the known concepts that label at
+least ``min_train_chunks`` of the detector's training chunks, and not all of
+them: counted on the very sample the detector is fit on, never on the
+manifest's train + held-out counts), generate from the same held-out prompts
+unsteered and with ``amplify(model, j)`` (cbm_lm.inference.steering: residual
+injection of the concept's direction). With the bag-of-words detector P_j
 (cbm_lm.eval.concept_classifier), detected = P_j(generated text) >= 0.5:
 
   success_j        = rate_j(steered) > rate_j(unsteered)
@@ -21,15 +23,16 @@ import dataclasses
 import numpy as np
 
 from cbm_lm.data.corpus import Corpus
-from cbm_lm.eval.concept_classifier import train_classifier, trainable_concepts
+from cbm_lm.eval.concept_classifier import chunk_texts, train_classifier, trainable_concepts
 from cbm_lm.eval.heldout import HeldoutWindows
 from cbm_lm.eval.perplexity import perplexity
+from cbm_lm.eval.report import MetricUnavailable
 from cbm_lm.inference.generate import generate
 from cbm_lm.inference.logit_processing import SamplingConfig
 from cbm_lm.inference.steering import amplify
 
 
-class SteeringUnavailable(ValueError):
+class SteeringUnavailable(MetricUnavailable):
     """The corpus or held-out windows cannot support the test (reported, not fatal)."""
 
 
@@ -78,18 +81,31 @@ def _texts(trace, tok) -> list[str]:
 
 def steering_eval(model, corpus: Corpus, windows: HeldoutWindows, *, num_concepts: int = 6,
                   num_prompts: int = 8, prompt_len: int = 16, max_new_tokens: int = 32,
-                  min_train_chunks: int = 20, seed: int = 0, t_min: float = 1e-3,
-                  clean_context: bool = True, log=lambda s: None) -> SteeringResult:
+                  min_train_chunks: int = 20, max_train_chunks: int = 20000, seed: int = 0,
+                  t_min: float = 1e-3, clean_context: bool = True, log=lambda s: None
+                  ) -> SteeringResult:
+    """Raises SteeringUnavailable (a MetricUnavailable) when the corpus or the windows
+    cannot support the test."""
     tok = corpus.tokenizer
     n_known = model.config.concepts.n_known
-    pool = [j for j in trainable_concepts(corpus, min_train_chunks) if j < n_known]
+    sample = chunk_texts(corpus, "train", max_train_chunks, seed)    # the detector's data
+    pool = [j for j in trainable_concepts(sample[1], min_train_chunks) if j < n_known]
     if not pool:
-        raise SteeringUnavailable(f"no concept of {corpus.dir} labels {min_train_chunks} training "
-                                  f"chunks, too few to train its detector")
+        raise SteeringUnavailable(f"no concept of {corpus.dir} labels {min_train_chunks} of the "
+                                  f"{len(sample[0])} sampled training chunks (and not all), too "
+                                  f"few to train its detector")
     rng = np.random.default_rng(seed)
     concepts = sorted(rng.choice(pool, size=min(num_concepts, len(pool)), replace=False).tolist())
     log(f"training the bag-of-words detector for {len(concepts)} concepts")
-    clf = train_classifier(corpus, concepts, seed=seed)
+    try:
+        clf = train_classifier(corpus, concepts, seed=seed, sample=sample)
+    except MetricUnavailable as e:
+        raise SteeringUnavailable(str(e)) from e
+    for j, why in clf.skipped.items():     # none expected: the pool has both classes
+        log(f"skipping {corpus.concepts.name(j)}: {why}")
+    concepts = [j for j in concepts if j in clf.models]
+    if not concepts:
+        raise SteeringUnavailable("no sampled concept could be given a detector")
 
     rows = [r for r in range(windows.num_rows) if windows.segment_ids[r].sum() >= prompt_len]
     prompts = [windows.tokens[r, :prompt_len].tolist() for r in rows[:num_prompts]]

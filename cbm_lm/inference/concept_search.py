@@ -3,7 +3,9 @@
   search_concepts(vocab, "royal family", k)  -> [(id, score)]   BM25 (bm25s) over
       "name group description" of every entry of concepts.json, plus a bonus
       for an exact (10) or substring (2) name match, so "king" finds
-      "topic:kings" and a full name always ranks first.
+      "topic:kings" and a full name always ranks first. The substring bonus
+      needs a query of >= 2 characters (every name contains ""), and an empty
+      query finds nothing.
   concept_top_tokens(model, c, k)            -> (token ids [k], alignment [k])
       the unit concept embedding projected on the LM head, W e_c / ||e_c||:
       the tokens the concept promotes when it is active (Steerling's
@@ -41,14 +43,16 @@ class ConceptIndex:
 
     def search(self, query: str, k: int = 10) -> list[tuple[int, float]]:
         n = len(self._names)
+        low = query.strip().lower()
+        if not low:
+            return []
         scores = np.zeros(n, np.float32)
         q = query.replace(":", " ").replace("_", " ")
         if re.search(r"\w\w", q):
             ids, s = self._bm25.retrieve(bm25s.tokenize([q], show_progress=False), k=n,
                                          show_progress=False)
             scores[ids[0]] = s[0]
-        low = query.lower()
-        scores += np.asarray([10.0 if nm == low else 2.0 if low in nm else 0.0
+        scores += np.asarray([10.0 if nm == low else 2.0 if len(low) >= 2 and low in nm else 0.0
                               for nm in self._names], np.float32)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(int(i), float(scores[i])) for i in order if scores[i] > 0]

@@ -9,10 +9,13 @@ For prompts x_1..x_B and known concepts c_1..c_K:
 A generation g "expresses" c when the concept head, run UNSTEERED over
 prompt + g, gives the generated tokens a chunk-level presence
 
-  P(c present) = 1 - prod_{t in g} (1 - sigmoid(z_tc))  >=  threshold
+  P(c present) = 1 - prod_{t in pred(g)} (1 - sigmoid(z_tc))  >=  threshold
 
 the soft-OR the concept loss trains the head to output for a chunk
-(objectives/concept_loss.py). Reported per concept: the base rate (share of
+(objectives/concept_loss.py), over the positions that PREDICT g's tokens, as
+in training (objectives/label_alignment.py): g's own positions P..P+G-1 for
+diffusion, one earlier, P-1..P+G-2, for an autoregressive model (position t
+predicts token t+1). Reported per concept: the base rate (share of
 base generations expressing c), the steered rate (share of c-steered
 generations expressing c) and their lift; and the perplexity of the
 generated tokens under the unsteered model, steered over base, which prices
@@ -88,14 +91,26 @@ def _score(model, tokens, segment_ids, concept_ids):
     return z, jnp.pad(nxt, ((0, 0), (1, 0)))
 
 
+def predicting_mask(generated: np.ndarray, objective: str) -> np.ndarray:
+    """[B,L] bool: the positions whose concept logits score the generated tokens
+    ``generated`` [B,L]: the same positions for diffusion, one earlier for autoregressive."""
+    if objective == "diffusion":
+        return generated
+    if objective != "autoregressive":
+        raise ValueError(f"objective must be 'diffusion' or 'autoregressive', got {objective!r}")
+    return np.concatenate([generated[:, 1:], np.zeros_like(generated[:, :1])], axis=1)
+
+
 def presence_and_nll(model, trace, concept_ids):
-    """P(c present) [B,K] over each row's generated tokens, and the generated tokens'
-    next-token NLL sum and count [B] (causal models), from one unsteered pass."""
+    """P(c present) [B,K] over each row's generated tokens (scored at the positions that
+    predict them, module docstring), and the generated tokens' next-token NLL sum and
+    count [B] (causal models), from one unsteered pass."""
     gen = trace.generated_mask()
     z, logp = _score(model, jnp.asarray(trace.tokens), jnp.asarray(trace.segment_ids()),
                      jnp.asarray(concept_ids, jnp.int32))
     z, logp = np.asarray(z, np.float64), np.asarray(logp, np.float64)
-    log_absent = -(np.logaddexp(0.0, z) * gen[..., None]).sum(1)     # sum_t log(1 - sigmoid z)
+    pred = predicting_mask(gen, model.config.objective)
+    log_absent = -(np.logaddexp(0.0, z) * pred[..., None]).sum(1)    # sum_t log(1 - sigmoid z)
     return 1.0 - np.exp(log_absent), -(logp * gen).sum(1), gen.sum(1)
 
 
