@@ -9,8 +9,9 @@ same-size run without the concept layer (no epsilon dropout, no concept terms, n
 residual-energy pull, so the LM reads h exactly and nothing else shapes it) is the
 perplexity baseline: its own report's perplexity (same held-out windows, same seed) is the
 baseline_perplexity column and ppl_ratio divides by it. A variant that changes the data
-(data.* overrides, e.g. "windows") is divided by a baseline trained on the same data
-(run no_concept_layer+<its overrides>). Prints and writes OUT/fidelity.md: held-out concept AUROC, logit shares, dead real
+or the backbone (data.* or model.* overrides other than model.concepts.*, e.g. "windows",
+"width_192") is divided by a baseline trained on the same data with the same backbone
+(run no_concept_layer+<those overrides>). Prints and writes OUT/fidelity.md: held-out concept AUROC, logit shares, dead real
 concepts, perplexity against the baseline, steering success and held-out masked CE
 (diffusion). Runs already finished in OUT are reused (a run whose metrics reach --steps
 is only evaluated), so an interrupted sweep resumes.
@@ -77,6 +78,10 @@ VARIANTS = {
     # the data each step sees: sources by one window per document (data/source_weighting.py);
     # a data variant gets its own no_concept_layer baseline on the same data
     "windows": ["data.source_weighting=windows"],
+    # the backbone's width (tiny.py: d 128, MLP 512, 4 heads); a model.* variant, like a data
+    # variant, gets its own baseline of the same shape
+    "width_192": ["model.d_model=192", "model.mlp_dim=768", "model.n_heads=6",
+                  "model.n_kv_heads=3"],
     "natural": ["data.source_weighting=natural"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
@@ -112,9 +117,11 @@ def _last_step(run: str) -> int:
     return max(steps, default=0)
 
 
-def data_overrides(variant: str) -> list[str]:
-    """The variant's data.* overrides: its baseline must read the same data."""
-    return [o for o in VARIANTS[variant] if o.startswith("data.")]
+def baseline_overrides(variant: str) -> list[str]:
+    """The variant's data.* and backbone model.* overrides: its baseline must read the same
+    data with the same backbone (the concept layer's own model.concepts.* are not shared)."""
+    return [o for o in VARIANTS[variant] if o.startswith("data.")
+            or (o.startswith("model.") and not o.startswith("model.concepts."))]
 
 
 def train_and_eval(objective: str, variant: str, out: str, baseline: dict | None,
@@ -160,7 +167,7 @@ def main(argv):
         for variant in _VAR.value:
             if objective == "autoregressive" and variant in DIFFUSION_ONLY:
                 continue
-            own = data_overrides(variant)
+            own = baseline_overrides(variant)
             row = train_and_eval(objective, variant, out,
                                  train_and_eval(objective, "no_concept_layer", out, None,
                                                 tuple(own)) if own and base else base)
