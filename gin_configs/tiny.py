@@ -85,8 +85,9 @@ def get_config():
     # documents; at 640 tokens per document Shakespeare / WordNet / fortunes / pydoc get
     # .20 / .35 / .30 / .15 of the steps. Chunk AUROC 0.896 -> 0.916 (lexfile 0.86 -> 0.90),
     # perplexity 1.122 -> 1.086 x the backbone, epsilon share 0.087 -> 0.093, dead real
-    # concepts 0.054 -> 0.063, steering 1/6 -> 3/6 (README "Fidelity: a fair backbone
-    # baseline"; a window of 256 tokens: AUROC 0.915 but perplexity 1.172).
+    # concepts 0.054 -> 0.063, steering 1/6 -> 3/6 (1/6 under the corrected steering
+    # read-out; README "Fidelity: a fair backbone baseline"; a window of 256 tokens: AUROC
+    # 0.915 but perplexity 1.172).
     c.data.source_weighting = "windows"
     c.data.window_tokens = 640
     # 1800 steps, not 1200 (measured 2026-12-05, benchmarks/fidelity.py --steps 1800, each
