@@ -304,8 +304,14 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
     lm_loss, lm_aux = lm_loss_of(composed)
     if diffusion:
         metrics.update({k: v for k, v in lm_aux.items() if k.startswith("masked_")})
+        # the count L_lm divides by (objectives/diffusion.py): real tokens for the ELBO
+        # weighting, masked real tokens for the uniform one
+        lm_tokens = lm_aux["n_real" if loss_cfg.diffusion_weighting == "elbo" else "n_masked"]
     else:
         metrics.update(next_token_acc=lm_aux["accuracy"])
+        lm_tokens = lm_aux["n_pairs"]   # the same-document next-token pairs
+    # gradient accumulation weights each micro-batch by it (train/step.py)
+    metrics["lm_tokens"] = jax.lax.stop_gradient(lm_tokens).astype(f32)
     if not train:   # the concept path alone: what the explanations describe
         no_eps, no_eps_aux = lm_loss_of(composed - lm_part(rw.epsilon))
         metrics["lm_loss_no_epsilon"] = no_eps

@@ -2,7 +2,8 @@
 
 train_step(state, batch) -> (state, metrics[, chunk keys]):
   rng_s   = fold_in(state.rng, state.step)
-  grads   = mean over A micro-batches of d loss / d params     (lax.scan, A = grad_accum_steps)
+  grads   = sum_i n_i d loss_i / d params / sum_i n_i over the A micro-batches
+            (lax.scan, A = grad_accum_steps; n_i = micro-batch i's ``lm_tokens``)
   params <- AdamW(clip(grads))                                  (optax)
   source_mass += concept x source mass of the batch, and with provenance.log_keys the
   step also returns its chunks' keys and ids, both from the same pass (train/chunk_keys.py)
@@ -13,6 +14,31 @@ A non-finite update never reaches the params: make_optimizer wraps it in
 untouched for that step. The step counts it in state.skipped and reports
 ``finite`` (update and loss finite); the loop then stops naming the step
 (nan_policy=stop) or goes on (skip) up to train.max_skipped_steps.
+
+Gradient accumulation (A > 1) weights each micro-batch by the count its LM loss is
+normalised by, n_i = ``lm_tokens`` (next-token pairs, autoregressive; real tokens, diffusion
+with the ELBO weighting; masked real tokens, diffusion with uniform weighting), as MaxText
+does, instead of averaging the A per-micro-batch means:
+
+  loss = sum_i n_i loss_i / sum_i n_i,   grads = sum_i n_i g_i / sum_i n_i
+  (loss_i, g_i: micro-batch i's loss and gradient, each a mean over its own tokens)
+
+For a term L = sum_i S_i / sum_i n_i with L_i = S_i / n_i normalised by that same count,
+sum_i n_i L_i / sum_i n_i = L: the step equals the full batch whatever the padding,
+document ends or random masking of each micro-batch. That makes exact: L_lm, and the
+metrics normalised by the LM's own positions (next_token_acc; the logit shares; with
+uniform diffusion weighting masked_ce, masked_acc, masked_ce_t*; with the ELBO weighting
+the reconstruction loss, normalised by real tokens too). Every other term and metric is
+a token-weighted approximation of its full-batch value (exact when each micro-batch has
+the same ratio of its own count to n_i): the reconstruction loss (real tokens) under the
+autoregressive objective, masked_ce/masked_acc/logit shares under the ELBO weighting, the
+concept loss (positive / negative pairs), the residual energy (a ratio of sums), steering
+(its positions) and the per-sequence rates (cfg_dropped, epsilon_dropped); the
+independence loss (a batch covariance), the provenance InfoNCE (in-batch negatives) and
+dead_known_fraction are batch statistics no micro-batching reproduces. Count metrics
+(``COUNT_METRICS``: real_tokens, lm_tokens, ...) are summed over the micro-batches, so they
+count the whole batch. A step whose micro-batches score no LM token at all (sum_i n_i = 0)
+gets zero gradient and loss. A = 1 runs the one pass unchanged.
 
 ``make_train_step`` returns the function jitted with explicit in/out
 shardings and the state donated, to be called under ``jax.set_mesh``.
@@ -32,6 +58,15 @@ from cbm_lm.provenance.build import provenance_config
 from cbm_lm.train.chunk_keys import step_outputs
 from cbm_lm.train.losses import compute_losses
 from cbm_lm.train.state import TrainState
+
+
+# metrics that count (tokens, chunks, positions) in the batch: summed over micro-batches
+COUNT_METRICS = frozenset({"real_tokens", "lm_tokens", "provenance_view_chunks",
+                           "steering_positions"})
+
+
+def _is_count(name: str) -> bool:
+    return name in COUNT_METRICS or name.endswith("_count")
 
 
 def _split_micro(batch, n: int):
@@ -74,7 +109,11 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
             g_sum, m_sum, mass_sum = carry
             mb, i = xs
             (_, (m, mass_i, keys_i)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m),
+            n = m["lm_tokens"]   # micro-batch i's weight n_i (module docstring)
+            weighted = lambda s, x: s + (n * x).astype(s.dtype)  # noqa: E731
+            m_sum = {k: (m_sum[k] + v) if _is_count(k) else weighted(m_sum[k], v)
+                     for k, v in m.items()}
+            return (jax.tree.map(weighted, g_sum, g), m_sum,
                     jax.tree.map(jnp.add, mass_sum, mass_i)), keys_i
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
@@ -83,8 +122,10 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
         zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
         (grads, metrics, mass), keys = jax.lax.scan(
             body, (zeros_g, zeros(aux_shape[0]), zeros(aux_shape[1])), (micro, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        metrics = jax.tree.map(lambda m: m / accum, metrics)
+        total_n = jnp.maximum(metrics["lm_tokens"], 1.0)   # sum_i n_i
+        grads = jax.tree.map(lambda g: (g / total_n).astype(g.dtype), grads)
+        metrics = {k: v if _is_count(k) else (v / total_n).astype(v.dtype)
+                   for k, v in metrics.items()}
         # [A, B/A, ...] -> [B, ...]: the micro-batches were consecutive rows
         keys = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), keys)
 
