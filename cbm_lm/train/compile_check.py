@@ -25,7 +25,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -34,8 +33,10 @@ from cbm_lm.train.memory_plan import (MemoryPlan, MeshPlan, batch_shards, memory
                                          plan_mesh)
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.sharding import logical_to_spec
+from cbm_lm.train.device_batch import abstract_batch, device_fields  # noqa: F401 (re-exported)
 
-BATCH_FIELDS = ("tokens", "segment_ids", "positions", "concept_ids", "chunk_segment_ids")
+# The trainer's device batch (train/device_batch.py): AOT and planning compile its program.
+BATCH_FIELDS = device_fields()
 
 
 def scale_mesh(mesh: MeshPlan, n_devices: int) -> MeshConfig:
@@ -98,14 +99,6 @@ def reduced_config(config, *, n_devices: int, mesh: MeshConfig, layers: int | No
             notes.append(f"sequence reduced: data.seq_len {c.data.seq_len} -> {want_len}")
             c.data.seq_len = want_len
     return c, notes
-
-
-def abstract_batch(config, sharding: NamedSharding) -> dict:
-    b, t, k = config.data.batch_size, config.data.seq_len, config.data.max_chunk_concepts
-    shapes = {"tokens": (b, t), "segment_ids": (b, t), "positions": (b, t),
-              "concept_ids": (b, t, k), "chunk_segment_ids": (b, t)}
-    return {f: jax.ShapeDtypeStruct(shapes[f], jnp.int32, sharding=sharding) for f in BATCH_FIELDS}
-
 
 
 def lower_and_compile(cfg, model_cfg: ModelConfig, mesh, rules):

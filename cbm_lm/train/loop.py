@@ -17,47 +17,38 @@ step: non-finite steps are checked at log and checkpoint steps
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import time
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
+from cbm_lm.config import ConfigError, MeshConfig, ModelConfig, logical_rules_from_config
 from cbm_lm.config_validation import validate_config
-from cbm_lm.parallel.mesh import make_mesh
+from cbm_lm.parallel.mesh import MESH_AXES, make_mesh
 from cbm_lm.provenance.build import provenance_config
-from cbm_lm.parallel.devices import peak_flops_per_device
-from cbm_lm.train.planning import train_flops_per_token
+from cbm_lm.parallel.devices import known_peak_flops_per_device
+from cbm_lm.train.planning import hardware_train_flops_per_token, model_train_flops_per_token
 from cbm_lm.parallel.sharding import logical_to_spec
 from cbm_lm.model.provenance import trains_key_head
 from cbm_lm.train.checkpoint import absolute, read_config, restore_params, saved_provenance
 from cbm_lm.train.checkpointer import TrainCheckpointer
-from cbm_lm.train.chunk_keys import ChunkKeyLogger, split_ids
+from cbm_lm.train.chunk_keys import ChunkKeyLogger
 from cbm_lm.train.data_feed import agreed_eval_batches, process_pipeline
 from cbm_lm.train.corpus_check import (check_corpus_fits_model, read_manifest,
                                       resolve_known_concepts, resolve_mask_token)
 from cbm_lm.train.nonfinite import NonFiniteLossError, NonFiniteWatch  # noqa: F401
+from cbm_lm.train.memory_plan import MeshPlan, batch_problem
 from cbm_lm.train.metrics import METRICS_FILE, MetricsLogger, measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
-from cbm_lm.train.step import make_eval_step, make_train_step
-
-# The batch fields the step reads; the 64-bit chunk ids go as two int32 halves (ID_FIELDS).
-DEVICE_FIELDS = ("tokens", "segment_ids", "positions", "concept_ids", "chunk_segment_ids",
-                 "source_ids")
-
-
-def _global_batch(local: dict, sharding: NamedSharding) -> dict:
-    fields = {k: local[k] for k in DEVICE_FIELDS if k in local}
-    if "chunk_ids" in local:
-        fields.update(split_ids(local["chunk_ids"]))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in fields.items()}
+from cbm_lm.train.device_batch import DEVICE_FIELDS, global_batch as _global_batch  # noqa: F401
+from cbm_lm.train.step import is_count_metric, eval_step, make_eval_step, make_train_step, step_config
 
 
 def _truncate_metrics(path: epath.Path, last_step: int) -> None:
@@ -93,6 +84,45 @@ def _set_aside_metrics(path: epath.Path) -> None:
         print(f"no checkpoint to resume: kept the earlier {path.name} as {dst}", flush=True)
 
 
+def make_micro_eval_step(graphdef, config, model_cfg, param_shardings, batch_sharding):
+    """The jitted eval step, run as the train step runs: over train.grad_accum_steps
+    micro-batches of batch / grad_accum_steps rows (lax.scan), so eval holds no more
+    activations (logits: rows x T x vocab) than one train micro-step. Metrics combine as
+    the train step's do (train/step.py): means weighted by each micro-batch's
+    ``lm_tokens``, counts (``is_count_metric``) summed. Micro-batch i takes rows j * A + i, so
+    each stays spread over every batch shard (no resharding); which rows go together
+    does not change the weighted means. Each micro-batch draws eval_step's fixed key."""
+    accum = config.train.grad_accum_steps
+    if accum == 1:
+        return make_eval_step(graphdef, config, model_cfg, param_shardings, batch_sharding)
+    one = functools.partial(eval_step, graphdef=graphdef, config=step_config(model_cfg, config))
+    micro_sharding = NamedSharding(batch_sharding.mesh, P(None, *batch_sharding.spec))
+
+    def split(x):   # [B, ...] -> [A, B/A, ...]
+        if x.shape[0] % accum:
+            raise ValueError(f"eval batch of {x.shape[0]} does not split into {accum} "
+                             f"micro-batches (train.grad_accum_steps)")
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def fn(params, batch):
+        micro = jax.tree.map(split, batch)
+        shapes = jax.eval_shape(one, params, jax.tree.map(lambda x: x[0], micro))
+
+        def body(total, mb):
+            m = one(params, mb)
+            n = m.get("lm_tokens", jnp.float32(1.0))
+            return {k: total[k] + (v if is_count_metric(k) else (n * v).astype(v.dtype))
+                    for k, v in m.items()}, None
+
+        total, _ = jax.lax.scan(body, {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()},
+                                micro)
+        n = jnp.maximum(total["lm_tokens"], 1.0) if "lm_tokens" in total else accum
+        return {k: v if is_count_metric(k) else (v / n).astype(v.dtype) for k, v in total.items()}
+
+    return jax.jit(fn, in_shardings=(param_shardings, batch_sharding))
+
+
 def _evaluate(eval_step, params, config, per_process_batch, batch_sharding, n_batches) -> dict:
     """Mean eval metrics over exactly ``n_batches`` (agreed by every process)."""
     totals = {}
@@ -114,6 +144,16 @@ def _restore_init_from(init_from, targets: dict, config):
     return restore_params(init_from, targets, config=config)
 
 
+def _check_batch_split(config, mesh, rules) -> None:
+    """The train step splits data.batch_size into train.grad_accum_steps micro-batches, each
+    over the mesh's batch shards (the eval step likewise): refused here, naming the fields,
+    rather than by a sharding error at the first step."""
+    plan = MeshPlan(ici=tuple(mesh.shape[a] for a in MESH_AXES), dcn=(1,) * len(MESH_AXES))
+    bad = batch_problem(config, plan, rules)
+    if bad:
+        raise ConfigError(f"{bad}; change data.batch_size, train.grad_accum_steps or the mesh")
+
+
 def train(config, workdir: str, init_from: str | None = None) -> dict:
     """Runs (or resumes) training; returns the last logged metrics.
 
@@ -122,6 +162,9 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     ignored when ``workdir`` already holds a checkpoint to resume.
     """
     validate_config(config)   # refuses a config that cannot train well before anything is written
+    mesh = make_mesh(MeshConfig.from_config(config.mesh))
+    rules = logical_rules_from_config(config.rules)
+    _check_batch_split(config, mesh, rules)   # also before anything is written
     absolute(workdir).mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(config.data.dir)
     resolve_mask_token(config, manifest)
@@ -130,8 +173,6 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
     check_corpus_fits_model(manifest, config.data.dir, model_cfg, config.data.seq_len,
                             max_chunk_concepts=config.data.max_chunk_concepts,
                             max_sources=provenance_config(config).max_sources)
-    mesh = make_mesh(MeshConfig.from_config(config.mesh))
-    rules = logical_rules_from_config(config.rules)
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size={config.data.batch_size} does not split over "
                          f"{jax.process_count()} processes")
@@ -173,24 +214,30 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
             _set_aside_metrics(metrics_path)
         else:
             _truncate_metrics(metrics_path, start)
-    logger = MetricsLogger(absolute(workdir), config.train.num_steps, enabled=jax.process_index() == 0)
+    logger = MetricsLogger(absolute(workdir), config.train.num_steps,
+                           enabled=jax.process_index() == 0, start_step=start)   # ETA origin
 
-    # Two-stream diffusion runs the model on [noisy | clean]: 2 model tokens per data token.
-    streams = 2 if (model_cfg.objective == "diffusion" and config.loss.diffusion_clean_context) else 1
-    flops_per_token = streams * train_flops_per_token(model_cfg, streams * config.data.seq_len)
+    # FLOPs per data-token slot: mfu counts model FLOPs (3 x forward, no remat recompute),
+    # hfu hardware FLOPs (recompute included). Two-stream diffusion runs the model on
+    # [noisy | clean] but unembeds the noisy stream only (planning.step_forward_flops_per_token).
+    two_stream = model_cfg.objective == "diffusion" and config.loss.diffusion_clean_context
+    model_flops = model_train_flops_per_token(model_cfg, config.data.seq_len, two_stream=two_stream)
+    hw_flops = hardware_train_flops_per_token(model_cfg, config.data.seq_len, two_stream=two_stream)
     if jax.devices()[0].platform == "cpu" and not config.hardware.peak_flops_per_device:
         peak = measured_matmul_flops() * jax.process_count()   # simulated devices share a host
-    else:
-        peak = peak_flops_per_device(jax.devices()[0].device_kind,
-                                     config.hardware.peak_flops_per_device) * jax.device_count()
+    else:   # None for a chip with no known peak (warned once): no mfu/hfu then
+        peak = known_peak_flops_per_device(jax.devices()[0].device_kind,
+                                           config.hardware.peak_flops_per_device)
+        peak = peak * jax.device_count() if peak else None
     n_eval = (agreed_eval_batches(config, per_process_batch) if config.train.eval_every else 0)
     watch = NonFiniteWatch(config.train.nan_policy, config.train.max_skipped_steps)
     last = {}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         train_step = make_train_step(graphdef, tx, schedule, config, model_cfg, shardings,
                                      batch_sharding)
-        eval_step = make_eval_step(graphdef, config, model_cfg, shardings.params, batch_sharding)
-        t_last, tokens_since = time.time(), 0
+        eval_step = make_micro_eval_step(graphdef, config, model_cfg, shardings.params,
+                                         batch_sharding)
+        t_last, tokens_since, real_since = time.time(), 0, 0.0
         step = start
         try:
             while step < config.train.num_steps:
@@ -201,6 +248,8 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                 if keylog is not None:
                     keylog.record(step, out[2])
                 tokens_since += config.data.batch_size * config.data.seq_len
+                # The step's real (non-padding) tokens, summed on device: no host sync here.
+                real_since = real_since + metrics.get("real_tokens", 0.0)
                 watch.record(step, metrics)
                 # Every process asks at every step; all see True at the same step.
                 preempted = ckpt.manager.reached_preemption(step)
@@ -213,12 +262,18 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                 if log_now or eval_now:
                     now = time.time()
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    tps = tokens_since / max(now - t_last, 1e-9)
-                    last.update(tokens_per_sec=tps, mfu=tps * flops_per_token / peak)
+                    dt = max(now - t_last, 1e-9)
+                    real = float(real_since) if "real_tokens" in metrics else tokens_since
+                    # tokens_per_sec: real tokens; mfu/hfu: FLOPs of every slot (padding too).
+                    last["tokens_per_sec"] = real / dt
+                    if peak:
+                        slots_per_sec = tokens_since / dt
+                        last.update(mfu=slots_per_sec * model_flops / peak,
+                                    hfu=slots_per_sec * hw_flops / peak)
                     if eval_now:
                         last.update(_evaluate(eval_step, state.params, config, per_process_batch,
                                               batch_sharding, n_eval))
-                    t_last, tokens_since = time.time(), 0
+                    t_last, tokens_since, real_since = time.time(), 0, 0.0
                     if keylog is not None:
                         keylog.flush()
                     logger.write(step, last)

@@ -179,8 +179,11 @@ def batch_problem(config, mesh: MeshPlan, rules) -> str | None:
     """Why data.batch_size cannot be split as the train step splits it, or None."""
     b, accum, shards = config.data.batch_size, config.train.grad_accum_steps, batch_shards(mesh, rules)
     if b % (accum * shards):
+        axes = spec_axes(logical_to_spec(("batch",), rules)[0])
+        over = " x ".join(f"mesh {a}={mesh.sizes[a]}" for a in axes) or "no mesh axis"
         return (f"data.batch_size={b} does not divide into train.grad_accum_steps={accum} "
-                f"micro-batches over {shards} batch shards")
+                f"micro-batches over {shards} batch shards ({over}): it needs a multiple of "
+                f"{accum * shards}")
     return None
 
 

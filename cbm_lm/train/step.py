@@ -65,7 +65,7 @@ COUNT_METRICS = frozenset({"real_tokens", "lm_tokens", "provenance_view_chunks",
                            "steering_positions"})
 
 
-def _is_count(name: str) -> bool:
+def is_count_metric(name: str) -> bool:
     return name in COUNT_METRICS or name.endswith("_count")
 
 
@@ -111,7 +111,7 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
             (_, (m, mass_i, keys_i)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
             n = m["lm_tokens"]   # micro-batch i's weight n_i (module docstring)
             weighted = lambda s, x: s + (n * x).astype(s.dtype)  # noqa: E731
-            m_sum = {k: (m_sum[k] + v) if _is_count(k) else weighted(m_sum[k], v)
+            m_sum = {k: (m_sum[k] + v) if is_count_metric(k) else weighted(m_sum[k], v)
                      for k, v in m.items()}
             return (jax.tree.map(weighted, g_sum, g), m_sum,
                     jax.tree.map(jnp.add, mass_sum, mass_i)), keys_i
@@ -124,7 +124,7 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
             body, (zeros_g, zeros(aux_shape[0]), zeros(aux_shape[1])), (micro, jnp.arange(accum)))
         total_n = jnp.maximum(metrics["lm_tokens"], 1.0)   # sum_i n_i
         grads = jax.tree.map(lambda g: (g / total_n).astype(g.dtype), grads)
-        metrics = {k: v if _is_count(k) else (v / total_n).astype(v.dtype)
+        metrics = {k: v if is_count_metric(k) else (v / total_n).astype(v.dtype)
                    for k, v in metrics.items()}
         # [A, B/A, ...] -> [B, ...]: the micro-batches were consecutive rows
         keys = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), keys)
