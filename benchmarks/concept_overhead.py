@@ -14,10 +14,11 @@ minimum of one side can come from a quieter moment than the other's):
                            / peak fp32 matmul FLOP/s of this machine (1024^2 jitted, best
                              of 5 in every round of the same run)
 
-Model FLOPs are the trainer's own count (train/planning.py train_flops_per_token, the
-numerator of the MFU the train loop logs: projections, attention scores and mixing,
-LM head, both concept heads), less the backward it assigns to the dense top-k
-selection, which is not differentiated (stop_gradient):
+Model FLOPs are the trainer's own count (train/planning.py model_train_flops_per_token,
+3 x forward with no remat recompute, the numerator of the MFU the train loop logs:
+projections, attention scores and mixing, LM head, both concept heads), less the
+backward it assigns to the dense top-k selection, which is not differentiated
+(stop_gradient):
 
   flops/token = 3 fwd - 2 (2 C_k D + 2 C_u Q_u)     fwd = planning.forward_flops_per_token
 
@@ -51,7 +52,7 @@ from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.data.synthetic import synthetic_batch
 from cbm_lm.train.metrics import measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
-from cbm_lm.train.planning import backbone_train_flops_per_token, train_flops_per_token
+from cbm_lm.train.planning import backbone_forward_flops_per_token, model_train_flops_per_token
 from cbm_lm.train.state import init_train_state
 from cbm_lm.train.step import make_train_step
 
@@ -63,7 +64,7 @@ def model_flops_per_token(model_cfg, seq_len: int) -> float:
     select = 2 * cc.n_known * model_cfg.d_model
     if cc.use_unknown:
         select += 2 * cc.n_unknown * (cc.unknown_rank or model_cfg.d_model)
-    return train_flops_per_token(model_cfg, seq_len) - 2 * select
+    return model_train_flops_per_token(model_cfg, seq_len) - 2 * select
 
 
 def measure_concept_overhead(config, rounds: int = 5, steps: int = 3) -> dict:
@@ -109,7 +110,7 @@ def measure_concept_overhead(config, rounds: int = 5, steps: int = 3) -> dict:
     cbm, plain = min(cbm_s), min(plain_s)
     tokens = config.data.batch_size * config.data.seq_len
     model_flops = model_flops_per_token(model_cfg, config.data.seq_len) * tokens
-    plain_flops = backbone_train_flops_per_token(model_cfg, config.data.seq_len) * tokens
+    plain_flops = 3 * backbone_forward_flops_per_token(model_cfg, config.data.seq_len) * tokens
     return {"concept_overhead_ratio": cbm / plain, "cbm_step_seconds": cbm,
             "plain_step_seconds": plain,
             "median_ratio": statistics.median(cbm_s) / statistics.median(plain_s),

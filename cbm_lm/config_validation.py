@@ -26,8 +26,9 @@ def check_loss_fields(loss: Mapping[str, Any], p: Problems) -> None:
     """Adds to ``p`` every ``loss.*`` choice or range compute_losses cannot use.
 
     Fields the section lacks are skipped. Other range checks are in
-    validate_config; this holds the choices, the dropout probabilities and
-    0 <= t_min < t_max <= 1.
+    validate_config; this holds the choices, the dropout probabilities,
+    0 <= t_min < t_max <= 1, 0 <= unknown_teacher_forcing_hold <= _until <= 1, the
+    floor, the noise centres and context_window_until in [0, 1], and sigma > 0.
     """
     for field, allowed in LOSS_CHOICES.items():
         if field in loss:
@@ -47,6 +48,29 @@ def check_loss_fields(loss: Mapping[str, Any], p: Problems) -> None:
         p.check(ar + anneal <= 1, "loss.mask_anneal_fraction",
                 f"the AR warmup ({ar!r}) and the mask anneal ({anneal!r}) must fit in training: "
                 f"ar_warmup_fraction + mask_anneal_fraction <= 1")
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    # Fractions of training and noise centres: each in [0, 1].
+    for field in ("unknown_teacher_forcing_floor", "diffusion_noise_center_start",
+                  "diffusion_noise_center_end", "context_window_until"):
+        if field in loss:
+            v = loss[field]
+            p.check(number(v) and 0 <= v <= 1, f"loss.{field}",
+                    f"must be in [0, 1], got {v!r}")
+    if "diffusion_noise_sigma" in loss:
+        v = loss["diffusion_noise_sigma"]
+        p.check(number(v) and v > 0, "loss.diffusion_noise_sigma", f"must be > 0, got {v!r}")
+    # beta holds at 1 up to `hold`, then decays to the floor by `until` (hold_decay): with
+    # hold > until the decay is a step at `hold`, so the order is required.
+    hold = loss.get("unknown_teacher_forcing_hold", 0.0)
+    until = loss.get("unknown_teacher_forcing_until", 1.0)
+    if "unknown_teacher_forcing_hold" in loss or "unknown_teacher_forcing_until" in loss:
+        ok = number(hold) and number(until) and 0 <= hold <= until <= 1
+        field = ("loss.unknown_teacher_forcing_hold" if not (number(hold) and 0 <= hold <= 1)
+                 else "loss.unknown_teacher_forcing_until")
+        p.check(ok, field, f"must satisfy 0 <= unknown_teacher_forcing_hold <= "
+                f"unknown_teacher_forcing_until <= 1, got hold={hold!r}, until={until!r}")
     lo, hi = loss.get("diffusion_t_min", 0.0), loss.get("diffusion_t_max", 1.0)
     ok = isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo < hi <= 1
     p.check(ok, "loss.diffusion_t_max",
@@ -72,7 +96,7 @@ def validate_config(config: Any) -> None:
         model = ModelConfig.from_config_unchecked(tree["model"], p)
         model.check(p)
     sec = {name: tree.get(name) or {} for name in
-           ("mesh", "data", "train", "optimizer", "loss", "checkpoint")}
+           ("mesh", "data", "train", "optimizer", "loss", "checkpoint", "hardware")}
 
     def get(section, field):
         return sec[section].get(field, _MISSING)
@@ -131,6 +155,9 @@ def validate_config(config: Any) -> None:
     v = get("optimizer", "eps")
     if v is not _MISSING:
         p.check(isinstance(v, (int, float)) and v > 0, "optimizer.eps", f"must be > 0, got {v!r}")
+
+    # hardware: 0 = look the peak up from the device kind (parallel/devices.py)
+    at_least("hardware", "peak_flops_per_device", 0)
 
     # loss
     for field in ("lm_weight", "concept_weight", "concept_pos_weight", "concept_neg_weight",

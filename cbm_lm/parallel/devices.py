@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from absl import logging
+
 # Peak dense bf16 FLOP/s per chip, by jax device_kind prefix (vendor data sheets).
 # Prefixes are tried in order: jax names a v5e "TPU v5 lite" and a v5p "TPU v5",
 # so the lite entries come before the bare "TPU v5".
@@ -29,10 +31,31 @@ def _lookup(table: dict, device_kind: str):
     return None
 
 
-def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float:
+_warned_unknown: set[str] = set()
+
+
+def known_peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
+    """Peak FLOP/s of one chip: ``override`` (hardware.peak_flops_per_device) when set,
+    else the table's; None for a device kind not in the table (no made-up number, so
+    the train loop logs no ``mfu``), with a warning once per kind."""
     if override:
         return override
     found = _lookup(PEAK_FLOPS, device_kind)
+    if found is None and device_kind not in _warned_unknown:
+        _warned_unknown.add(device_kind)
+        logging.warning(
+            "no peak FLOP/s known for device kind %r (parallel/devices.py PEAK_FLOPS) and "
+            "hardware.peak_flops_per_device is 0: the train loop logs no mfu/hfu and the "
+            "planners assume the CPU's nominal %g FLOP/s; set "
+            "--config.hardware.peak_flops_per_device to the chip's peak dense FLOP/s",
+            device_kind, PEAK_FLOPS["cpu"])
+    return found
+
+
+def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float:
+    """``known_peak_flops_per_device``, falling back to the CPU's nominal figure for a
+    kind not in the table (the planners, which need a number; warned once)."""
+    found = known_peak_flops_per_device(device_kind, override)
     return PEAK_FLOPS["cpu"] if found is None else found
 
 

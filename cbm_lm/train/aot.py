@@ -37,7 +37,7 @@ from cbm_lm.parallel.mesh_plan import MeshPlan
 from cbm_lm.parallel.devices import hbm_bytes_per_device, peak_flops_per_device
 from cbm_lm.train.compile_check import lower_and_compile, scale_mesh
 from cbm_lm.train.memory_plan import batch_problem, model_length, plan_mesh
-from cbm_lm.train.planning import forward_flops_per_token, train_flops_per_token
+from cbm_lm.train.planning import model_train_flops_per_token, train_flops_per_token
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
@@ -87,7 +87,7 @@ class AotReport:
     memory: dict              # bytes per device: argument, output, alias, temp, generated_code
     hbm_bytes: int | None
     flops_per_device: float | None      # compiled, per step (cost_analysis)
-    model_flops_per_device: float       # 3 x planning.forward_flops_per_token, per step
+    model_flops_per_device: float       # planning.model_train_flops_per_token, per step
     peak_flops: float
 
     @property
@@ -162,8 +162,10 @@ def aot_compile(config, topology: str, *, num_slices: int = 1,
             flops += (model_cfg.n_layers - 1) * per_layer * streams * tokens / n
             notes = notes + [f"FLOPs: XLA counted the scanned block once; the other "
                              f"{model_cfg.n_layers - 1} layers added analytically"]
-    # Model FLOPs: 3 x forward (forward + backward), no recompute counted.
-    model_flops = 3 * streams * forward_flops_per_token(model_cfg, t_model) * tokens / n
+    # Model FLOPs: 3 x forward (forward + backward), no recompute counted; two-stream rows
+    # unembed one stream and attend a band, not [2T,2T] (planning.step_forward_flops_per_token)
+    model_flops = (model_train_flops_per_token(model_cfg, cfg.data.seq_len,
+                                               two_stream=streams == 2) * tokens / n)
     return AotReport(topology=topology, device_kind=kind, n_devices=n, mesh=mesh_cfg,
                      notes=notes, lower_seconds=lower_seconds, compile_seconds=compile_seconds, memory=memory,
                      hbm_bytes=hbm_bytes_per_device(kind), flops_per_device=flops,

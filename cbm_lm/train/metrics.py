@@ -1,9 +1,17 @@
 """Training metrics: metrics.jsonl, TensorBoard event files, a console line.
 
 metrics.jsonl holds one JSON object per logged step (``step``, ``loss``, every
-loss term and weight, ``tokens_per_sec``, ``mfu``, concept health, eval
-losses when run). Only process 0 writes. The console line shows progress and
-an ETA from the recent step rate.
+loss term and weight, ``tokens_per_sec``, ``mfu``, ``hfu``, concept health,
+eval losses when run). Only process 0 writes. The console line shows progress
+and an ETA from the recent step rate (the first line after a start or a resume:
+the rate of the steps run in this process, not of the absolute step).
+
+``tokens_per_sec`` counts real (non-padding) tokens per second, the steps'
+``real_tokens`` (each step's sum over its micro-batches). ``mfu`` is model
+FLOPs (3 x forward, no remat recompute counted; train/planning.py
+model_train_flops_per_token) per second of every token slot, padding included,
+over the devices' peak; ``hfu`` the same with hardware FLOPs (recompute
+included). Both are absent on a chip with no known peak (parallel/devices.py).
 
 Files go through etils.epath (local disk, gs://, s3://, ...). Object stores
 have no append, so there each record rewrites metrics.jsonl whole (tmp +
@@ -33,9 +41,12 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, workdir, total_steps: int, *, enabled: bool = True):
+    def __init__(self, workdir, total_steps: int, *, enabled: bool = True, start_step: int = 0):
+        """``start_step``: the step this process starts (or resumes) from, the origin of
+        the first ETA's step rate."""
         self.enabled = enabled
         self.total_steps = total_steps
+        self.start_step = start_step
         self.path = epath.Path(workdir) / METRICS_FILE
         self._local = "://" not in str(self.path)
         self._tb = Writer(str(epath.Path(workdir) / "tensorboard")) if enabled else None
@@ -62,17 +73,23 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step=int(step))
         self._tb.flush()
 
+    def eta_seconds(self, step: int, now: float) -> float:
+        """Seconds left at ``step``: the step rate since the previous console line, or
+        for the first one since this process started (``start_step``, at construction)."""
+        if self._last is not None and step > self._last[1]:
+            rate = (now - self._last[0]) / (step - self._last[1])
+        else:
+            rate = (now - self._t0) / max(step - self.start_step, 1)
+        return rate * max(self.total_steps - step, 0)
+
     def console(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         now = time.time()
-        if self._last is not None and step > self._last[1]:
-            rate = (now - self._last[0]) / (step - self._last[1])
-        else:
-            rate = (now - self._t0) / max(step, 1)
+        eta = _fmt_duration(self.eta_seconds(step, now))
         self._last = (now, step)
-        eta = _fmt_duration(rate * (self.total_steps - step))
-        keys = ("loss", "lm_loss", "concept_loss", "eval_lm_loss", "tokens_per_sec", "mfu")
+        keys = ("loss", "lm_loss", "concept_loss", "eval_lm_loss", "tokens_per_sec", "mfu",
+                "hfu")
         parts = [f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics]
         pct = 100.0 * step / max(self.total_steps, 1)
         print(f"step {step}/{self.total_steps} ({pct:.0f}%) " + " ".join(parts) + f" eta {eta}",
