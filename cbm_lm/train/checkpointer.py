@@ -19,7 +19,13 @@ Restore never costs a run:
   2. a step whose structure matches but whose data fails to read is skipped
      for an older one; it is moved to WORKDIR/quarantine/ only once an older
      step has restored from the same storage (proof the failure is the step's,
-     not the storage's); when none restores nothing is moved at all;
+     not the storage's); when none restores nothing is moved at all.
+     With several processes every decision is collective: each process tries
+     the same step, they agree (an all-gather of each one's outcome), and the
+     step is taken only if every process read it; else all go on to the next
+     older step together, so no two processes ever resume from different
+     steps. A step any process failed to read is set aside (by process 0, after
+     every process has restored the older step, all in the same barriers);
   3. a params-only directory (tools/import_steerling.py, init_checkpoint.py)
      is refused with a pointer to --init_from.
 """
@@ -44,6 +50,9 @@ from cbm_lm.train.state import TrainState
 TRAIN_STATE_ITEM = "train_state"
 DATA_ITEM = "data"
 QUARANTINE = "quarantine"
+
+# per-process outcomes of trying one step, agreed across processes
+_OK, _FAILED, _MISMATCH = 0, 1, 2
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +117,10 @@ class TrainCheckpointer:
         return self.workdir / CHECKPOINTS / str(step)
 
     def _quarantine(self, steps) -> None:
-        """Moves steps proven unreadable to WORKDIR/quarantine/ so training can redo them."""
+        """Moves steps proven unreadable to WORKDIR/quarantine/ so training can redo them.
+
+        Collective: every process calls it with the same (agreed) ``steps``, so every
+        process takes part in the same barrier, or none does."""
         if not steps:
             return
         if jax.process_index() == 0:
@@ -122,6 +134,43 @@ class TrainCheckpointer:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("cbm_lm_checkpoint_quarantine")
         self.manager.reload()
+
+    @staticmethod
+    def _agree(ok: int) -> list[int]:
+        """Every process's outcome code for the step they all just tried (a collective
+        that every process calls the same number of times, in the same order)."""
+        if jax.process_count() == 1:
+            return [ok]
+        from jax.experimental import multihost_utils
+        codes = multihost_utils.process_allgather(np.asarray(ok, np.int32))
+        return [int(c) for c in np.asarray(codes).reshape(-1)]
+
+    @staticmethod
+    def _reason(local: str | None, codes: list[int]) -> str:
+        """Why a step was given up: this process's error, or which processes failed."""
+        if len(codes) == 1:
+            return local
+        failed = [p for p, c in enumerate(codes) if c == _FAILED]
+        return (local + f" (processes {failed} failed)") if local else \
+            f"process(es) {failed} could not read it"
+
+    def _catch_up_restore_barrier(self) -> None:
+        """A restore that failed on this process skipped the barrier orbax's
+        Checkpointer.restore ends with, where the processes that did read the step are
+        waiting; meet them there so that the collectives stay paired.
+
+        Read failures (a missing/unfinalized step, a handler's read) all happen before
+        that barrier. Its key is orbax's: 'Checkpointer:restore' with the checkpointer's
+        own prefix (None for a synchronous one, '' for an async one; orbax 0.12). A
+        different key would not hang silently: jax's sync_global_devices compares the
+        keys' hashes across processes and raises on a mismatch.
+        """
+        if jax.process_count() == 1:
+            return
+        from orbax.checkpoint._src.multihost import multihost as ocp_multihost
+        prefix = getattr(self.manager._checkpointer, "_barrier_sync_key_prefix", None)
+        ocp_multihost.sync_global_processes(
+            ocp_multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix))
 
     def _refuse_params_only(self, step: int) -> None:
         if not (self._step_dir(step) / TRAIN_STATE_ITEM).exists():
@@ -203,18 +252,32 @@ class TrainCheckpointer:
         unreadable = {}
         for i, step in enumerate(steps):
             self._refuse_params_only(step)
+            # 1. the saved tree: fits (OK), does not fit (MISMATCH), unreadable (FAILED);
+            #    agreed before anyone reads data, so all or none enter the restore below.
+            mismatch, reason = None, None
             try:
                 self._check_fits(step, abstract_state)
-            except CheckpointMismatchError:
+            except CheckpointMismatchError as e:
+                mismatch = e
+            except Exception as e:  # noqa: BLE001 - metadata unreadable: try an older step
+                reason = f"metadata: {type(e).__name__}: {str(e)[:300]}"
+            codes = self._agree(_MISMATCH if mismatch else _FAILED if reason else _OK)
+            if _MISMATCH in codes:
                 if i == 0 or not unreadable:
-                    raise
+                    raise mismatch or CheckpointMismatchError(
+                        f"checkpoint step {step} in {self.workdir / CHECKPOINTS} does not fit "
+                        f"the model and optimizer this config describes on processes "
+                        f"{[p for p, c in enumerate(codes) if c == _MISMATCH]} (their logs "
+                        f"name the leaves); refusing to restore (nothing was moved or "
+                        f"deleted)")
                 # An older step of another shape: the newer ones are not proven bad.
                 break
-            except Exception as e:  # noqa: BLE001 - metadata unreadable: try an older step
-                unreadable[step] = f"metadata: {type(e).__name__}: {str(e)[:300]}"
+            if _FAILED in codes:
+                unreadable[step] = self._reason(reason, codes)
                 _warn(f"checkpoint step {step} in {self.workdir / CHECKPOINTS} could not be "
                       f"restored ({unreadable[step]}); trying an older step")
                 continue
+            # 2. the data: every process reads its part; the step is taken only if all did.
             args = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_state.params),
                     TRAIN_STATE_ITEM: ocp.args.StandardRestore(_rest_of_state(abstract_state))}
             has_mass = self._has_mass(step, abstract_state)
@@ -224,14 +287,24 @@ class TrainCheckpointer:
             if data_iter is not None:
                 self._check_data_order()
                 args[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+            restored = None
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
             except Exception as e:  # noqa: BLE001 - any read failure: try the previous step
-                unreadable[step] = f"{type(e).__name__}: {str(e)[:300]}"
+                reason = f"{type(e).__name__}: {str(e)[:300]}"
+                self._catch_up_restore_barrier()
+            codes = self._agree(_FAILED if reason else _OK)
+            if _FAILED in codes:
+                # A process that did read the step drops it too (its data iterator is
+                # overwritten by the older step's restore): one step for all processes.
+                restored = None
+                unreadable[step] = self._reason(reason, codes)
                 _warn(f"checkpoint step {step} in {self.workdir / CHECKPOINTS} could not be "
                       f"restored ({unreadable[step]}); trying an older step")
                 continue
-            # An older step restored from the same storage: the newer failures are the steps'.
+            # Every process restored this older step from the same storage: the newer
+            # failures are the steps'. `unreadable` is the same on every process (built
+            # from agreed outcomes only), so all take part in the same quarantine barrier.
             self._quarantine(sorted(unreadable))
             rest = restored[TRAIN_STATE_ITEM]
             state = TrainState(step=rest["step"], params=restored[PARAMS_ITEM],
