@@ -60,3 +60,19 @@ def test_straight_through_keeps_forward_values():
     a, b = hard(h), st(h)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_factorized_query_is_fp32_under_bf16_compute():
+    """q = h D for the factorized (unknown) head: from bf16 h and D, the product is
+    accumulated and kept in fp32 (docstring), not rounded to bf16 (a relative error of
+    up to 2^-9 against the exact product)."""
+    head = ConceptHead(n_concepts=8, n_padded=16, d_model=64, rank=8, topk=2, report_topk=None,
+                       block_size=4, dense_threshold=100, clip=15.0, axis_name="unknown_concepts",
+                       init_std=0.5, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(1), (3, 5, 64)).astype(jnp.bfloat16)
+    q = head.query(h)
+    assert q.dtype == jnp.float32
+    d_bf16 = np.asarray(head.predictor_down[...].astype(jnp.bfloat16), np.float64)
+    exact = np.asarray(h, np.float64) @ d_bf16              # the product of the bf16 operands
+    rel = np.abs(np.asarray(q, np.float64) - exact) / (np.abs(exact) + 1e-3)
+    assert rel.max() < 1e-4, rel.max()
