@@ -121,23 +121,21 @@ def test_cli_import_dump_export(steerling_cases, tmp_path):
 
 @pytest.mark.parity
 def test_dump_forward_rejects_bad_ids(tmp_path):
-    """tools/dump_forward.py's id checks, in process (no checkpoint needed)."""
-    import importlib.util
+    """The id checks tools/dump_forward.py runs (the library's load_prompt_ids with [B,T]),
+    in process (no checkpoint needed)."""
+    from cbm_lm.inference.prompts import load_prompt_ids
 
-    name = "cbm_lm_tools_dump_forward"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", "dump_forward.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    load_ids = sys.modules[name].load_ids
+    def load_ids(path, vocab):
+        return load_prompt_ids(path, vocab_size=vocab, ndims=(2,))
+
     cases = {"rank.npy": (sample_ids(0)[0], "shape [B,T], got [40] (a single sequence"),
              "float.npy": (sample_ids(0).astype(np.float32), "must be integers"),
              "neg.npy": (sample_ids(0) - 1, "outside the vocabulary [0, 301)")}
     for fname, (arr, msg) in cases.items():
         np.save(tmp_path / fname, arr)
-        with pytest.raises(SystemExit, match=re.escape(msg)):
+        with pytest.raises(ValueError, match=re.escape(msg)):
             load_ids(str(tmp_path / fname), VOCAB)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         load_ids(str(tmp_path / "missing.npy"), VOCAB)
     np.save(tmp_path / "ok.npy", sample_ids(0).astype(np.int64))
     ok = load_ids(str(tmp_path / "ok.npy"), VOCAB)

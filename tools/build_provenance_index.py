@@ -17,11 +17,14 @@ See cbm_lm/provenance/build.py.
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 
-from cbm_lm.provenance.build import UnusedRekeyOverrides, build_index
-from cbm_lm.train.checkpoint import load_model_and_step
+from cbm_lm.config import ConfigError
+from cbm_lm.data.corpus import Corpus
+from cbm_lm.provenance.build import UnusedRekeyOverrides, build_index, corpus_dir
+from cbm_lm.train.checkpoint import CheckpointError, load_model_and_step
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, config.json).",
                                required=True)
@@ -46,21 +49,25 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     # the step of the params restored: a run training beside it may commit a newer one
-    model, config, step = load_model_and_step(_WORKDIR.value, step=_STEP.value)
-    if _CORPUS.value:
-        config.data.dir = _CORPUS.value
+    try:
+        model, config, step = load_model_and_step(_WORKDIR.value, step=_STEP.value)
+        # --corpus_dir is strict: a typo fails naming it, never falls back to a look-alike
+        cdir = corpus_dir(config, _WORKDIR.value, _CORPUS.value)
+        corpus = Corpus(cdir)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"build_provenance_index: error: {e}")
+    config.data.dir = cdir
     overrides = {k: v for k, v in (("rekey_context", _CONTEXT.value),
                                    ("rekey_d_p", _REKEY_D_P.value)) if v is not None}
     try:
         built = build_index(_WORKDIR.value, model, config, step, rekey=_REKEY.value,
-                            rekey_overrides=overrides, log=lambda m: print(m, flush=True))
+                            rekey_overrides=overrides, corpus=corpus,
+                            log=lambda m: print(m, flush=True))
     except UnusedRekeyOverrides as e:
         raise app.UsageError(str(e)) from e
     if _GRADIENT.value:
-        from cbm_lm.data.corpus import Corpus
-        from cbm_lm.provenance.build import corpus_dir, provenance_config
+        from cbm_lm.provenance.build import provenance_config
         from cbm_lm.provenance.gradient import build_gradient_index
-        corpus = Corpus(corpus_dir(config, _WORKDIR.value))
         idx = build_gradient_index(_WORKDIR.value, model, corpus, provenance_config(config),
                                    k=_GRADIENT_DIM.value, log=lambda m: print(m, flush=True))
         built["gradient"] = idx.meta

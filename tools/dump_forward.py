@@ -43,31 +43,6 @@ def _fail(msg: str):
     sys.exit(f"dump_forward: error: {msg}")
 
 
-def load_ids(path: str, vocab_size: int):
-    """Reads and checks the [B,T] ids; exits with a clear message when they do not fit."""
-    import numpy as np
-
-    if not os.path.isfile(path):
-        _fail(f"{path}: no such file")
-    try:
-        ids = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        _fail(f"{path}: not a readable .npy array ({e})")
-    if not np.issubdtype(ids.dtype, np.integer):
-        _fail(f"{path}: ids must be integers, got dtype {ids.dtype}")
-    if ids.ndim != 2:
-        _fail(f"{path}: ids must have shape [B,T], got {list(ids.shape)}"
-              + (" (a single sequence: save ids[None])" if ids.ndim == 1 else ""))
-    if ids.size == 0:
-        _fail(f"{path}: ids are empty (shape {list(ids.shape)})")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = np.argwhere((ids < 0) | (ids >= vocab_size))[0].tolist()
-        _fail(f"{path}: id {int(ids[tuple(bad)])} at [b,t]={bad} is outside the vocabulary "
-              f"[0, {vocab_size}) (ids span [{lo}, {hi}])")
-    return ids.astype(np.int32)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -80,6 +55,7 @@ def main(argv):
     from flax import nnx
 
     from cbm_lm.config import ConfigError
+    from cbm_lm.inference.prompts import load_prompt_ids
     from cbm_lm.train.checkpoint import CheckpointError, load_model, read_config
 
     from etils import epath
@@ -102,7 +78,10 @@ def main(argv):
     except (CheckpointError, ConfigError) as e:
         _fail(str(e))
     cfg = model.config
-    ids = load_ids(_IDS.value, cfg.vocab_size)
+    try:
+        ids = load_prompt_ids(_IDS.value, vocab_size=cfg.vocab_size, ndims=(2,))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f"--input_ids: {e}")
     b, t = ids.shape
     _log(f"forward on ids [{b},{t}] (vocab {cfg.vocab_size}, d={cfg.d_model}) in float32")
 

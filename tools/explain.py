@@ -22,7 +22,8 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "cbm_lm checkpoint directory.", 
 _CORPUS = flags.DEFINE_string("corpus_dir", None, "Corpus dir (tokenizer, concept names); "
                               "default: the checkpoint's own corpus, when found.")
 _TEXT = flags.DEFINE_string("text", None, "Text to explain (needs a tokenizer).")
-_IDS = flags.DEFINE_string("input_ids", None, "[1,T] int32 .npy to explain instead of text.")
+_IDS = flags.DEFINE_string("input_ids", None, "[T] or [1,T] integer .npy to explain instead "
+                           "of text.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "Tokens of context to run (at most the "
                                    "model's max_seq_len).")
 _POSITIONS = flags.DEFINE_integer("positions", 6, "Positions to explain.")
@@ -35,12 +36,13 @@ def _input_ids(ex, corpus_dir, vocab, limit):
     import numpy as np
 
     from cbm_lm.eval.checkpoint_report import first_document
+    from cbm_lm.inference.prompts import load_prompt_ids, random_prompt_ids, single_prompt_ids
     if _IDS.value:
-        ids = np.load(_IDS.value)
-        if ids.ndim != 2 or ids.min() < 0 or ids.max() >= vocab:
-            raise app.UsageError(f"{_IDS.value}: expected [B,T] ids in [0, {vocab}), got shape "
-                                 f"{ids.shape}, range [{ids.min()}, {ids.max()}]")
-        return ids[0, :limit], "ids from " + _IDS.value
+        try:
+            ids = single_prompt_ids(load_prompt_ids(_IDS.value, vocab_size=vocab), _IDS.value)
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(f"--input_ids: {e}") from None
+        return ids[:limit], "ids from " + _IDS.value
     if _TEXT.value:
         try:
             return np.asarray(ex.encode(_TEXT.value)[:limit]), "--text"
@@ -51,7 +53,7 @@ def _input_ids(ex, corpus_dir, vocab, limit):
             return first_document(corpus_dir, "heldout")[:limit], "the first held-out document"
         except ValueError as e:
             sys.exit(f"explain: error: {e}; give --text or --input_ids instead")
-    return np.random.default_rng(0).integers(0, vocab, size=16), "random ids"
+    return random_prompt_ids(vocab, limit), "random ids"
 
 
 def main(argv):
@@ -60,13 +62,19 @@ def main(argv):
     if _MAX_TOKENS.value < 2:
         raise app.UsageError(f"--max_tokens={_MAX_TOKENS.value}: expected >= 2 (a context "
                              f"token and one to explain)")
+    if _TEXT.value is not None and _IDS.value is not None:
+        raise app.UsageError("give at most one of --text and --input_ids")
     logging.set_verbosity(logging.WARNING)
     from cbm_lm.api import Explainer, find_corpus
     from cbm_lm.eval import checkpoint_report as report
-    from cbm_lm.train.checkpoint import read_config
+    from cbm_lm.config import ConfigError
+    from cbm_lm.train.checkpoint import CheckpointError, read_config
 
-    corpus_dir = _CORPUS.value or find_corpus(_CKPT.value, read_config(_CKPT.value))
-    ex = Explainer.load(_CKPT.value, corpus_dir=corpus_dir)
+    try:
+        corpus_dir = _CORPUS.value or find_corpus(_CKPT.value, read_config(_CKPT.value))
+        ex = Explainer.load(_CKPT.value, corpus_dir=corpus_dir)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"explain: error: {e}")
     cfg = ex.model.config
     ids, what = _input_ids(ex, corpus_dir, cfg.vocab_size, min(_MAX_TOKENS.value, cfg.max_seq_len))
     diffusion = cfg.attention != "causal"

@@ -69,16 +69,11 @@ def _pairs(flag: str, values: list[str]) -> dict[str, float]:
 
 
 def _prompt_ids():
-    import numpy as np
-    path = _PROMPT_IDS.value
+    from cbm_lm.inference.prompts import load_prompt_ids
     try:
-        ids = np.load(path)
-    except (OSError, ValueError) as e:
-        raise app.UsageError(f"--prompt_ids={path}: cannot read a .npy array ({e})") from None
-    if ids.ndim not in (1, 2) or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise app.UsageError(f"--prompt_ids={path}: expected a non-empty [P] or [B,P] integer "
-                             f"array, got dtype {ids.dtype} shape {ids.shape}")
-    return ids
+        return load_prompt_ids(_PROMPT_IDS.value)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(f"--prompt_ids: {e}") from None
 
 
 def main(argv):

@@ -11,12 +11,14 @@ Needs tools/build_provenance_index.py --workdir DIR first.
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 
-from cbm_lm.provenance.open import open_query
+from cbm_lm.config import ConfigError
+from cbm_lm.provenance.open import INDEXES, open_query
 from cbm_lm.provenance.query import read_queries
-from cbm_lm.train.checkpoint import load_model
+from cbm_lm.train.checkpoint import CheckpointError, load_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with a provenance index.",
                                required=True)
@@ -27,8 +29,8 @@ _JSON = flags.DEFINE_bool("json", False, "One JSON object per query on stdout.")
 _METHOD = flags.DEFINE_enum("method", "provenance", ["provenance", "bm25", "gradient"],
                             "The provenance index, the BM25 baseline over training chunks, or "
                             "the projected-gradient reference (needs build --gradient).")
-_INDEX = flags.DEFINE_string("index", None, "Key store index: logged | rekeyed (default: "
-                             "the one the last build chose).")
+_INDEX = flags.DEFINE_enum("index", None, list(INDEXES), "Key store index of --method "
+                           "provenance (default: the one the last build chose).")
 _CORPUS = flags.DEFINE_string("corpus_dir", None, "Corpus (default: the run's data.dir).")
 
 
@@ -51,10 +53,22 @@ def main(argv):
         raise app.UsageError("pass exactly one of --text or --queries")
     if _K.value < 1:
         raise app.UsageError(f"--k must be >= 1, got {_K.value}")
-    texts = [_TEXT.value] if _TEXT.value is not None else read_queries(_QUERIES.value)
-    model, config = load_model(_WORKDIR.value)
-    query = open_query(_WORKDIR.value, model, config, method=_METHOD.value,
-                       index=_INDEX.value, corpus_dir=_CORPUS.value)
+    if _INDEX.value is not None and _METHOD.value != "provenance":
+        raise app.UsageError(f"--index={_INDEX.value} picks the key index of --method "
+                             f"provenance; --method={_METHOD.value} has none (drop --index)")
+    try:
+        texts = [_TEXT.value] if _TEXT.value is not None else read_queries(_QUERIES.value)
+    except FileNotFoundError:
+        sys.exit(f"provenance_query: error: --queries={_QUERIES.value}: no such file "
+                 "(expected one query per line)")
+    except ValueError as e:
+        sys.exit(f"provenance_query: error: --queries: {e}")
+    try:
+        model, config = load_model(_WORKDIR.value)
+        query = open_query(_WORKDIR.value, model, config, method=_METHOD.value,
+                           index=_INDEX.value, corpus_dir=_CORPUS.value)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"provenance_query: error: {e}")
     for ans in query.answer(texts, k=_K.value):
         if _JSON.value:
             print(json.dumps(ans, ensure_ascii=False), flush=True)

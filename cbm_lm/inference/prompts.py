@@ -64,3 +64,61 @@ def layout(prompts: Sequence[Sequence[int]], max_new_tokens: int, *, vocab_size:
     for b, p in enumerate(prompts):
         x[b, : len(p)] = p
     return x, lens, (pos < window).astype(np.int32)
+
+
+_SHAPES = {1: "[T]", 2: "[B,T]"}
+
+
+def load_prompt_ids(path, *, vocab_size: int | None = None,
+                    ndims: tuple[int, ...] = (1, 2)) -> np.ndarray:
+    """Token ids from a .npy file -> an int32 array of rank in ``ndims`` ([T] or [B,T]).
+
+    Raises FileNotFoundError when ``path`` does not exist, and ValueError naming the file
+    when it is not a .npy array, its dtype is not integer, its rank is not in ``ndims``,
+    it is empty, or an id is negative (or >= ``vocab_size`` when given).
+    """
+    import io
+
+    from etils import epath
+
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file (expected a .npy array of token ids)")
+    try:
+        ids = np.load(io.BytesIO(p.read_bytes()), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if not isinstance(ids, np.ndarray):     # an .npz archive
+        raise ValueError(f"{path}: an .npz archive; expected one .npy array of token ids")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{path}: ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim not in ndims:
+        want = " or ".join(_SHAPES.get(n, f"rank {n}") for n in ndims)
+        raise ValueError(f"{path}: ids must have shape {want}, got {list(ids.shape)}"
+                         + (" (a single sequence: save ids[None])"
+                            if ids.ndim == 1 and 2 in ndims else ""))
+    if ids.size == 0:
+        raise ValueError(f"{path}: ids are empty (shape {list(ids.shape)})")
+    lo, hi = int(ids.min()), int(ids.max())
+    top = np.iinfo(np.int32).max + 1 if vocab_size is None else vocab_size
+    if lo < 0 or hi >= top:
+        bad = np.argwhere((ids < 0) | (ids >= top))[0].tolist()
+        where = "[b,t]" if ids.ndim == 2 else "[t]"
+        what = (f"the vocabulary [0, {vocab_size})" if vocab_size is not None
+                else f"[0, {top}) (token ids are non-negative int32)")
+        raise ValueError(f"{path}: id {int(ids[tuple(bad)])} at {where}={bad} is outside {what} "
+                         f"(ids span [{lo}, {hi}])")
+    return ids.astype(np.int32)
+
+
+def single_prompt_ids(ids: np.ndarray, path) -> np.ndarray:
+    """[T] or [1,T] ids -> [T]; ValueError naming ``path`` and the shape for a batch B != 1."""
+    if ids.ndim == 2 and ids.shape[0] != 1:
+        raise ValueError(f"{path}: expected one sequence ([T] or [1,T]), got a batch of shape "
+                         f"{list(ids.shape)}; save the row to explain, e.g. ids[i:i+1]")
+    return ids.reshape(-1)
+
+
+def random_prompt_ids(vocab_size: int, length: int, seed: int = 0) -> np.ndarray:
+    """``length`` uniform random ids in [0, vocab_size): a prompt when no text is at hand."""
+    return np.random.default_rng(seed).integers(0, vocab_size, size=length).astype(np.int32)

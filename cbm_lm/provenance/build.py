@@ -57,12 +57,16 @@ def provenance_config(config: ml_collections.ConfigDict) -> ProvenanceConfig:
 
 def corpus_dir(config: ml_collections.ConfigDict, workdir, override: str | None = None) -> str:
     """The run's corpus: ``override``, else config data.dir (as given, then next to WORKDIR)."""
-    if override:
-        candidates = [override]
-    else:
-        d = config.data.dir
-        candidates = [d, os.path.join(os.path.dirname(os.path.abspath(os.fspath(workdir))),
-                                      os.path.basename(d.rstrip("/")))]
+    if override:        # an explicit corpus is strict: no fallback to a look-alike elsewhere
+        if not (epath.Path(override) / "manifest.json").exists():
+            what = "directory has no manifest.json" if epath.Path(override).exists() else \
+                "no such directory"
+            raise FileNotFoundError(f"corpus_dir {override}: {what}; expected a corpus built "
+                                    "by tools/build_corpus.py")
+        return override
+    d = config.data.dir
+    candidates = [d, os.path.join(os.path.dirname(os.path.abspath(os.fspath(workdir))),
+                                  os.path.basename(d.rstrip("/")))]
     for c in candidates:
         if c and (epath.Path(c) / "manifest.json").exists():
             return c

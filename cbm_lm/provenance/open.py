@@ -17,9 +17,23 @@ from cbm_lm.provenance.query import IndexRetriever, ProvenanceQuery
 # provenance: the key index; bm25: the lexical baseline; gradient: the projected-gradient
 # reference (TRAK/TracIn style, cbm_lm/provenance/gradient.py; built with --gradient).
 METHODS = ("provenance", "bm25", "gradient")
+# the key indexes a provenance query may read (build.LOGGED, build.REKEYED)
+INDEXES = (build.LOGGED, build.REKEYED)
+
+
+def check_index(method: str, index: str | None) -> None:
+    """``index`` is read by method "provenance" only: ValueError for an unknown index, or
+    for one given with another method (it would be silently ignored)."""
+    if index is not None and index not in INDEXES:
+        raise ValueError(f"unknown provenance index {index!r}; expected one of {INDEXES}")
+    if index is not None and method != "provenance":
+        raise ValueError(f"index={index!r} picks the key index of method 'provenance'; "
+                         f"method {method!r} reads none")
 
 
 def make_retriever(method: str, workdir, model, config, corpus: Corpus, index: str | None = None):
+    """``index`` (one of INDEXES, default: the last build's): see check_index."""
+    check_index(method, index)
     if method == "provenance":
         name = index or build.default_index(workdir)
         return IndexRetriever(KeyIndex.load(build.index_path(workdir, name)))
@@ -35,6 +49,7 @@ def make_retriever(method: str, workdir, model, config, corpus: Corpus, index: s
 def open_query(workdir, model, config, method: str = "provenance", index: str | None = None,
                corpus_dir: str | None = None) -> ProvenanceQuery:
     prov = build.provenance_config(config)
+    check_index(method, index)      # before the corpus is opened
     corpus = Corpus(build.corpus_dir(config, workdir, corpus_dir))
     retriever = make_retriever(method, workdir, model, config, corpus, index)
     return ProvenanceQuery(model, prov, corpus, retriever, build.load_mass(workdir),
