@@ -43,3 +43,34 @@ def test_an_existing_run_or_a_bad_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="train.log_every"):
         init_checkpoint(tmp_path / "new", bad)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_save_leaves_out_absent_and_a_rerun_succeeds(tmp_path, monkeypatch):
+    from cbm_lm.train import checkpoint
+    real = checkpoint.save_params
+
+    def killed(d, config, model, **kw):    # the params land, then the save dies
+        real(d, config, model, **kw)        # (before config.json would be complete)
+        (pathlib.Path(d) / "config.json").unlink()
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(checkpoint, "save_params", killed)
+    out = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        init_checkpoint(out, _config())
+    assert not out.exists() and list(tmp_path.iterdir()) == []   # no half checkpoint, no tmp
+    monkeypatch.setattr(checkpoint, "save_params", real)
+    init_checkpoint(out, _config())                              # the rerun is not refused
+    load_model(out)
+
+
+def test_a_directory_holding_other_files_is_refused(tmp_path):
+    out = tmp_path / "logs"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="non-empty directory that is not a cbm_lm"):
+        init_checkpoint(out, _config())
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    init_checkpoint(empty, _config())                   # an empty directory is fine
+    load_model(empty)

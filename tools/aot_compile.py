@@ -10,6 +10,7 @@ the compiled FLOPs and the MFU they allow. See cbm_lm/train/aot.py.
 
 import json
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the topology is described, never attached
 
@@ -33,7 +34,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags take --name=value")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config gin_configs/steerling_8b.py")
-    r = aot_compile(_CONFIG.value, _TOPOLOGY.value, num_slices=_SLICES.value)
+    try:
+        r = aot_compile(_CONFIG.value, _TOPOLOGY.value, num_slices=_SLICES.value)
+    except ValueError as e:     # a bad --topology, or a ConfigError for it (ValueError's kin)
+        sys.exit(f"aot_compile: error: {e}")
     m = r.mesh
     print(f"topology {r.topology}: {r.n_devices} x {r.device_kind}; mesh data={m.data} x "
           f"fsdp={m.fsdp} x tensor={m.tensor}")
@@ -50,14 +54,7 @@ def main(argv):
     else:
         print("compiled FLOPs: cost_analysis() reported none")
     print(f"compile time: {r.lower_seconds:.1f} s lower + {r.compile_seconds:.1f} s compile")
-    if r.hbm_bytes is None:
-        verdict = f"HBM of {r.device_kind!r} unknown: no verdict"
-    else:
-        pct = 100 * r.total_bytes / r.hbm_bytes
-        word = "FITS" if r.fits else "DOES NOT FIT"
-        verdict = (f"{word}: {fmt_bytes(r.total_bytes)} per device = {pct:.0f}% of "
-                   f"{fmt_bytes(r.hbm_bytes)} HBM per {r.device_kind} chip")
-    print(f"memory verdict: {verdict}")
+    print(f"memory verdict: {r.verdict()}")
     if _JSON.value:
         write_text_atomic(_JSON.value, json.dumps(r.to_json(), indent=1))
 

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cbm_lm.data.corpus_build import (BuildConfig, build_corpus,  # noqa: E402
-                                     check_config, unknown_pipeline_args)
+                                     check_config, check_out_dir, unknown_pipeline_args)
 from cbm_lm.data.errors import DataError  # noqa: E402
 
 
@@ -71,17 +71,21 @@ def main(argv=None) -> int:
         skip_bad_records=args.skip_bad_records, overwrite=args.overwrite)
     try:
         check_config(cfg)          # before the seqio dump writes anything
-    except ValueError as e:
+        check_out_dir(cfg.out, cfg.overwrite)   # and before it reads a whole task
+    except (ValueError, FileExistsError) as e:
         print(f"build_corpus: {e}", file=sys.stderr)
         return 2
-    if args.seqio_task:
-        from cbm_lm.data.seqio_input import seqio_to_jsonl
-        cfg.jsonl.append(seqio_to_jsonl(args.seqio_task, args.seqio_split, args.out,
-                                        args.seqio_max_examples))
     try:
+        if args.seqio_task:
+            from cbm_lm.data.seqio_input import seqio_to_jsonl
+            cfg.jsonl.append(seqio_to_jsonl(args.seqio_task, args.seqio_split, args.out,
+                                            args.seqio_max_examples))
         m = build_corpus(cfg, beam_args)
     except DataError as e:
         print(f"build_corpus: bad input: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError) as e:
+        print(f"build_corpus: error: {e}", file=sys.stderr)
         return 1
     summary = {k: m[k] for k in ("num_concepts", "num_sources", "content_hash")}
     summary["splits"] = {s: {k: v[k] for k in ("records", "tokens", "chunks")}

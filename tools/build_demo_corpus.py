@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from cbm_lm.data.corpus_build import unknown_pipeline_args  # noqa: E402
 from cbm_lm.data.demo_corpus import DemoConfig, build_demo_corpus, main_log  # noqa: E402
+from cbm_lm.data.errors import DataError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,9 +39,13 @@ def main(argv=None) -> int:
         ap.error(f"unrecognized arguments: {' '.join(unknown)} (neither this tool's flags nor "
                  f"Beam pipeline options)")
     t0 = time.time()
-    m = build_demo_corpus(DemoConfig(out=args.out, vocab_size=args.vocab_size,
-                                     max_concepts=args.max_concepts, num_facts=args.num_facts,
-                                     overwrite=args.overwrite), beam_args, log=main_log)
+    try:
+        m = build_demo_corpus(DemoConfig(out=args.out, vocab_size=args.vocab_size,
+                                         max_concepts=args.max_concepts, num_facts=args.num_facts,
+                                         overwrite=args.overwrite), beam_args, log=main_log)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"build_demo_corpus: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({
         "out": args.out, "seconds": round(time.time() - t0, 1),
         "concepts": m["num_concepts"], "sources": m["sources"],

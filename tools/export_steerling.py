@@ -44,11 +44,15 @@ def main(argv):
     from cbm_lm.config import ConfigError
     from cbm_lm.train.checkpoint import CheckpointError, load_model, read_config
 
+    from etils import epath
+
     ckpt, out = _CKPT.value, _OUT.value
-    if not os.path.isdir(ckpt):
-        sys.exit(f"export_steerling: error: {ckpt}: no such checkpoint directory")
-    if os.path.exists(os.path.join(out, "config.json")) and not _OVERWRITE.value:
-        sys.exit(f"export_steerling: error: {out} already holds a config.json; pass --overwrite")
+    # epath, as the library reads and writes: the checks hold for gs:// paths too
+    if not epath.Path(ckpt).is_dir():
+        sys.exit(f"export_steerling: error: --checkpoint {ckpt}: no such checkpoint directory")
+    if (epath.Path(out) / "config.json").exists() and not _OVERWRITE.value:
+        sys.exit(f"export_steerling: error: --out {out} already holds a config.json; pass "
+                 "--overwrite")
     t0 = time.time()
     _log(f"loading {ckpt}" + (f" step {_STEP.value}" if _STEP.value is not None else ""))
     try:

@@ -243,23 +243,19 @@ def print_compile(config, planned_devices: int) -> None:
     print("  compile: OK (state, optimizer and batch shardings are consistent with the step)")
 
 
-def print_topology(config, topology: str) -> None:
-    from cbm_lm.train.aot import aot_compile
-    r = aot_compile(config, topology)
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        for k in ("data", "fsdp", "tensor"):
-            c.mesh[k] = getattr(r.mesh, k)
-        c.mesh.dcn_data = c.mesh.dcn_fsdp = c.mesh.dcn_tensor = 1
-    est = memory_plan(c, r.n_devices, r.device_kind).total
+def print_topology(config, topology: str, hbm: int | None = None) -> None:
+    from cbm_lm.train.aot import aot_compile, with_mesh
+    try:
+        r = aot_compile(config, topology)
+    except ValueError as e:     # a bad --topology, or a ConfigError for it (ValueError's kin)
+        sys.exit(f"plan: error: {e}")
+    est = memory_plan(with_mesh(config, r.mesh), r.n_devices, r.device_kind).total
     print()
     print(f"XLA's TPU compiler, {topology} ({r.n_devices} x {r.device_kind}):")
     row("compiled total per device (argument+output-alias+temp)", fmt_bytes(r.total_bytes))
     row("analytic estimate above, same mesh", fmt_bytes(est),
         f"{100 * (est / r.total_bytes - 1):+.0f}% vs XLA")
-    word = "FITS" if r.fits else "DOES NOT FIT"
-    print(f"  memory verdict (XLA's TPU compiler): {word} ({fmt_bytes(r.total_bytes)} of "
-          f"{fmt_bytes(r.hbm_bytes)})")
+    print(f"  memory verdict (XLA's TPU compiler): {r.verdict(hbm)}")
 
 
 def main(argv):
@@ -282,7 +278,7 @@ def main(argv):
     print_memory(config, n_devices, kind, hbm)
     print_compute(config, n_devices, kind)
     if _TOPOLOGY.value:
-        print_topology(config, _TOPOLOGY.value)
+        print_topology(config, _TOPOLOGY.value, hbm)
     if _COMPILE.value:
         print_compile(config, n_devices)
 

@@ -93,6 +93,8 @@ def check_config(cfg: BuildConfig) -> None:
             for flag, zero in (("vocab_size", "0 = use --tokenizer"),
                                ("max_concepts", "0 = no limit"))
             if not getattr(cfg, flag) >= 0]
+    if 0 < cfg.vocab_size <= len(tokenizer_lib.SPECIALS):
+        bad.append(_vocab_size_problem(cfg.vocab_size))
     frac = cfg.heldout_fraction
     if not 0 <= frac <= 1:
         bad.append(f"--heldout_fraction {frac!r}: expected a fraction in [0, 1]")
@@ -103,6 +105,34 @@ def check_config(cfg: BuildConfig) -> None:
         bad.append(f"--heldout_shards {cfg.heldout_shards!r}: expected an integer >= 0")
     if bad:
         raise ValueError("invalid build flag(s): " + "; ".join(bad))
+
+
+def _vocab_size_problem(vocab_size) -> str:
+    n = len(tokenizer_lib.SPECIALS)
+    return (f"--vocab_size {vocab_size!r}: expected an integer > {n} (the BPE vocabulary "
+            f"includes the {n} special tokens {list(tokenizer_lib.SPECIALS)})")
+
+
+def check_bpe_flags(vocab_size: int, heldout_fraction: float) -> None:
+    """Raises ValueError naming each out-of-range flag of a BPE training run
+    (tools/train_tokenizer.py, the demo corpus): before any input is read."""
+    bad = []
+    if not (isinstance(vocab_size, int) and vocab_size > len(tokenizer_lib.SPECIALS)):
+        bad.append(_vocab_size_problem(vocab_size))
+    if not 0 <= heldout_fraction <= 1:
+        bad.append(f"--heldout_fraction {heldout_fraction!r}: expected a fraction in [0, 1]")
+    if bad:
+        raise ValueError("invalid flag(s): " + "; ".join(bad))
+
+
+def check_out_dir(out, overwrite: bool) -> None:
+    """Raises FileExistsError when ``out`` is a non-empty directory and not ``overwrite``
+    (and when it is a file): before any work, so a rerun fails in a second, not after it."""
+    out = epath.Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
 
 
 class _ReadJsonl(beam.DoFn):
@@ -280,9 +310,7 @@ def build_corpus(cfg: BuildConfig, pipeline_args: list[str] | None = None,
     check_pipeline_args(pipeline_args)
     check_config(cfg)
     out = epath.Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_out_dir(out, cfg.overwrite)
     if not cfg.jsonl and not cfg.atlas:
         raise ValueError("no input: pass --jsonl and/or --atlas")
     files = expand(cfg.jsonl) if cfg.jsonl else []

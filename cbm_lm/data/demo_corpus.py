@@ -25,7 +25,8 @@ from cbm_lm.data import demo_sources, planted_facts, wordnet
 from cbm_lm.data import inputs
 from cbm_lm.data import tokenizer as tokenizer_lib
 from cbm_lm.data.concepts import ConceptVocab
-from cbm_lm.data.corpus_build import BuildConfig, build_corpus, check_config, check_pipeline_args
+from cbm_lm.data.corpus_build import (BuildConfig, build_corpus, check_bpe_flags, check_config,
+                                     check_out_dir, check_pipeline_args)
 
 APT_PACKAGES = {"fortunes": "fortunes", "wordnet": "wordnet-base", "pydoc": "python3.11-doc"}
 
@@ -120,7 +121,9 @@ def build_demo_corpus(cfg: DemoConfig, pipeline_args=None, log=print) -> dict:
     """Builds the demo corpus into ``cfg.out``; returns its manifest."""
     check_pipeline_args(pipeline_args)   # before any work: a typo is not a Beam option
     check_config(_build_config(cfg))     # and a flag out of range
+    check_bpe_flags(cfg.vocab_size, cfg.heldout_fraction)
     out = epath.Path(cfg.out)
+    check_out_dir(out, cfg.overwrite)    # and an existing corpus, before gathering and BPE
     work = out.parent / f".{out.name}.work"
     if work.exists():
         shutil.rmtree(work)

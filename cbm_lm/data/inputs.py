@@ -168,12 +168,12 @@ def iter_jsonl_lines(path) -> Iterator[tuple[int, bytes]]:
                 yield n, raw
 
 
-def training_texts(paths, heldout_fraction: float, max_chars: int = 0) -> Iterator[str]:
+def training_texts(paths, heldout_fraction: float, max_bytes: int = 0) -> Iterator[str]:
     """Texts of the documents the corpus build puts in the training split.
 
     JSONL files (parsed and split as build_corpus does with the same
-    ``heldout_fraction``); any other file is one training text. Stops after
-    ``max_chars`` characters (0 = no limit).
+    ``heldout_fraction``); any other file is one training text. Stops after the
+    text that reaches ``max_bytes`` UTF-8 bytes (0 = no limit).
     """
     total = 0
     for path in paths:
@@ -186,9 +186,9 @@ def training_texts(paths, heldout_fraction: float, max_chars: int = 0) -> Iterat
         else:
             texts = [epath.Path(path).read_text(encoding="utf-8")]
         for text in texts:
-            total += len(text)
+            total += len(text.encode("utf-8"))
             yield text
-            if max_chars and total >= max_chars:
+            if max_bytes and total >= max_bytes:
                 return
 
 

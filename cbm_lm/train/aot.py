@@ -36,7 +36,7 @@ from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.parallel.mesh_plan import MeshPlan
 from cbm_lm.parallel.devices import hbm_bytes_per_device, peak_flops_per_device
 from cbm_lm.train.compile_check import lower_and_compile, scale_mesh
-from cbm_lm.train.memory_plan import batch_problem, model_length, plan_mesh
+from cbm_lm.train.memory_plan import batch_problem, fmt_bytes, model_length, plan_mesh
 from cbm_lm.train.planning import model_train_flops_per_token, train_flops_per_token
 
 
@@ -107,6 +107,19 @@ class AotReport:
     def mfu_bound(self) -> float | None:
         return self.model_flops_per_device / self.flops_per_device if self.flops_per_device else None
 
+    def verdict(self, hbm_bytes: int | None = None) -> str:
+        """The memory verdict line against ``hbm_bytes`` (default: the chip's table HBM);
+        says so, with no verdict, when neither is known."""
+        hbm = hbm_bytes if hbm_bytes is not None else self.hbm_bytes
+        if hbm is None:
+            return (f"HBM of {self.device_kind!r} unknown: no verdict (pass the HBM per device, "
+                    f"e.g. --hbm_gib, where the tool has it)")
+        pct = 100 * self.total_bytes / hbm
+        word = "FITS" if self.total_bytes <= hbm else "DOES NOT FIT"
+        src = "" if hbm_bytes is None else " (given)"
+        return (f"{word}: {fmt_bytes(self.total_bytes)} per device = {pct:.0f}% of "
+                f"{fmt_bytes(hbm)} HBM{src} per {self.device_kind} chip")
+
     def to_json(self) -> dict:
         return {"topology": self.topology, "device_kind": self.device_kind,
                 "n_devices": self.n_devices, "mesh": dataclasses.asdict(self.mesh),
@@ -128,16 +141,23 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def with_mesh(config, mesh_cfg: MeshConfig):
+    """A resolved copy of ``config`` whose mesh section is ``mesh_cfg`` (every axis, the
+    DCN ones included): the config aot_compile compiles for the fitted mesh."""
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+        for k, v in dataclasses.asdict(mesh_cfg).items():
+            cfg.mesh[k] = v
+    return cfg
+
+
 def aot_compile(config, topology: str, *, num_slices: int = 1,
                 devices: list | None = None) -> AotReport:
     """Compiles ``config``'s train step for ``topology``; see the module docstring."""
     devices = devices if devices is not None else topology_devices(topology, num_slices)
     n = len(devices)
     mesh_cfg, notes = fit_mesh(MeshConfig.from_config(config.mesh), n)
-    cfg = config.copy_and_resolve_references()
-    with cfg.unlocked():
-        for k, v in dataclasses.asdict(mesh_cfg).items():
-            cfg.mesh[k] = v
+    cfg = with_mesh(config, mesh_cfg)
     rules = logical_rules_from_config(cfg.rules)
     bad = batch_problem(cfg, plan_mesh(mesh_cfg, n), rules)
     if bad:

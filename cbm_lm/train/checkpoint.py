@@ -27,6 +27,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from cbm_lm.atomic_io import replace_dir_atomically
 from cbm_lm.config import ModelConfig, ProvenanceConfig, logical_rules_from_config
 from cbm_lm.model import abstract_lm
 from cbm_lm.parallel.sharding import state_shardings
@@ -163,7 +164,9 @@ def init_checkpoint(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDi
     The config is validated as training validates it, and the model is built as
     load_model rebuilds it (with the learned key head when provenance trains one), so
     the checkpoint always loads. A directory that already holds a run or checkpoint is
-    refused: its config.json would be replaced.
+    refused: its config.json would be replaced; so is one holding other files. The
+    checkpoint is written to a sibling temporary directory and renamed into place, so a
+    killed or failed save leaves ``ckpt_dir`` as it was (absent or empty) and a rerun works.
     """
     from cbm_lm.config_validation import validate_config
     from cbm_lm.model import ConceptBottleneckLM
@@ -173,10 +176,14 @@ def init_checkpoint(ckpt_dir: str | os.PathLike, config: ml_collections.ConfigDi
     if held:
         raise CheckpointError(f"{d} already holds {' and '.join(held)}; write the random-init "
                               f"checkpoint to a new directory")
+    if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        raise CheckpointError(f"{d} is a file or a non-empty directory that is not a cbm_lm "
+                              f"checkpoint; write the random-init checkpoint to a new or empty "
+                              f"directory")
     model = ConceptBottleneckLM(ModelConfig.from_config(config.model),
                                 rngs=nnx.Rngs(int(config.seed)),
                                 provenance=saved_provenance(config))
-    save_params(d, config, model)
+    replace_dir_atomically(d, lambda tmp: save_params(tmp, config, model))
 
 
 def saved_provenance(config: ml_collections.ConfigDict) -> ProvenanceConfig:
