@@ -3,6 +3,7 @@ two-stream LM head once, no made-up peak for an unknown chip, and the console ET
 a resume from the steps run in this process."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -177,3 +178,25 @@ def test_two_stream_forward_flops_match_xla_cost_analysis():
     xla = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     ours = B * T2 * planning.step_forward_flops_per_token(cfg, T2, two_stream=True)
     assert xla / ours == pytest.approx(1.0, abs=0.03)
+
+
+def test_planned_step_time_counts_model_flops_of_the_data_tokens():
+    """tools/plan.py's step time: the remat policy changes the hardware FLOPs (x4/3) but not
+    the model FLOPs the assumed MFU is a ratio of, and a two-stream step is planned from its
+    data tokens, so its model FLOPs per step are those the AOT report counts."""
+    from cbm_lm.default_config import load_config_file
+    from cbm_lm.train.memory_plan import step_time_plan
+
+    cfg = load_config_file(str(pathlib.Path(__file__).parents[1] / "gin_configs/steerling_8b.py"))
+    plans = {}
+    for remat in ("none", "full"):
+        cfg.model.remat = remat
+        plans[remat] = step_time_plan(cfg, 64, "TPU v5p", 0.4)
+    assert plans["none"].flops_per_step == plans["full"].flops_per_step
+    assert plans["full"].hardware_flops_per_data_token == pytest.approx(
+        plans["full"].model_flops_per_data_token * 4 / 3)
+    p = plans["none"]
+    assert p.model_len == 2 * cfg.data.seq_len                      # two-stream rows
+    assert p.flops_per_step == pytest.approx(p.data_tokens_per_step * p.model_flops_per_data_token)
+    # one unembedding per data token, not two: below 3 x the two-stream model tokens' forward
+    assert p.flops_per_step < 3 * p.tokens_per_step * p.forward_flops_per_token

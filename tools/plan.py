@@ -197,13 +197,14 @@ def print_compute(config, n_devices: int, kind: str) -> None:
     print("compute:")
     two = t.model_len != config.data.seq_len
     row(f"forward FLOPs per model token (T={t.model_len})", fmt_flops(t.forward_flops_per_token))
-    row(f"train FLOPs per model token (remat={config.model.remat})",
-        fmt_flops(t.train_flops_per_token),
-        "fwd x4 with remat, x3 without (planning.train_flops_per_token)")
+    row("model FLOPs per data token", fmt_flops(t.model_flops_per_data_token),
+        "3 x forward (planning.model_train_flops_per_token)")
+    row(f"hardware FLOPs per data token (remat={config.model.remat})",
+        fmt_flops(t.hardware_flops_per_data_token), "fwd x4 with remat, x3 without")
     row("model tokens per step (global)", f"{t.tokens_per_step:,d}",
         f"{config.data.batch_size} seq x {t.model_len}" + (" (two-stream: 2 x seq_len)" if two else ""))
     row("data tokens per step (global)", f"{t.data_tokens_per_step:,d}")
-    row("train FLOPs per step (global)", fmt_flops(t.flops_per_step))
+    row("model FLOPs per step (global)", fmt_flops(t.flops_per_step))
     peak_src = "config.hardware" if config.hardware.peak_flops_per_device else kind
     row(f"peak FLOP/s per device ({peak_src})", fmt_flops(t.peak_flops_per_device, "/s"))
     row("assumed MFU", f"{t.assumed_mfu:.2f}")

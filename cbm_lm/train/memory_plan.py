@@ -83,9 +83,10 @@ memory verdict is the compiler's (train/aot.py, tools/aot_compile.py,
 tools/plan.py --topology); this model stays for what-if sweeps (remat
 policies, grad_accum_steps) that would each need a multi-minute compile.
 
-Step time: tokens per step (model tokens: batch_size * T) times
-planning.train_flops_per_token(model, T), over n_devices * peak FLOP/s *
-assumed MFU.
+Step time: data tokens per step (batch_size * seq_len) times
+planning.model_train_flops_per_token(model, seq_len, two_stream) (3 x forward; a
+two-stream row unembeds one stream and attends a band), over n_devices * peak FLOP/s
+* assumed MFU (MFU is a ratio of model FLOPs, so the remat recompute is not counted).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ from cbm_lm.parallel.devices import hbm_bytes_per_device, peak_flops_per_device
 from cbm_lm.parallel.mesh_plan import (DTYPE_BYTES, MeshPlan, indivisible_dims, plan_mesh,  # noqa: F401
                                        shard_shape, spec_axes, tree_shard_bytes)
 from cbm_lm.parallel.sharding import logical_to_spec
-from cbm_lm.train.planning import forward_flops_per_token, train_flops_per_token
+from cbm_lm.train.planning import (forward_flops_per_token, hardware_train_flops_per_token,
+                                   model_train_flops_per_token)
 
 @dataclasses.dataclass(frozen=True)
 class StateBytes:
@@ -331,15 +333,17 @@ class StepTimePlan:
     tokens_per_step: int          # model tokens (two-stream: 2 x data tokens)
     data_tokens_per_step: int
     model_len: int
-    forward_flops_per_token: float
-    train_flops_per_token: float
+    forward_flops_per_token: float       # per model token, one stream's view
+    model_flops_per_data_token: float    # planning.model_train_flops_per_token
+    hardware_flops_per_data_token: float  # the same with the remat recompute
     peak_flops_per_device: float
     n_devices: int
     assumed_mfu: float
 
     @property
     def flops_per_step(self) -> float:
-        return self.tokens_per_step * self.train_flops_per_token
+        """Model FLOPs of one step (global)."""
+        return self.data_tokens_per_step * self.model_flops_per_data_token
 
     @property
     def step_seconds(self) -> float:
@@ -349,11 +353,15 @@ class StepTimePlan:
 def step_time_plan(config, n_devices: int, device_kind: str, assumed_mfu: float) -> StepTimePlan:
     model_cfg = ModelConfig.from_config(config.model)
     t = model_length(config)
+    two_stream = t != config.data.seq_len
     return StepTimePlan(
         tokens_per_step=config.data.batch_size * t,
         data_tokens_per_step=config.data.batch_size * config.data.seq_len, model_len=t,
         forward_flops_per_token=forward_flops_per_token(model_cfg, t),
-        train_flops_per_token=train_flops_per_token(model_cfg, t),
+        model_flops_per_data_token=model_train_flops_per_token(
+            model_cfg, config.data.seq_len, two_stream=two_stream),
+        hardware_flops_per_data_token=hardware_train_flops_per_token(
+            model_cfg, config.data.seq_len, two_stream=two_stream),
         peak_flops_per_device=peak_flops_per_device(device_kind,
                                                     config.hardware.peak_flops_per_device),
         n_devices=n_devices, assumed_mfu=assumed_mfu)
