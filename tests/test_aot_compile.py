@@ -78,3 +78,27 @@ def test_cbm_lm_keeps_jax_on_cpu_without_accelerator():
     if _libtpu() and not (_tpu_attached() or _gpu_attached()):
         assert out.stdout.strip() == "cpu"
         assert "TPU_WORKER_HOSTNAMES" not in out.stderr
+
+
+@needs_libtpu
+def test_mesh_follows_the_physical_torus():
+    """make_mesh lays one slice's devices on the chips' torus: steerling_8b's fsdp 16 x
+    tensor 4 on v5p:4x4x4 puts every tensor neighbour one ICI link away (physical coords,
+    the independent truth) and fsdp neighbours closer than jax.devices() order does."""
+    import numpy as np
+
+    from cbm_lm.config import MeshConfig
+    from cbm_lm.parallel.mesh import make_mesh
+    from cbm_lm.train.aot import topology_devices
+
+    devices = topology_devices("v5p:4x4x4")
+    mesh = make_mesh(MeshConfig(data=1, fsdp=16, tensor=4), devices)
+
+    def hops(grid):   # mean links between consecutive devices along the last axis
+        return np.mean([sum(abs(a - b) for a, b in zip(r[i].coords, r[i + 1].coords))
+                        for r in grid.reshape(-1, grid.shape[-1]) for i in range(len(r) - 1)])
+
+    assert hops(mesh.devices) == 1.0                                   # tensor axis
+    plain = np.asarray(devices).reshape(1, 16, 4)
+    assert hops(np.moveaxis(mesh.devices, 1, -1)) < hops(np.moveaxis(plain, 1, -1))   # fsdp
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
