@@ -214,11 +214,13 @@ def test_shifted_diffusion_steers_every_masked_prediction(models):
     assert (change[b:] > 1e-3).all(), change
 
 
-def test_diffusion_never_samples_mask_or_pad_whatever_the_caller_bans(models):
+@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+def test_never_samples_mask_or_pad_whatever_the_caller_bans(models, objective):
     """A drawn <|mask|> would leave its position masked (a hole in the span, or drawn
-    again); the sampler bans MASK and PAD itself. The logit mask (subtracted from the
-    logits) is set to make both the likeliest tokens by far."""
-    model = models["diffusion"]
+    again), and a drawn pad reads as the row's end; both samplers ban MASK and PAD
+    themselves. The logit mask (subtracted from the logits) is set to make both the
+    likeliest tokens by far."""
+    model = models[objective]
     mask = model.config.resolved_mask_token_id
     lure = np.zeros(model.config.vocab_size, np.float32)
     lure[[mask, PAD]] = -1e4

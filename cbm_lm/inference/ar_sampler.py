@@ -10,8 +10,8 @@ slot is visible only to queries at or after it, so a row never sees another
 row's padding.
 
 Logit processing is the diffusion sampler's (logit_processing.py): ReLU logit
-mask, repetition penalty over the row's tokens so far, banned ids, entropy-
-adaptive top-p sampling. Steering: interventions at the query positions,
+mask, repetition penalty over the row's tokens so far, banned ids (always MASK and
+PAD), entropy-adaptive top-p sampling. Steering: interventions at the query positions,
 injection at the query position of each step (alpha zero once
 ``cutoff_tokens`` tokens are committed), see steer_spec.py. A row stops after
 it samples one of ``cfg.stop_ids`` (the stop token is kept).
@@ -127,6 +127,9 @@ def generate_autoregressive(model, prompts, cfg: SamplingConfig, steering: Steer
                          "copy); use cfg_scale=0 with an autoregressive model")
     steering = steering or Steering()
     mask_id = mcfg.resolved_mask_token_id
+    # as in the diffusion sampler: a drawn pad would read as the row's end and a drawn
+    # <|mask|> is the layout's own filler; neither is ever sampled, whatever the caller bans
+    cfg = cfg.replace(banned_ids=tuple(sorted({*cfg.banned_ids, mask_id, pad_id})))
     x0, plens, _ = layout(prompts, cfg.max_new_tokens, vocab_size=mcfg.vocab_size,
                           fill_id=mask_id, pad_id=pad_id, bucket=bucket, max_len=mcfg.max_seq_len)
     static, arrays = steered_call.prepare(steering, *x0.shape)
