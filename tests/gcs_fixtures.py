@@ -13,13 +13,12 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-    root = tmp_path / "bucket_root"
-    root.mkdir()
+def register_fake_gcs(root) -> None:
+    """Points fsspec's gs:// and gcs:// at the local folder ``root`` (gs://b/x <-> root/b/x);
+    also used by subprocess scripts that import this module."""
+    root = str(root)
 
     class FakeGCS(LocalFileSystem):
-        """gs://b/x <-> ROOT/b/x."""
         protocol = ("gs", "gcs")
 
         def __init__(self, *a, finalize_on_close=None, **kw):
@@ -30,7 +29,7 @@ def bucket(tmp_path, monkeypatch):
             path = path[0] if isinstance(path, list) else path
             for p in ("gs://", "gcs://"):
                 if str(path).startswith(p):
-                    return str(root / str(path)[len(p):]).rstrip("/")
+                    return os.path.join(root, str(path)[len(p):]).rstrip("/")
             return LocalFileSystem._strip_protocol(path)
 
         def unstrip_protocol(self, name):
@@ -38,6 +37,13 @@ def bucket(tmp_path, monkeypatch):
 
     for proto in ("gs", "gcs"):
         fsspec.register_implementation(proto, FakeGCS, clobber=True)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    root = tmp_path / "bucket_root"
+    root.mkdir()
+    register_fake_gcs(root)
     from etils.epath import backend
     backend.fsspec_backend._get_filesystem.cache_clear()
     monkeypatch.chdir(tmp_path)

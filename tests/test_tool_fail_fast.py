@@ -98,27 +98,12 @@ def test_training_texts_max_bytes_counts_utf8_bytes(tmp_path):
 
 
 # ---------------------------------------------------------------- 2. export_steerling
-# tools/export_steerling.py under a fake gs:// bucket (gcs_fixtures' FakeGCS, in the child).
-_FAKE_GS_RUN = '''
-import os, runpy, sys
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-root = sys.argv[1]
-class FakeGCS(LocalFileSystem):
-    protocol = ("gs", "gcs")
-    def __init__(self, *a, finalize_on_close=None, **kw):
-        super().__init__(*a, **kw)
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = path[0] if isinstance(path, list) else path
-        for p in ("gs://", "gcs://"):
-            if str(path).startswith(p):
-                return os.path.join(root, str(path)[len(p):]).rstrip("/")
-        return LocalFileSystem._strip_protocol(path)
-    def unstrip_protocol(self, name):
-        return "gs://" + os.path.relpath(name, root)
-for proto in ("gs", "gcs"):
-    fsspec.register_implementation(proto, FakeGCS, clobber=True)
+# tools/export_steerling.py under a fake gs:// bucket (gcs_fixtures.register_fake_gcs, in the child).
+_FAKE_GS_RUN = f'''
+import runpy, sys
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+from gcs_fixtures import register_fake_gcs
+register_fake_gcs(sys.argv[1])
 sys.argv = ["tools/export_steerling.py"] + sys.argv[2:]
 runpy.run_path("tools/export_steerling.py", run_name="__main__")
 '''
