@@ -12,7 +12,7 @@ from cbm_lm.default_config import load_config_file
 from cbm_lm.parallel.mesh import single_device_mesh
 from cbm_lm.train.compile_check import abstract_batch, compile_train_step
 from cbm_lm.train.data_feed import process_pipeline
-from cbm_lm.train.loop import _global_batch
+from cbm_lm.train.device_batch import global_batch as _global_batch
 from data_fixtures import small_corpus  # noqa: F401 (fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -47,8 +47,9 @@ from cbm_lm.train.memory_plan import MeshPlan, batch_problem
 from cbm_lm.train.metrics import METRICS_FILE, MetricsLogger, measured_matmul_flops
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
-from cbm_lm.train.device_batch import DEVICE_FIELDS, global_batch as _global_batch  # noqa: F401
-from cbm_lm.train.step import is_count_metric, eval_step, make_eval_step, make_train_step, step_config
+from cbm_lm.train.device_batch import global_batch
+from cbm_lm.train.step import (add_weighted_metrics, eval_step, make_eval_step,
+                                make_train_step, step_config, weighted_metrics_mean)
 
 
 def _truncate_metrics(path: epath.Path, last_step: int) -> None:
@@ -88,10 +89,10 @@ def make_micro_eval_step(graphdef, config, model_cfg, param_shardings, batch_sha
     """The jitted eval step, run as the train step runs: over train.grad_accum_steps
     micro-batches of batch / grad_accum_steps rows (lax.scan), so eval holds no more
     activations (logits: rows x T x vocab) than one train micro-step. Metrics combine as
-    the train step's do (train/step.py): means weighted by each micro-batch's
-    ``lm_tokens``, counts (``is_count_metric``) summed. Micro-batch i takes rows j * A + i, so
-    each stays spread over every batch shard (no resharding); which rows go together
-    does not change the weighted means. Each micro-batch draws eval_step's fixed key."""
+    the train step's do (step.add_weighted_metrics): means weighted by each micro-batch's
+    ``lm_tokens``, counts summed. Micro-batch i takes rows j * A + i, so each stays spread
+    over every batch shard (no resharding); which rows go together does not change the
+    weighted means. Each micro-batch draws eval_step's fixed key."""
     accum = config.train.grad_accum_steps
     if accum == 1:
         return make_eval_step(graphdef, config, model_cfg, param_shardings, batch_sharding)
@@ -110,15 +111,11 @@ def make_micro_eval_step(graphdef, config, model_cfg, param_shardings, batch_sha
         shapes = jax.eval_shape(one, params, jax.tree.map(lambda x: x[0], micro))
 
         def body(total, mb):
-            m = one(params, mb)
-            n = m.get("lm_tokens", jnp.float32(1.0))
-            return {k: total[k] + (v if is_count_metric(k) else (n * v).astype(v.dtype))
-                    for k, v in m.items()}, None
+            return add_weighted_metrics(total, one(params, mb)), None
 
         total, _ = jax.lax.scan(body, {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()},
                                 micro)
-        n = jnp.maximum(total["lm_tokens"], 1.0) if "lm_tokens" in total else accum
-        return {k: v if is_count_metric(k) else (v / n).astype(v.dtype) for k, v in total.items()}
+        return weighted_metrics_mean(total)
 
     return jax.jit(fn, in_shardings=(param_shardings, batch_sharding))
 
@@ -128,7 +125,7 @@ def _evaluate(eval_step, params, config, per_process_batch, batch_sharding, n_ba
     totals = {}
     it = process_pipeline(config, config.data.eval_split, per_process_batch, eval_mode=True)
     for local in itertools.islice(it, n_batches):
-        m = jax.device_get(eval_step(params, _global_batch(local, batch_sharding)))
+        m = jax.device_get(eval_step(params, global_batch(local, batch_sharding)))
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return {f"eval_{k}": v / max(n_batches, 1) for k, v in totals.items()}
@@ -242,7 +239,7 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
         try:
             while step < config.train.num_steps:
                 local = next(data_iter)
-                out = train_step(state, _global_batch(local, batch_sharding))
+                out = train_step(state, global_batch(local, batch_sharding))
                 state, metrics = out[:2]
                 step += 1
                 if keylog is not None:

@@ -69,6 +69,20 @@ def is_count_metric(name: str) -> bool:
     return name in COUNT_METRICS or name.endswith("_count")
 
 
+def add_weighted_metrics(total: dict, m: dict) -> dict:
+    """total + one micro-batch's metrics: counts added, the rest weighted by its n_i =
+    ``lm_tokens`` (module docstring); finish with ``weighted_metrics_mean``."""
+    n = m["lm_tokens"]
+    return {k: total[k] + (v if is_count_metric(k) else (n * v).astype(v.dtype))
+            for k, v in m.items()}
+
+
+def weighted_metrics_mean(total: dict) -> dict:
+    """Summed micro-batch metrics -> the batch's: sum_i n_i m_i / sum_i n_i, counts as summed."""
+    n = jnp.maximum(total["lm_tokens"], 1.0)
+    return {k: v if is_count_metric(k) else (v / n).astype(v.dtype) for k, v in total.items()}
+
+
 def _split_micro(batch, n: int):
     def split(x):
         if x.shape[0] % n:
@@ -110,10 +124,8 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
             mb, i = xs
             (_, (m, mass_i, keys_i)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
             n = m["lm_tokens"]   # micro-batch i's weight n_i (module docstring)
-            weighted = lambda s, x: s + (n * x).astype(s.dtype)  # noqa: E731
-            m_sum = {k: (m_sum[k] + v) if is_count_metric(k) else weighted(m_sum[k], v)
-                     for k, v in m.items()}
-            return (jax.tree.map(weighted, g_sum, g), m_sum,
+            g_sum = jax.tree.map(lambda s, x: s + (n * x).astype(s.dtype), g_sum, g)
+            return (g_sum, add_weighted_metrics(m_sum, m),
                     jax.tree.map(jnp.add, mass_sum, mass_i)), keys_i
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
@@ -124,8 +136,7 @@ def train_step(state: TrainState, batch, tables=None, *, graphdef, tx, schedule,
             body, (zeros_g, zeros(aux_shape[0]), zeros(aux_shape[1])), (micro, jnp.arange(accum)))
         total_n = jnp.maximum(metrics["lm_tokens"], 1.0)   # sum_i n_i
         grads = jax.tree.map(lambda g: (g / total_n).astype(g.dtype), grads)
-        metrics = {k: v if is_count_metric(k) else (v / total_n).astype(v.dtype)
-                   for k, v in metrics.items()}
+        metrics = weighted_metrics_mean(metrics)
         # [A, B/A, ...] -> [B, ...]: the micro-batches were consecutive rows
         keys = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), keys)
 
