@@ -45,7 +45,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 from cbm_lm.eval.concept_classifier import train_classifier  # noqa: E402
-from cbm_lm.eval.concept_detection import position_softplus, predicted_chunk_of  # noqa: E402
+from cbm_lm.eval.concept_detection import (chunk_positions, chunk_scores,  # noqa: E402
+                                           position_softplus, predicted_chunk_of)
 from cbm_lm.eval.forward import map_rows  # noqa: E402
 from cbm_lm.eval.heldout import heldout_windows  # noqa: E402
 from cbm_lm.eval.target import load_target  # noqa: E402
@@ -75,7 +76,7 @@ def _chunk_mean_h(model, w) -> tuple[np.ndarray, np.ndarray]:
                                    jnp.asarray(w.segment_ids[r])), w.num_rows, 8)["h"]
     target = predicted_chunk_of(w.chunk_of, model.config.objective)
     real = target >= 0
-    cnt = np.bincount(target[real], minlength=len(w.chunks)).astype(np.float64)
+    cnt = chunk_positions(w, model.config.objective)
     total = np.zeros((len(w.chunks), h.shape[-1]))
     np.add.at(total, target[real], h[real])
     return total / np.maximum(cnt, 1)[:, None], cnt > 0
@@ -116,9 +117,8 @@ def main(workdir: str, out: str | None = None, num_examples: int = 256, seed: in
     sp = position_softplus(model, w, n_c)                                       # [N,T,C]
     target = predicted_chunk_of(w.chunk_of, model.config.objective)
     real, n_ch = target >= 0, len(w.chunks)
-    cnt = np.bincount(target[real], minlength=n_ch).astype(np.float64)
-    s_sum = np.zeros((n_ch, n_c))
-    np.add.at(s_sum, target[real], sp[real])
+    cnt = chunk_positions(w, model.config.objective)
+    s_sum = chunk_scores(model, w, n_c, sp=sp)                                 # the headline S
     s_max = np.full((n_ch, n_c), -np.inf)
     np.maximum.at(s_max, target[real], sp[real])
     h_mean, ok = _chunk_mean_h(model, w)
