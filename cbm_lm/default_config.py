@@ -131,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
         diffusion_clean_context=True,   # two-stream [noisy | clean] diffusion training
         context_window=0,               # >0: attention confined to windows of this many
         context_window_until=0.25,      # positions for this fraction of training (curriculum)
-        # P(drop epsilon) per sequence; the report's 0.1 (0.5 until measured: README "Fidelity")
+        # P(drop epsilon) per sequence; the report's 0.1 (0.5 until measured: docs/fidelity.md
+        # "Fidelity: epsilon dropout 0.1 and the backbone baseline")
         epsilon_dropout=0.1,
         cfg_dropout=0.0,                # P(feed no known features) per sequence (report: 0.1)
         teacher_forcing="soft",         # soft: pred + alpha (k_gt - pred) | hard: k_gt w.p. alpha

@@ -11,16 +11,16 @@ adaptation: held-out masked CE 5.92 with the shipped concept terms, 5.86 with
 soft-OR positives), at about 1.5x this config's step cost.
 The concept layer, losses and attribution are the same for both objectives.
 
-Concept positives per token at weight 0.2 (README "Fidelity"): measured by the
-attribution-eval binary after 1200 steps against the soft-OR at weight 1: held-out
-macro concept AUROC 0.798 -> 0.837, dead labelled concepts 54% -> 29%, epsilon
+Concept positives per token at weight 0.2 (docs/fidelity.md "Fidelity: what the eval
+measures and what bounds it"): measured by the attribution-eval binary after 1200 steps
+against the soft-OR at weight 1: held-out macro concept AUROC 0.798 -> 0.837, dead labelled concepts 54% -> 29%, epsilon
 share 0.142 -> 0.095, known share 0.37 -> 0.51, perplexity 279 -> 317. Under the
 soft-OR the chunk-level concepts (genre, play, topic, section) sat at z ~ -4 at
 every token and never entered the top-8. tiny_diffusion.py inherits both fields.
 
 On the split demo corpus (lexfile:* chunk labels on WordNet gloss documents,
 supersense:* token labels from the lexicon; 198 concepts) the known head keeps the
-top-16 (issue 13; README "Fidelity: trained top-k"). Measured by the attribution-eval
+top-16 (issue 13; docs/fidelity.md "Fidelity: trained top-k"). Measured by the attribution-eval
 binary after 1200 steps, top-8 (make demo's run) -> top-16 (a run trained with it):
 dead labelled concepts 0.429 -> 0.170 (48 -> 19 of 112), chunk AUROC 0.806 -> 0.839
 over 62 concepts, perplexity 335.6 -> 310.5, epsilon share 0.093 -> 0.096, known share
@@ -35,14 +35,14 @@ way against a run of the same recipe without the concept layer's losses
 0.170 -> 0.054, epsilon share 0.076 -> 0.144, steering 1/6 both. Dropping epsilon in half
 the sequences made the backbone's state answer to the top-16 known + top-16 unknown rewrite
 alone in those sequences; at 0.1 the LM keeps most of its capacity and the concept terms
-still train the rewrite. README "Fidelity: epsilon dropout".
+still train the rewrite. docs/fidelity.md "Fidelity: epsilon dropout".
 
 Residual energy at weight 0.1 (loss.epsilon_weight: ||h - k - u||^2 / ||h||^2 at the
 next-token positions, gradient into the backbone), measured the same way on 2026-12-05
 against this recipe without it: epsilon share 0.144 -> 0.104, chunk AUROC 0.857 -> 0.869,
 perplexity 246.8 -> 247.3 (1.08 x the backbone), dead labelled concepts 0.054 -> 0.080,
 steering 1/6 both; at 0.3: 0.085, 0.850, 242.3, 0.089. tiny_diffusion.py sets 0.3.
-README "Fidelity: the diffusion objective".
+docs/fidelity.md "Fidelity: the diffusion objective".
 """
 
 from cbm_lm.default_config import base_config
@@ -86,8 +86,8 @@ def get_config():
     # .20 / .35 / .30 / .15 of the steps. Chunk AUROC 0.896 -> 0.916 (lexfile 0.86 -> 0.90),
     # perplexity 1.122 -> 1.086 x the backbone, epsilon share 0.087 -> 0.093, dead real
     # concepts 0.054 -> 0.063, steering 1/6 -> 3/6 (1/6 under the corrected steering
-    # read-out; README "Fidelity: a fair backbone baseline"; a window of 256 tokens: AUROC
-    # 0.915 but perplexity 1.172).
+    # read-out; docs/fidelity.md "Fidelity: a fair backbone baseline"; a window of 256
+    # tokens: AUROC 0.915 but perplexity 1.172).
     c.data.source_weighting = "windows"
     c.data.window_tokens = 640
     # 1800 steps, not 1200 (measured 2026-12-05, benchmarks/fidelity.py --steps 1800, each

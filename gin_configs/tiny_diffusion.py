@@ -39,7 +39,7 @@ shipped, the 1200-step run of 2026-12-04 on 2 quiet cores ends at 5.921, 0.883 x
 The previous recipe (no shift, no AR warmup, 32-token context windows until 50%,
 gaussian noise curriculum) measured 6.861 at step 100 and 6.749 at step 200, on the
 plateau; that recipe with the shift added (no AR warmup, a 300-step schedule) 6.847 at
-step 100. Wall time and the other routes: README.md (Diffusion in a demo's budget).
+step 100. Wall time and the other routes: docs/fidelity.md "Diffusion in a demo's budget".
 """
 
 import pathlib
@@ -64,12 +64,12 @@ def get_config():
     c.loss.epsilon_dropout = 0.1
     c.loss.unknown_teacher_forcing = True
     # Concept terms: tiny.py's (token positives at weight 0.2), measured for diffusion on
-    # 2026-12-04 (README "Fidelity: the diffusion objective"). Soft-OR at weight 1, used
+    # 2026-12-04 (docs/fidelity.md "Fidelity: the diffusion objective"). Soft-OR at weight 1, used
     # here before, left 31% of the labelled concepts dead: dead 0.312 -> 0.062, AUROC
     # 0.871 -> 0.868, masked CE 5.853 -> 5.921 (0.873 -> 0.883 x unigram), perplexity
     # 0.99 -> 1.07 x the same backbone without the concept layer.
     # Residual energy at weight 0.3, measured on 2026-12-05 against the recipe without it
-    # (benchmarks/fidelity.py, variants eps_energy_*; README "Fidelity: the diffusion
+    # (benchmarks/fidelity.py, variants eps_energy_*; docs/fidelity.md "Fidelity: the diffusion
     # objective"): epsilon share 0.196 -> 0.125, masked CE 5.921 -> 5.922, perplexity 1.07 x
     # the backbone in both, dead real concepts 0.062 -> 0.098, chunk AUROC 0.868 -> 0.855.
     # Epsilon dropout, reconstruction weight and the unknown top-k left the share at

@@ -59,7 +59,8 @@ class ConceptDetection:
     per_concept: list[dict]    # {id, auroc, prauc, positives}
     # diagnostic: the same macro with S_cj / (positions predicting chunk c), the mean
     # softplus; chunks run from 2 to 64 positions, and S grows with length for every
-    # concept while the labels are the document's (README "Fidelity")
+    # concept while the labels are the document's (docs/fidelity.md "Fidelity: trained
+    # top-k, concept-balanced positives, and what bounds AUROC")
     mean_pooled_auroc_macro: float | None = None
 
     def by_group(self, name_of) -> dict[str, dict]:

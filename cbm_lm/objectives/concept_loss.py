@@ -42,7 +42,8 @@ Only three candidate sets are scored, never a dense [B,T,C] tensor:
   every token of the chunk to detect the concept (z > 0), where the soft-OR is
   satisfied by a chunk-wide S of a few nats, i.e. z_tj well below 0 at every
   token, so a chunk-level concept rarely enters a token's top-k (measured on the
-  demo corpus: most chunk-level concepts never did; README "Fidelity").
+  demo corpus: most chunk-level concepts never did; docs/fidelity.md "Fidelity: what
+  the eval measures and what bounds it").
 
   loss = pos_weight * mean_{valid (chunk, positive)} -log(-expm1(-S))
        + neg_weight * mean_{scored (token, negative)} softplus(z)

@@ -22,7 +22,7 @@ Residual energy (pulls the backbone's state into the concepts' span, so epsilon 
 
 The gradient reaches h (the backbone) and both heads. Holding k (sg(k_i)) measured worse
 on every count: the backbone alone then bends h toward the concepts and detection falls
-further (README "Fidelity: the diffusion objective"). The stop-gradient denominator makes
+further (docs/fidelity.md "Fidelity: the diffusion objective"). The stop-gradient denominator makes
 the term a fraction of the state's energy, so it cannot be lowered by shrinking h as a
 whole. Reconstruction cannot do this: its target sg(h - k) moves only the unknown head.
 
