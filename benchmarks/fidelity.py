@@ -83,6 +83,12 @@ VARIANTS = {
     "width_192": ["model.d_model=192", "model.mlp_dim=768", "model.n_heads=6",
                   "model.n_kv_heads=3"],
     "natural": ["data.source_weighting=natural"],
+    # the optimizer (tiny.py: peak learning rate 3e-3, cosine to 0.1 x); an optimizer.*
+    # variant gets its own baseline trained with the same optimizer
+    "lr_6e-3": ["optimizer.learning_rate=6e-3"],
+    "lr_1e-2": ["optimizer.learning_rate=1e-2"],
+    # the backbone's depth (tiny.py: 2 layers)
+    "layers_3": ["model.n_layers=3"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
     "no_context_window": ["loss.context_window=0"],
 }
@@ -118,9 +124,10 @@ def _last_step(run: str) -> int:
 
 
 def baseline_overrides(variant: str) -> list[str]:
-    """The variant's data.* and backbone model.* overrides: its baseline must read the same
-    data with the same backbone (the concept layer's own model.concepts.* are not shared)."""
-    return [o for o in VARIANTS[variant] if o.startswith("data.")
+    """The variant's data.*, optimizer.* and backbone model.* overrides: its baseline must
+    read the same data with the same backbone and optimizer (the concept layer's own
+    model.concepts.* are not shared)."""
+    return [o for o in VARIANTS[variant] if o.startswith(("data.", "optimizer."))
             or (o.startswith("model.") and not o.startswith("model.concepts."))]
 
 
