@@ -87,6 +87,8 @@ VARIANTS = {
     # variant gets its own baseline trained with the same optimizer
     "lr_6e-3": ["optimizer.learning_rate=6e-3"],
     "lr_1e-2": ["optimizer.learning_rate=1e-2"],
+    # the row length at equal tokens per step (tiny.py: 8 x 256): more of a document in view
+    "seq_512": ["data.seq_len=512", "data.batch_size=4", "model.max_seq_len=512"],
     # the backbone's depth (tiny.py: 2 layers)
     "layers_3": ["model.n_layers=3"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],

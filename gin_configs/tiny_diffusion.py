@@ -53,6 +53,13 @@ def get_config():
     # document windows since)
     c.data.source_weighting = "natural"
     c.data.window_tokens = 0
+    # and the rows, batch, key slots and scanned blocks it was measured with (tiny.py moved
+    # to 4 x 512-token rows, unrolled, since)
+    c.model.max_seq_len = 256
+    c.data.seq_len = 256
+    c.data.batch_size = 8
+    c.provenance.max_chunks_per_row = 16
+    c.model.scan_layers = True
     c.model.objective = "diffusion"
     c.model.attention = "block_causal"
     c.model.diffusion_block_size = 4

@@ -49,11 +49,12 @@ def test_block_causal_scales_refuse_an_autoregressive_override(name):
     ("train", "log_every", 0, ["train.log_every", ">= 1"]),
     ("checkpoint", "every_steps", 0, ["checkpoint.every_steps", ">= 1"]),
     ("train", "nan_policy", "Skip", ["train.nan_policy", "('stop', 'skip')"]),
-    ("train", "grad_accum_steps", 3, ["train.grad_accum_steps", "must divide data.batch_size=8"]),
+    ("train", "grad_accum_steps", 3, ["train.grad_accum_steps",
+                                      "must divide data.batch_size={data.batch_size}"]),
     ("optimizer", "b2", 1.0, ["optimizer.b2", "[0, 1)"]),
     ("loss", "epsilon_dropout", 1.5, ["loss.epsilon_dropout", "[0, 1]"]),
     ("data", "process_split", "Rows", ["data.process_split", "('documents', 'rows')"]),
-    ("data", "seq_len", 512, ["data.seq_len", "model.max_seq_len=256"]),
+    ("data", "seq_len", 8192, ["data.seq_len", "model.max_seq_len={model.max_seq_len}"]),
     # The weight trains the learned key head's W; the fixed head (the default) has none.
     ("provenance", "contrastive_weight", 0.5,
      ["provenance.contrastive_weight", "provenance.head='learned'", "head='fixed'"]),
@@ -61,10 +62,13 @@ def test_block_causal_scales_refuse_an_autoregressive_override(name):
 ])
 def test_each_bad_field_is_refused_with_its_allowed_values(section, field, value, needles):
     cfg = load_config("tiny")     # autoregressive + causal: valid as shipped
+    shipped = {f"{s}.{f}": cfg[s][f] for s, f in (("data", "batch_size"), ("model", "max_seq_len"))}
     cfg[section][field] = value
     with pytest.raises(ConfigError) as e:
         validate_config(cfg)
-    for needle in needles:
+    for needle in needles:            # {data.batch_size}: the shipped value, named in the error
+        for key, v in shipped.items():
+            needle = needle.replace("{" + key + "}", str(v))
         assert needle in str(e.value)
 
 

@@ -158,8 +158,9 @@ def test_compile_tiny_sharded_step():
     c = tiny(data=2, fsdp=2, tensor=2)
     report = compile_train_step(c, n_devices=8, layers=2, seq_len=64)
     assert (report.mesh.data, report.mesh.fsdp, report.mesh.tensor) == (2, 2, 2)
-    assert report.n_layers == 2 and report.seq_len == 64 and report.batch_size == 8
-    assert any("seq_len 256 -> 64" in n for n in report.notes)
+    assert report.n_layers == 2 and report.seq_len == 64
+    assert report.batch_size == c.data.batch_size         # the config's, sharded over data x fsdp
+    assert any(f"seq_len {c.data.seq_len} -> 64" in n for n in report.notes)
     # The donated state comes back as outputs of the same shapes and shardings.
     assert report.memory["argument"] >= report.estimate.state.params + report.estimate.state.optimizer
 
