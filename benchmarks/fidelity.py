@@ -87,8 +87,11 @@ VARIANTS = {
     # variant gets its own baseline trained with the same optimizer
     "lr_6e-3": ["optimizer.learning_rate=6e-3"],
     "lr_1e-2": ["optimizer.learning_rate=1e-2"],
-    # the row length at equal tokens per step (tiny.py: 8 x 256): more of a document in view
-    "seq_512": ["data.seq_len=512", "data.batch_size=4", "model.max_seq_len=512"],
+    # the row length at equal tokens per step: tiny.py reads 4 x 512 (measured as "seq_512"
+    # against 8 x 256 on 2026-12-05, docs/fidelity.md "Fidelity: 512-token rows"); this is
+    # the recipe before, with the key slots it had
+    "seq_256": ["data.seq_len=256", "data.batch_size=8", "model.max_seq_len=256",
+                "provenance.max_chunks_per_row=16"],
     # the backbone's depth (tiny.py: 2 layers)
     "layers_3": ["model.n_layers=3"],
     "uniform_noise": ["loss.diffusion_noise=uniform"],
