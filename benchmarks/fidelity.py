@@ -68,6 +68,7 @@ VARIANTS = {
     # the concept term's pull on the backbone (tiny.py: 0.2)
     "concept_weight_0.5": ["loss.concept_weight=0.5"],
     "concept_weight_0.1": ["loss.concept_weight=0.1"],
+    "concept_weight_0.3": ["loss.concept_weight=0.3"],
     # the contrast each concept sees: sampled negatives per batch (tiny.py: 256 of its 198
     # concepts, drawn with replacement; 64 before, and in tiny_diffusion.py)
     # and the positive term's weight against the negatives'
