@@ -161,6 +161,7 @@ def validate_config(config: Any) -> None:
 
     # loss
     for field in ("lm_weight", "concept_weight", "concept_pos_weight", "concept_neg_weight",
+                  "concept_pooled_weight",
                   "reconstruction_weight", "independence_weight", "epsilon_weight",
                   "concept_negatives", "teacher_forcing_steps", "ce_chunk_tokens",
                   "steering_weight"):

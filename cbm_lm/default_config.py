@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
                                         # every labelled token scored -log sigmoid(z)
         concept_balance="none",         # positive term: mean over pairs | "concept": mean
                                         # over the batch's labelled concepts of their means
+        concept_pooled_weight=0.0,      # + BCE of each chunk's mean logit vs its labels
         reconstruction_weight=1.0,
         reconstruction_target="predicted",  # sg(h - k_pred) | "labels": sg(h - k_gt) (report)
         independence_weight=0.1,

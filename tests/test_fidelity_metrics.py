@@ -155,3 +155,41 @@ def test_concept_balanced_positives_by_hand():
     with pytest.raises(ValueError, match="balance"):
         chunk_concept_loss(head, jnp.asarray(h), ids, seg, None, jax.random.key(0),
                            n_negatives=0, balance="class")
+
+
+def test_pooled_chunk_term_scores_each_chunks_mean_logit_by_hand():
+    """concept_pooled_weight w adds w * (mean softplus(-zbar) over chunk-level positives +
+    mean softplus(zbar) over (chunk, sampled id) pairs), zbar the logit's mean over the
+    chunk's tokens where the pair is scored."""
+    from cbm_lm.objectives.concept_loss import sample_negative_ids
+    head, p, h = _random_head(3)
+    ids = np.array([[[0, 2], [0, 2], [0, -1], [1, 1], [-1, -1]]], np.int32)
+    seg = np.array([[1, 1, 1, 2, 0]], np.int32)
+    z = h[0].astype(np.float64) @ p.T.astype(np.float64)
+    sp = lambda x: np.logaddexp(0, x)                               # softplus
+    # chunk-level positives: id 0 on chunk 1 (tokens 0-2), id 1 on chunk 2 (token 3); id 2
+    # is a token-level label (tokens 0, 1), so it has no pooled positive term
+    pos = [sp(-np.mean(z[0:3, 0])), sp(-z[3, 1])]
+    key = jax.random.key(7)
+    neg_ids = np.asarray(sample_negative_ids(key, 6, 4))
+    labels_at = {0: {0, 2}, 1: {0, 2}, 2: {0}, 3: {1}}              # every valid label per token
+    neg = []
+    for chunk in ([0, 1, 2], [3]):
+        for j in neg_ids:                                           # one pair per sampled slot
+            toks = [t for t in chunk if j not in labels_at[t]]
+            if toks:
+                neg.append(sp(np.mean(z[toks, j])))
+    want = np.mean(pos) + np.mean(neg)
+    args = (head, jnp.asarray(h), ids, seg, None, key)
+    base, _ = chunk_concept_loss(*args, n_negatives=6, positives="token", with_auroc=False)
+    got, aux = chunk_concept_loss(*args, n_negatives=6, positives="token", with_auroc=False,
+                                  pooled_weight=0.5)
+    np.testing.assert_allclose(float(aux["pooled_loss"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(got) - float(base), 0.5 * want, rtol=1e-4)
+    # the term's gradient reaches every real token's state and never the padding
+    g = jax.grad(lambda hh: chunk_concept_loss(head, hh, ids, seg, None, key, n_negatives=6,
+                                               positives="token", with_auroc=False,
+                                               pooled_weight=1.0)[0]
+                 - chunk_concept_loss(head, hh, ids, seg, None, key, n_negatives=6,
+                                      positives="token", with_auroc=False)[0])(jnp.asarray(h))
+    assert float(jnp.abs(g[0, :4]).sum()) > 0 and float(jnp.abs(g[0, 4]).sum()) == 0

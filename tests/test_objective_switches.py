@@ -258,6 +258,25 @@ def test_epsilon_weight_pulls_the_backbone_toward_the_concepts(diffusion_model):
     assert float(jnp.abs(g1 - g0).max()) > 1e-6     # the term reaches the backbone
 
 
+def test_pooled_concept_term_is_wired_with_the_concept_weight(diffusion_model):
+    """loss.concept_pooled_weight w adds concept_weight * w * the pooled chunk term (checked
+    against numpy in test_fidelity_metrics) to the total, and logs it only when on."""
+    cfg, model = diffusion_model
+    batch = _batch(cfg)
+
+    def run(w):
+        lc = _loss_cfg(concept_pooled_weight=w, concept_positives="token", concept_weight=0.5)
+        total, met = compute_losses(model, batch, jax.random.key(3), jnp.asarray(0),
+                                    loss_cfg=lc, model_cfg=cfg, train=False)
+        return float(total), met
+
+    t0, m0 = run(0.0)
+    t1, m1 = run(2.0)
+    assert "concept_pooled_loss" not in m0 and float(m1["concept_pooled_loss"]) > 0
+    assert t1 - t0 > 0
+    np.testing.assert_allclose(t1 - t0, 0.5 * 2.0 * float(m1["concept_pooled_loss"]), rtol=1e-4)
+
+
 def test_bad_loss_fields_are_named():
     c = base_config()
     c.loss.teacher_forcing, c.loss.cfg_dropout = "sometimes", 1.5

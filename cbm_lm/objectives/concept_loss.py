@@ -47,6 +47,13 @@ Only three candidate sets are scored, never a dense [B,T,C] tensor:
 
   loss = pos_weight * mean_{valid (chunk, positive)} -log(-expm1(-S))
        + neg_weight * mean_{scored (token, negative)} softplus(z)
+       + pooled_weight * L_pooled
+
+  With ``pooled_weight`` > 0 the chunk-level labels are also scored on the chunk's mean
+  logit zbar_cj = mean_{t in c} z_tj (a linear read-out of the chunk's mean state, what a
+  probe on pooled h fits), over the chunk-level positives and the sampled negatives:
+
+    L_pooled = mean_{(c, j) positive} softplus(-zbar_cj) + mean_{(c, j) sampled} softplus(zbar_cj)
 
 Shapes: hidden [B,T,D]; concept_ids [B,T,K] int32 (-1 pad);
 chunk_segment_ids [B,T] int32 (0 pad, 1..m chunk index in the row);
@@ -153,7 +160,8 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
                        rng: jax.Array, *, n_negatives: int, pos_weight: float = 1.0,
                        neg_weight: float = 1.0, with_auroc: bool = True,
                        positives: str = "soft_or", topk_logits: jax.Array | None = None,
-                       balance: str = "none") -> tuple[jax.Array, dict]:
+                       balance: str = "none", pooled_weight: float = 0.0
+                       ) -> tuple[jax.Array, dict]:
     """Soft-OR BCE of ``head`` (a ConceptHead) against chunk labels; see the module docstring.
 
     topk_logits [B,T,k]: the forward's capped logits of ``topk_ids`` (reused, not
@@ -197,7 +205,8 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
         z_all = head.logits_for(q, jnp.concatenate(per_token, axis=-1))            # [N,K+k]
     sp = jax.nn.softplus(z_all)
     sp_pos = sp[:, :k]
-    sp_neg = jax.nn.softplus(shared_logits(head, q, neg_ids))                       # [N,M]
+    z_neg = shared_logits(head, q, neg_ids)                                         # [N,M]
+    sp_neg = jax.nn.softplus(z_neg)
 
     # (a) positives. A slot holding the same id at every token of its chunk is
     # a chunk label: S per (chunk, slot) by segment sum over the chunk's tokens.
@@ -245,6 +254,10 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
     neg_loss = (neg_sum + top_sum) / jnp.maximum(n_neg, 1.0)
 
     loss = pos_weight * pos_loss + neg_weight * neg_loss
+    if pooled_weight:
+        pooled = pooled_chunk_loss(z_all[:, :k], chunk_labels, z_neg, neg_valid,
+                                   chunk_segment_ids)
+        loss = loss + pooled_weight * pooled
     sg = jax.lax.stop_gradient
     n_chunks = jnp.sum((chunk_sums(real[:, None].astype(jnp.int32), chunk_segment_ids) > 0)
                        .astype(jnp.float32))
@@ -253,6 +266,7 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
         "neg_sampled_loss": sg(neg_sum / jnp.maximum(n_neg_s, 1.0)),
         "neg_topk_loss": sg(top_sum / jnp.maximum(n_neg_t, 1.0)),
         "n_pos_pairs": n_pos, "n_neg_pairs": n_neg, "n_chunks": n_chunks,
+        "pooled_loss": sg(pooled) if pooled_weight else jnp.zeros((), jnp.float32),
         "pos_detected": (jnp.sum((chunk_pos_valid & (s_pos > jnp.log(2.0))).astype(jnp.float32))
                          + jnp.sum((token_level & (z_all[:, :k] > 0)).astype(jnp.float32)))
         / jnp.maximum(n_pos, 1.0),
@@ -270,6 +284,29 @@ def chunk_concept_loss(head, hidden: jax.Array, concept_ids: jax.Array,
         mask = jnp.concatenate([chunk_pos_valid.reshape(-1), chunk_neg_valid.reshape(-1)])
         aux["auroc"] = concept_auroc(sg(scores), labels, mask)
     return loss, aux
+
+
+def pooled_chunk_loss(z_pos: jax.Array, pos_valid: jax.Array, z_neg: jax.Array,
+                      neg_valid: jax.Array, chunk_segment_ids: jax.Array) -> jax.Array:
+    """BCE of each chunk's mean logit against its chunk labels (module docstring, L_pooled).
+
+    z_pos [N,K] the label slots' logits, pos_valid [N,K] the slots holding a chunk-level
+    label; z_neg [N,M] the sampled ids' logits, neg_valid [N,M] those scored (not a
+    positive of the token's chunk); chunk_segment_ids [B,T], N = B*T. A (chunk, slot) or
+    (chunk, sampled id) pair counts once, with zbar its logit's mean over the chunk's
+    tokens where it is valid.
+    """
+    def chunk_mean(z, valid):
+        total = chunk_sums(jnp.where(valid, z, 0.0), chunk_segment_ids)             # [B,T,S]
+        count = chunk_sums(valid.astype(jnp.float32), chunk_segment_ids)
+        return total / jnp.maximum(count, 1.0), count > 0
+
+    zbar_pos, has_pos = chunk_mean(z_pos, pos_valid)
+    zbar_neg, has_neg = chunk_mean(z_neg, neg_valid)
+    pos = jnp.sum(jnp.where(has_pos, jax.nn.softplus(-zbar_pos), 0.0))
+    neg = jnp.sum(jnp.where(has_neg, jax.nn.softplus(zbar_neg), 0.0))
+    return (pos / jnp.maximum(jnp.sum(has_pos.astype(jnp.float32)), 1.0)
+            + neg / jnp.maximum(jnp.sum(has_neg.astype(jnp.float32)), 1.0))
 
 
 def concept_balanced_mean(terms: jax.Array, ids: jax.Array, valid: jax.Array,

@@ -326,6 +326,7 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
         pos_weight=loss_cfg.concept_pos_weight, neg_weight=loss_cfg.concept_neg_weight,
         positives=loss_cfg.get("concept_positives", "soft_or"),
         topk_logits=known_c.topk_logits, balance=loss_cfg.get("concept_balance", "none"),
+        pooled_weight=float(loss_cfg.get("concept_pooled_weight", 0.0)),
         # the batch AUROC sorts B*T*(K+M) scores: 14% of tiny.py's train step on 2 CPU cores
         # (373 vs 323 ms, side by side), so only eval passes (eval_concept_auroc) compute it
         with_auroc=not train)
@@ -379,6 +380,8 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
         metrics[name.replace("_loss", "_weight")] = jnp.asarray(w, f32)
     if "auroc" in c_aux:
         metrics["concept_auroc"] = c_aux["auroc"]
+    if loss_cfg.get("concept_pooled_weight", 0.0):
+        metrics["concept_pooled_loss"] = c_aux["pooled_loss"]
     metrics.update(loss=total, concept_pos_loss=c_aux["pos_loss"],
                    concept_neg_loss=c_aux["neg_loss"],
                    concept_pos_detected=c_aux["pos_detected"],
