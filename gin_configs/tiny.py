@@ -81,6 +81,16 @@ def get_config():
     # 0.054. The step costs +4.7% (side by side, without the batch AUROC metric, which the
     # train step no longer computes: that alone was 14%).
     c.loss.concept_negatives = 256
+    # The chunk labels also scored on each chunk's mean logit, with h held fixed for that
+    # term (it trains the known head's keys toward the read-out a probe on the chunk's mean h
+    # fits: at 4 x 512 rows such a probe read 0.957 where the head read 0.937). Measured
+    # 2026-12-05 at 1800 steps (benchmarks/fidelity.py --variants no_concept_layer,pooled_1,
+    # against the same 512-row backbone): chunk AUROC 0.930 -> 0.934 (mean-pooled 0.937 ->
+    # 0.939), perplexity 1.098 -> 1.047 x the backbone, dead real concepts 0.054 -> 0.036,
+    # epsilon share 0.106 -> 0.109, steering 1/6 -> 0/6 (make demo: the same, in 10m56s).
+    # With the term's gradient into the backbone as well, the held-out LM loss was 0.17 nats
+    # worse by step 900 (stopped there).
+    c.loss.concept_pooled_weight = 1.0
     # Rows of 512 tokens, 4 per batch (the same 2048 tokens per step as 8 x 256; measured
     # 2026-12-05 at 1800 steps, benchmarks/fidelity.py --variants no_concept_layer,seq_512,
     # each against the backbone trained on the same rows): held-out chunk AUROC 0.916 ->
