@@ -65,8 +65,10 @@ VARIANTS = {
     "eps_energy_1": ["loss.epsilon_weight=1.0"],
     "eps_energy_4": ["loss.epsilon_weight=4.0"],
     "concept_balance": ["loss.concept_balance=concept"],
-    # the chunk's mean logit scored against its labels too (what a probe on pooled h fits)
-    "pooled_1": ["loss.concept_pooled_weight=1.0"],
+    # the keys' chunk-mean term off: tiny.py scores each chunk's mean logit against its labels
+    # too (measured as "pooled_1" against the recipe without it on 2026-12-05, docs/fidelity.md
+    # "Fidelity: the head's keys fit to the chunk-mean read-out")
+    "no_pooled": ["loss.concept_pooled_weight=0.0"],
     # the concept term's pull on the backbone (tiny.py: 0.2)
     "concept_weight_0.5": ["loss.concept_weight=0.5"],
     "concept_weight_0.1": ["loss.concept_weight=0.1"],
