@@ -39,7 +39,9 @@ VARIANTS = {
     "no_concept_layer": ["loss.epsilon_dropout=0.0", "loss.concept_weight=0.0",
                          "loss.reconstruction_weight=0.0", "loss.independence_weight=0.0",
                          "loss.teacher_forcing_start=0.0", "loss.cfg_dropout=0.0",
-                         "loss.epsilon_weight=0.0"],
+                         "loss.epsilon_weight=0.0",
+                         # no concept layer to refit (its LM output would not change anyway)
+                         "train.key_refit_steps=0"],
     "soft_or_positives": ["loss.concept_positives=soft_or", "loss.concept_weight=1.0"],
     "token_positives": ["loss.concept_positives=token"],
     "no_unknown_tf": ["loss.unknown_teacher_forcing=False"],   # tiny_diffusion.py has it on
@@ -69,6 +71,10 @@ VARIANTS = {
     # too (measured as "pooled_1" against the recipe without it on 2026-12-05, docs/fidelity.md
     # "Fidelity: the head's keys fit to the chunk-mean read-out")
     "no_pooled": ["loss.concept_pooled_weight=0.0"],
+    # the known-key refit after the last step off (tiny.py refits 3600 steps over 500
+    # batches' states, train/key_refit.py; docs/fidelity.md "Fidelity: the known-key refit")
+    "no_key_refit": ["train.key_refit_steps=0"],
+    "key_refit_1800": ["train.key_refit_steps=1800", "train.key_refit_batches=250"],
     # the concept term's pull on the backbone (tiny.py: 0.2)
     "concept_weight_0.5": ["loss.concept_weight=0.5"],
     "concept_weight_0.1": ["loss.concept_weight=0.1"],
@@ -92,6 +98,11 @@ VARIANTS = {
     # variant gets its own baseline trained with the same optimizer
     "lr_6e-3": ["optimizer.learning_rate=6e-3"],
     "lr_1e-2": ["optimizer.learning_rate=1e-2"],
+    # the known head's key rows only (train/optimizer.py): 3x / 10x the rate, no decay; a
+    # backbone without the head has no such rows, so these share the recipe's baseline
+    "keys_no_decay": ["optimizer.known_keys_weight_decay=0.0"],
+    "keys_lr_3": ["optimizer.known_keys_lr_scale=3.0", "optimizer.known_keys_weight_decay=0.0"],
+    "keys_lr_10": ["optimizer.known_keys_lr_scale=10.0", "optimizer.known_keys_weight_decay=0.0"],
     # the row length at equal tokens per step: tiny.py reads 4 x 512 (measured as "seq_512"
     # against 8 x 256 on 2026-12-05, docs/fidelity.md "Fidelity: 512-token rows"); this is
     # the recipe before, with the key slots it had
@@ -133,11 +144,15 @@ def _last_step(run: str) -> int:
     return max(steps, default=0)
 
 
+_HEAD_ONLY = ("optimizer.known_keys_",)   # no effect on a model without the concept layer
+
+
 def baseline_overrides(variant: str) -> list[str]:
     """The variant's data.*, optimizer.* and backbone model.* overrides: its baseline must
     read the same data with the same backbone and optimizer (the concept layer's own
     model.concepts.* are not shared)."""
-    return [o for o in VARIANTS[variant] if o.startswith(("data.", "optimizer."))
+    return [o for o in VARIANTS[variant]
+            if (o.startswith(("data.", "optimizer.")) and not o.startswith(_HEAD_ONLY))
             or (o.startswith("model.") and not o.startswith("model.concepts."))]
 
 

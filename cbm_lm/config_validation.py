@@ -119,6 +119,11 @@ def validate_config(config: Any) -> None:
         at_least("train", field, 1)
     for field in ("eval_every", "eval_batches", "max_skipped_steps"):   # eval_every=0: no eval
         at_least("train", field, 0)
+    at_least("train", "key_refit_steps", 0)
+    at_least("train", "key_refit_batches", 1)
+    v = get("train", "key_refit_lr")
+    if v is not _MISSING:
+        p.check(isinstance(v, (int, float)) and v > 0, "train.key_refit_lr", f"must be > 0, got {v!r}")
     if get("train", "nan_policy") is not _MISSING:
         p.choice(get("train", "nan_policy"), "train.nan_policy", NAN_POLICIES)
     at_least("checkpoint", "every_steps", 1)
@@ -149,6 +154,11 @@ def validate_config(config: Any) -> None:
     at_least("optimizer", "warmup_steps", 0)
     at_least("optimizer", "weight_decay", 0)
     at_least("optimizer", "grad_clip", 0)
+    at_least("optimizer", "known_keys_weight_decay", 0)
+    v = get("optimizer", "known_keys_lr_scale")
+    if v is not _MISSING:
+        p.check(isinstance(v, (int, float)) and v > 0, "optimizer.known_keys_lr_scale",
+                f"must be > 0, got {v!r}")
     within("optimizer", "min_lr_ratio", 0, 1)
     within("optimizer", "b1", 0, 1, high_open=True)
     within("optimizer", "b2", 0, 1, high_open=True)

@@ -99,11 +99,19 @@ def base_config() -> ml_collections.ConfigDict:
         grad_accum_steps=1,     # micro-batches per step (scan); batch_size must divide
         nan_policy="stop",      # stop | skip: a non-finite loss stops the run or skips the update
         max_skipped_steps=10,   # with nan_policy=skip, stop after this many
+        # after the last step: the known keys refit to the final states (train/key_refit.py)
+        key_refit_steps=0,      # keys-only AdamW steps; 0 = no refit
+        key_refit_batches=250,  # training batches whose states they fit
+        key_refit_lr=3e-2,
     ))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1,
         b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+        known_keys_lr_scale=1.0,   # the known head's key rows: lr x this (train/optimizer.py)
     ))
+    # ... and their weight decay: optimizer.weight_decay until set (a derived reference, as
+    # loss.schedule_steps below)
+    c.optimizer.known_keys_weight_decay = c.optimizer.get_ref("weight_decay") + 0.0
     c.loss = ml_collections.ConfigDict(dict(
         lm_weight=1.0,
         concept_weight=1.0,
