@@ -60,6 +60,7 @@ def get_config():
     c.data.batch_size = 8
     c.provenance.max_chunks_per_row = 16
     c.model.scan_layers = True
+    c.train.key_refit_steps = 0   # measured without tiny.py's known-key refit
     c.model.objective = "diffusion"
     c.model.attention = "block_causal"
     c.model.diffusion_block_size = 4

@@ -25,6 +25,7 @@ def train_args(corpus: pathlib.Path, workdir: pathlib.Path, **overrides) -> list
            "model.concepts.unknown_topk": 4, "model.concepts.block_size": 16,
            "data.seq_len": 32, "data.batch_size": 4, "train.num_steps": 8,
            "train.log_every": 1, "train.eval_every": 0, "checkpoint.every_steps": 2,
+           "train.key_refit_steps": 0,   # tiny.py refits the keys after its last step
            "checkpoint.async_save": False, "mesh.data": 1,
            # The diffusion path draws the most randomness per step (masks, noise
            # levels), so it is the strictest test of determinism and resume.

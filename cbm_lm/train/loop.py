@@ -45,6 +45,7 @@ from cbm_lm.train.corpus_check import (check_corpus_fits_model, read_manifest,
 from cbm_lm.train.nonfinite import NonFiniteLossError, NonFiniteWatch  # noqa: F401
 from cbm_lm.train.memory_plan import MeshPlan, batch_problem
 from cbm_lm.train.metrics import METRICS_FILE, MetricsLogger, measured_matmul_flops
+from cbm_lm.train.key_refit import run_key_refit
 from cbm_lm.train.optimizer import make_optimizer
 from cbm_lm.train.state import abstract_train_state, init_train_state, train_state_shardings
 from cbm_lm.train.device_batch import global_batch
@@ -256,9 +257,22 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                 save_now = step % config.checkpoint.every_steps == 0 or is_last or preempted
                 if log_now or eval_now or save_now:
                     watch.check(state.skipped)      # the only host syncs: log / save steps
+                refit = {}
+                if is_last and config.train.get("key_refit_steps", 0):
+                    state, refit = run_key_refit(state, graphdef, config, data_iter,
+                                                 batch_sharding)
+                    print(f"key refit: {config.train.key_refit_steps} steps on "
+                          f"{config.train.key_refit_batches} batches' states: concept loss "
+                          f"{refit['key_refit_first_concept_loss']:.4g} -> "
+                          f"{refit['key_refit_last_concept_loss']:.4g}, residual energy "
+                          f"{refit['key_refit_first_energy']:.4g} -> "
+                          f"{refit['key_refit_last_energy']:.4g} "
+                          f"({refit['key_refit_seconds']:.0f} s)", flush=True)
+                    t_last += refit["key_refit_seconds"]   # the step's throughput excludes it
                 if log_now or eval_now:
                     now = time.time()
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    last.update(refit)
                     dt = max(now - t_last, 1e-9)
                     real = float(real_since) if "real_tokens" in metrics else tokens_since
                     # tokens_per_sec: real tokens; mfu/hfu: FLOPs of every slot (padding too).

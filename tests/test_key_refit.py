@@ -1,0 +1,128 @@
+"""The known-key refit (train/key_refit.py): it fits the keys and the unknown head only, on
+fixed states, so the LM's output is the trained model's; its concept term falls; the unknown
+head takes up the residual the new keys leave; the trainer runs it after the last step."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cbm_lm.config_validation import ConfigError, validate_config
+from cbm_lm.default_config import base_config
+from cbm_lm.objectives import chunk_concept_loss, residual_energy
+from cbm_lm.train.key_refit import collect_states, known_key_path, refit_known_keys
+from model_fixtures import make_model, tiny_config
+from train_fixtures import run, tiny_corpus, train_args
+
+B, T, K = 4, 32, 2
+
+
+def _batches(cfg, n, seed=0):
+    """n batches whose chunk labels follow the chunk's first token (learnable from h)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, cfg.vocab_size - 1, (B, T))
+        chunk = (np.arange(T) // 8 + 1)[None].repeat(B, 0).astype(np.int32)
+        ids = np.full((B, T, K), -1)
+        first = tokens[:, ::8].repeat(8, axis=1)
+        ids[..., 0] = first % cfg.concepts.n_known
+        out.append({"tokens": jnp.asarray(tokens, jnp.int32),
+                    "segment_ids": jnp.ones((B, T), jnp.int32),
+                    "positions": jnp.asarray(np.broadcast_to(np.arange(T), (B, T)), jnp.int32),
+                    "concept_ids": jnp.asarray(ids, jnp.int32),
+                    "chunk_segment_ids": jnp.asarray(chunk)})
+    return out
+
+
+def _loss_cfg():
+    c = base_config().loss
+    c.concept_positives, c.concept_negatives = "token", 64
+    return c
+
+
+def _concept_loss(graphdef, params, states, loss_cfg):
+    head = nnx.merge(graphdef, params).rewrite.known_head
+    return float(np.mean([chunk_concept_loss(
+        head, s["hidden"], s["concept_ids"], s["chunk_segment_ids"], None, jax.random.key(i),
+        n_negatives=loss_cfg.concept_negatives, positives="token", with_auroc=False)[0]
+        for i, s in enumerate(states)]))
+
+
+def _energy(graphdef, params, states):
+    total = 0.0
+    for s in states:
+        rw = nnx.merge(graphdef, params).rewrite(s["hidden"])
+        total += float(residual_energy(s["hidden"], rw.known.features, rw.unknown_features,
+                                       s["valid"]))
+    return total / len(states)
+
+
+@pytest.fixture(scope="module")
+def refit():
+    cfg = tiny_config()
+    graphdef, state = nnx.split(make_model(cfg), nnx.Param)
+    params = state.to_pure_dict()
+    states = collect_states(graphdef, params, _batches(cfg, 6), "autoregressive")
+    new, stats = refit_known_keys(graphdef, params, states, _loss_cfg(), steps=150, lr=3e-2,
+                                  seed=0)
+    return cfg, graphdef, params, new, states, stats
+
+
+def test_only_the_keys_and_the_unknown_head_move(refit):
+    _, _, params, new, _, _ = refit
+    key_path = known_key_path(params)
+    moved = []
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree_util.tree_leaves_with_path(new)):
+        names = tuple(k.key for k in path)
+        if names == key_path or names[:2] == ("rewrite", "unknown_head"):
+            moved.append(not np.array_equal(a, b))
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=f"{names} changed")
+    assert moved and all(moved)
+
+
+def test_lm_output_is_the_trained_models(refit):
+    """With epsilon kept the LM reads h, which the refit does not touch."""
+    cfg, graphdef, params, new, _, _ = refit
+    batch = _batches(cfg, 1, seed=9)[0]
+    before = nnx.merge(graphdef, params)(batch["tokens"], positions=batch["positions"])
+    after = nnx.merge(graphdef, new)(batch["tokens"], positions=batch["positions"])
+    np.testing.assert_allclose(after.logits, before.logits, atol=1e-4, rtol=1e-5)
+    assert not np.allclose(after.known.weights, before.known.weights)   # the rewrite did move
+
+
+def test_concept_term_falls_and_the_unknown_head_takes_the_residual(refit):
+    _, graphdef, params, new, states, stats = refit
+    loss_cfg = _loss_cfg()
+    assert _concept_loss(graphdef, new, states, loss_cfg) < 0.8 * _concept_loss(
+        graphdef, params, states, loss_cfg)
+    # the new keys with the old unknown head leave more residual than with the refit one
+    keys_only = jax.tree.map(lambda x: x, new)
+    keys_only["rewrite"]["unknown_head"] = params["rewrite"]["unknown_head"]
+    assert _energy(graphdef, new, states) < _energy(graphdef, keys_only, states)
+    assert stats["key_refit_last_concept_loss"] < stats["key_refit_first_concept_loss"]
+
+
+@pytest.mark.parametrize("field,value", [("key_refit_steps", -1), ("key_refit_batches", 0),
+                                         ("key_refit_lr", 0.0)])
+def test_bad_refit_settings_are_refused(field, value):
+    c = base_config()
+    c.train[field] = value
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        validate_config(c)
+
+
+@pytest.mark.slow
+def test_trainer_refits_after_the_last_step(tmp_path):
+    corpus = tiny_corpus(tmp_path / "corpus")
+    workdir = tmp_path / "run"
+    proc = run(train_args(corpus, workdir, **{"train.num_steps": 3, "train.key_refit_steps": 4,
+                                              "train.key_refit_batches": 2}))
+    assert "key refit: 4 steps on 2 batches' states" in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "key_refit_seconds" in r] == [3]
