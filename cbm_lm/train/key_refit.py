@@ -8,18 +8,24 @@ With ``train.key_refit_steps`` = S > 0, after the last step and before its check
      data.batch_size training rows (the data stream continues; the eval forward: clean
      tokens, no dropout), each row's concept labels aligned to the positions that predict
      them (objectives.align_labels_to_predictions); H stays on the devices, sharded by row.
-  2. S AdamW steps on the known keys K alone (rate ``train.key_refit_lr``, cosine to 0.1 x,
-     no weight decay), each on one batch of H drawn at random, minimizing the training's
-     own concept term L(K) = objectives.chunk_concept_loss(head, H_b, labels_b) with the loss
-     config's positives, negatives, weights and balance, without the pooled term or the
-     forward's top-k negatives (h is fixed, so no term reaches the backbone).
-  3. The fitted K replaces the params' keys; every other parameter is unchanged.
+  2. S AdamW steps (rate ``train.key_refit_lr``, cosine to 0.1 x, no weight decay), each on
+     one batch of H drawn at random, on two disjoint parameter sets:
+       the known keys K:    L_c(K)   = objectives.chunk_concept_loss(head, H_b, labels_b), the
+                            training's own concept term (the loss config's positives,
+                            negatives, weights and balance; no pooled term, no top-k
+                            negatives);
+       the unknown head U:  L_e(U)   = ||h - k - u||^2 / ||h||^2 (objectives.residual_energy)
+                            with the keys held (stop_gradient): the residual the new keys'
+                            features leave, which the old U was not trained on.
+     h is fixed, so no term reaches the backbone.
+  3. The fitted K and U replace theirs in the params; every other parameter is unchanged.
 
-h does not depend on K, so wherever epsilon is kept (composed = h, model/rewrite.py) the
-LM's output, and so its perplexity, is exactly the trained model's. What changes is which
-concepts are selected and their weights: the concept shares and epsilon are measured after
-it. Memory: R x T x D floats of H (the demo: 1000 x 512 x 128, 256 MiB); a large model
-refits with few batches or not at all (S = 0, the default).
+h depends on neither, so wherever epsilon is kept (composed = h, model/rewrite.py) the LM's
+output, and so its perplexity, is exactly the trained model's. What changes is which concepts
+are selected, their weights and the unknown features: the concept shares and epsilon are
+measured after it (the keys refit alone moved the demo's epsilon share from 0.109 to 0.173;
+with U refit too, 0.112). Memory: R x T x D floats of H (the demo: 2000 x 512 x 128, 512 MiB);
+a large model refits with few batches or not at all (S = 0, the default).
 """
 
 from __future__ import annotations
