@@ -120,6 +120,14 @@ def validate_config(config: Any) -> None:
     for field in ("eval_every", "eval_batches", "max_skipped_steps"):   # eval_every=0: no eval
         at_least("train", field, 0)
     at_least("train", "key_refit_steps", 0)
+    refit = get("train", "key_refit_steps")
+    if model is not None and isinstance(refit, int) and refit > 0:
+        p.check(model.objective == "autoregressive", "train.key_refit_steps",
+                f"the known-key refit fits states of the clean forward, so it needs "
+                f"model.objective=autoregressive, got {model.objective!r} (set it to 0)")
+        p.check(model.concepts.epsilon_correction, "train.key_refit_steps",
+                "the known-key refit leaves the LM's output unchanged only with "
+                "model.concepts.epsilon_correction=True (set it to 0)")
     at_least("train", "key_refit_batches", 1)
     v = get("train", "key_refit_lr")
     if v is not _MISSING:

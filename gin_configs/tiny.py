@@ -127,8 +127,9 @@ def get_config():
     # training each key chases a moving h at the shared rate and decay (3e-3, 0.1). Measured
     # 2026-12-05 by the attribution-eval binary on the same 1800-step run without and with
     # the refit: held-out chunk AUROC 0.934 -> 0.952 (mean-pooled 0.939 -> 0.950), epsilon
-    # share 0.109 -> 0.113, dead real concepts 0.036 -> 0.009, perplexity 180.6 both (the LM
-    # reads h, which the refit does not touch), steering 0/6 -> 1/6. 1800 steps over 250
+    # share 0.109 -> 0.113, dead real concepts 0.036 -> 0.009, perplexity unchanged (the LM
+    # reads h, which the refit does not touch; make demo: 180.69 before and after), steering
+    # 0/6 -> 1/6. 1800 steps over 250
     # batches: 0.948; the keys alone (unknown head not refit): AUROC 0.948 but epsilon 0.173;
     # rate 0.1: 0.948, epsilon 0.191. A 10x / 3x rate for the keys during training instead
     # (optimizer.known_keys_lr_scale): LM 0.2 / 0.14 nats worse, perplexity 1.19 x at 3x.

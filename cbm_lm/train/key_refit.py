@@ -24,8 +24,14 @@ h depends on neither, so wherever epsilon is kept (composed = h, model/rewrite.p
 output, and so its perplexity, is exactly the trained model's. What changes is which concepts
 are selected, their weights and the unknown features: the concept shares and epsilon are
 measured after it (the keys refit alone moved the demo's epsilon share from 0.109 to 0.173;
-with U refit too, 0.112). Memory: R x T x D floats of H (the demo: 2000 x 512 x 128, 512 MiB);
+with U refit too, 0.112). Memory: R x T x D floats of H (the demo: 2000 x 512 x 128 fp32, 500 MiB);
 a large model refits with few batches or not at all (S = 0, the default).
+
+Scope: autoregressive models with epsilon correction (config_validation refuses the rest:
+a diffusion model's residual is measured on its noisy stream, not the clean states fitted
+here, and without epsilon the LM reads k + u, which the refit changes). The refit's batches
+come from the training stream, so the final checkpoint's data position is past them, and a
+run resumed with a larger train.num_steps continues from the refitted keys.
 """
 
 from __future__ import annotations
@@ -87,6 +93,8 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
     random (module docstring)."""
     if not states:
         raise ValueError("key refit: no collected batches (train.key_refit_batches must be >= 1)")
+    if steps < 1:
+        raise ValueError(f"key refit: steps must be >= 1, got {steps}")
     path = known_key_path(params)
     unknown = ("rewrite", "unknown_head")
     has_unknown = "unknown_head" in params["rewrite"]
@@ -95,13 +103,15 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
         fit["unknown"] = _leaf(params, unknown)
     tx = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.1), weight_decay=0.0)
 
-    def place(fit, hold_keys):
+    def place(fit, hold_keys, params):
         p = _with_keys(params, path, jax.lax.stop_gradient(fit["keys"]) if hold_keys
                        else fit["keys"])
         return _with_keys(p, unknown, fit["unknown"]) if has_unknown else p
 
-    def loss_of(fit, s, rng):
-        head = nnx.merge(graphdef, place(fit, False)).rewrite.known_head
+    # params is an argument of the jitted step, never a closure: a closed-over array would be
+    # baked into the program as a constant (and refused when it spans several processes)
+    def loss_of(fit, s, rng, params):
+        head = nnx.merge(graphdef, place(fit, False, params)).rewrite.known_head
         concept, _ = obj.chunk_concept_loss(
             head, s["hidden"], s["concept_ids"], s["chunk_segment_ids"], None, rng,
             n_negatives=loss_cfg.concept_negatives, pos_weight=loss_cfg.concept_pos_weight,
@@ -111,14 +121,14 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
         if not has_unknown:
             return concept, (concept, jnp.zeros(()))
         # the unknown head re-fits the residual the new keys' features leave (keys held)
-        rw = nnx.merge(graphdef, place(fit, True)).rewrite(s["hidden"])
+        rw = nnx.merge(graphdef, place(fit, True, params)).rewrite(s["hidden"])
         energy = obj.residual_energy(s["hidden"], rw.known.features, rw.unknown_features,
                                      s["valid"])
         return concept + energy, (concept, energy)
 
     @jax.jit
-    def step(fit, opt_state, s, rng):
-        (_, parts), g = jax.value_and_grad(loss_of, has_aux=True)(fit, s, rng)
+    def step(fit, opt_state, s, rng, params):
+        (_, parts), g = jax.value_and_grad(loss_of, has_aux=True)(fit, s, rng, params)
         updates, opt_state = tx.update(g, opt_state, fit)
         return optax.apply_updates(fit, updates), opt_state, parts
 
@@ -127,10 +137,11 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
     rng = jax.random.PRNGKey(seed)
     seen = []
     for i, b in enumerate(order):
-        fit, opt_state, parts = step(fit, opt_state, states[int(b)], jax.random.fold_in(rng, i))
+        fit, opt_state, parts = step(fit, opt_state, states[int(b)], jax.random.fold_in(rng, i),
+                                     params)
         if i == 0 or i == steps - 1:
             seen.append([float(x) for x in parts])
-    return place(fit, False), {
+    return place(fit, False, params), {
         "key_refit_first_concept_loss": seen[0][0], "key_refit_last_concept_loss": seen[-1][0],
         "key_refit_first_energy": seen[0][1], "key_refit_last_energy": seen[-1][1]}
 

@@ -258,9 +258,16 @@ def train(config, workdir: str, init_from: str | None = None) -> dict:
                 if log_now or eval_now or save_now:
                     watch.check(state.skipped)      # the only host syncs: log / save steps
                 refit = {}
-                if is_last and config.train.get("key_refit_steps", 0):
-                    state, refit = run_key_refit(state, graphdef, config, data_iter,
-                                                 batch_sharding)
+                if is_last and not preempted and config.train.get("key_refit_steps", 0):
+                    try:
+                        refit_state, refit = run_key_refit(state, graphdef, config, data_iter,
+                                                           batch_sharding)
+                    except BaseException:   # the trained step is saved before the error goes on
+                        if keylog is not None:
+                            keylog.checkpoint(step)
+                        ckpt.save(step, state, data_iter)
+                        raise
+                    state = refit_state
                     print(f"key refit: {config.train.key_refit_steps} steps on "
                           f"{config.train.key_refit_batches} batches' states: concept loss "
                           f"{refit['key_refit_first_concept_loss']:.4g} -> "

@@ -11,7 +11,7 @@ factorized; ``known_head_keys``) may take their own rate and decay:
   lr_keys(s) = known_keys_lr_scale * lr(s),   decay_keys = known_keys_weight_decay
 
 Each key row is a per-concept logistic read-out of h. Measured on the demo
-checkpoint with h held fixed (docs/fidelity.md "Fidelity: the keys' optimizer"), the
+checkpoint with h held fixed (docs/fidelity.md "Fidelity: the known-key refit"), the
 shared rate and decay (3e-3, 0.1) leave those read-outs short of what they reach at
 10x the rate without decay (held-out chunk AUROC 0.941 -> 0.952 over the same batches).
 Through training, though, faster keys pull the backbone harder through the concept terms
@@ -51,6 +51,8 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+# The known head is dense today (model/rewrite.py builds it at rank 0); "predictor_up" names
+# the key rows of a factorized head.
 KNOWN_KEY_ROWS = ("predictor", "predictor_up")
 
 
