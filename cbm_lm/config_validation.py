@@ -107,6 +107,12 @@ def validate_config(config: Any) -> None:
             p.check(isinstance(v, (int, float)) and v >= low, f"{section}.{field}",
                     f"must be >= {low}, got {v!r}")
 
+    def above(section, field, low):
+        v = get(section, field)
+        if v is not _MISSING:
+            p.check(isinstance(v, (int, float)) and v > low, f"{section}.{field}",
+                    f"must be > {low}, got {v!r}")
+
     def within(section, field, low, high, high_open=False):
         v = get(section, field)
         if v is not _MISSING:
@@ -129,9 +135,7 @@ def validate_config(config: Any) -> None:
                 "the known-key refit leaves the LM's output unchanged only with "
                 "model.concepts.epsilon_correction=True (set it to 0)")
     at_least("train", "key_refit_batches", 1)
-    v = get("train", "key_refit_lr")
-    if v is not _MISSING:
-        p.check(isinstance(v, (int, float)) and v > 0, "train.key_refit_lr", f"must be > 0, got {v!r}")
+    above("train", "key_refit_lr", 0)
     if get("train", "nan_policy") is not _MISSING:
         p.choice(get("train", "nan_policy"), "train.nan_policy", NAN_POLICIES)
     at_least("checkpoint", "every_steps", 1)
@@ -163,16 +167,11 @@ def validate_config(config: Any) -> None:
     at_least("optimizer", "weight_decay", 0)
     at_least("optimizer", "grad_clip", 0)
     at_least("optimizer", "known_keys_weight_decay", 0)
-    v = get("optimizer", "known_keys_lr_scale")
-    if v is not _MISSING:
-        p.check(isinstance(v, (int, float)) and v > 0, "optimizer.known_keys_lr_scale",
-                f"must be > 0, got {v!r}")
+    above("optimizer", "known_keys_lr_scale", 0)
     within("optimizer", "min_lr_ratio", 0, 1)
     within("optimizer", "b1", 0, 1, high_open=True)
     within("optimizer", "b2", 0, 1, high_open=True)
-    v = get("optimizer", "eps")
-    if v is not _MISSING:
-        p.check(isinstance(v, (int, float)) and v > 0, "optimizer.eps", f"must be > 0, got {v!r}")
+    above("optimizer", "eps", 0)
 
     # hardware: 0 = look the peak up from the device kind (parallel/devices.py)
     at_least("hardware", "peak_flops_per_device", 0)

@@ -46,16 +46,18 @@ from flax import nnx
 
 from cbm_lm import objectives as obj
 from cbm_lm.train.device_batch import global_batch
-from cbm_lm.train.optimizer import KNOWN_KEY_ROWS
+from cbm_lm.train.losses import concept_term_options
+from cbm_lm.train.optimizer import known_head_keys
 
 
 def known_key_path(params) -> tuple[str, ...]:
-    """The params path of the known head's key rows (dense ``predictor`` or ``predictor_up``)."""
-    head = params["rewrite"]["known_head"]
-    for name in KNOWN_KEY_ROWS:
-        if name in head:
-            return ("rewrite", "known_head", name)
-    raise KeyError(f"the known head has none of {KNOWN_KEY_ROWS}: {sorted(head)}")
+    """The params path of the known head's key rows: the one leaf the optimizer labels
+    "known_keys" (train/optimizer.py, known_head_keys)."""
+    paths = [tuple(k.key for k in path) for path, label in
+             jax.tree_util.tree_leaves_with_path(known_head_keys(params)) if label == "known_keys"]
+    if len(paths) != 1:
+        raise KeyError(f"expected one known-head key leaf in the params, found {paths}")
+    return paths[0]
 
 
 def _with_keys(params, path, keys):
@@ -77,8 +79,8 @@ def collect_states(graphdef, params, batches, objective: str) -> list[dict]:
     @jax.jit
     def states(params, batch):
         model = nnx.merge(graphdef, params)
-        h = model(batch["tokens"], positions=batch["positions"],
-                  segment_ids=batch["segment_ids"]).hidden
+        h = model.hidden(batch["tokens"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
         ids, chunks = obj.align_labels_to_predictions(
             batch["concept_ids"], batch["chunk_segment_ids"], batch["segment_ids"], objective)
         return {"hidden": jax.lax.stop_gradient(h).astype(jnp.float32), "concept_ids": ids,
@@ -101,7 +103,7 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
     fit = {"keys": _leaf(params, path)}
     if has_unknown:
         fit["unknown"] = _leaf(params, unknown)
-    tx = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.1), weight_decay=0.0)
+    tx = optax.adamw(optax.cosine_decay_schedule(lr, steps, alpha=0.1), weight_decay=0.0)
 
     def place(fit, hold_keys, params):
         p = _with_keys(params, path, jax.lax.stop_gradient(fit["keys"]) if hold_keys
@@ -114,10 +116,7 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
         head = nnx.merge(graphdef, place(fit, False, params)).rewrite.known_head
         concept, _ = obj.chunk_concept_loss(
             head, s["hidden"], s["concept_ids"], s["chunk_segment_ids"], None, rng,
-            n_negatives=loss_cfg.concept_negatives, pos_weight=loss_cfg.concept_pos_weight,
-            neg_weight=loss_cfg.concept_neg_weight,
-            positives=loss_cfg.get("concept_positives", "soft_or"),
-            balance=loss_cfg.get("concept_balance", "none"), with_auroc=False)
+            **concept_term_options(loss_cfg), with_auroc=False)
         if not has_unknown:
             return concept, (concept, jnp.zeros(()))
         # the unknown head re-fits the residual the new keys' features leave (keys held)

@@ -63,6 +63,15 @@ from cbm_lm.config_validation import check_loss_fields
 from cbm_lm.model.lm import shift_to_predictions
 from cbm_lm.objectives.steering_loss import steering_loss
 
+def concept_term_options(loss_cfg) -> dict:
+    """The concept term's settings from the loss config (objectives.chunk_concept_loss's
+    keyword arguments), shared by the train step and the known-key refit (train/key_refit.py)."""
+    return dict(n_negatives=loss_cfg.concept_negatives, pos_weight=loss_cfg.concept_pos_weight,
+                neg_weight=loss_cfg.concept_neg_weight,
+                positives=loss_cfg.get("concept_positives", "soft_or"),
+                balance=loss_cfg.get("concept_balance", "none"))
+
+
 def check_loss_config(loss_cfg) -> None:
     """Raises ConfigError (a ValueError) naming every ``loss.*`` field compute_losses cannot use.
 
@@ -322,10 +331,7 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
     known_c = jax.tree.map(concept_part, rw.known)
     concept_loss, c_aux = obj.chunk_concept_loss(
         head, hidden_c, concept_ids, chunk_ids, known_c.topk_indices, rng_neg,
-        n_negatives=loss_cfg.concept_negatives,
-        pos_weight=loss_cfg.concept_pos_weight, neg_weight=loss_cfg.concept_neg_weight,
-        positives=loss_cfg.get("concept_positives", "soft_or"),
-        topk_logits=known_c.topk_logits, balance=loss_cfg.get("concept_balance", "none"),
+        **concept_term_options(loss_cfg), topk_logits=known_c.topk_logits,
         pooled_weight=float(loss_cfg.get("concept_pooled_weight", 0.0)),
         # the batch AUROC sorts B*T*(K+M) scores: 14% of tiny.py's train step on 2 CPU cores
         # (373 vs 323 ms, side by side), so only eval passes (eval_concept_auroc) compute it
