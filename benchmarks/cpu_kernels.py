@@ -9,6 +9,11 @@ Side by side in one run, interleaved round by round, each timing the least-distu
           recompute q[n] . K[ids[n,s]] (32 of 2785 rows of 512 per token), forward and
           forward + backward (model/sparse_rows_cpu.py against jnp.take + einsum)
           op_speedup = XLA time / kernel time
+  select: a head's whole selection, scores to (ids, picked logits), straight-through cap
+          at 15: "xla" (matmul, cap, lax.top_k, gather), "separate" (matmul, cap, the
+          top-k kernel, gather: the path before the fused kernels) and "fused"
+          (matmul, then model/topk_cpu.top_k_capped for the known head;
+          model/factorized_topk_cpu.factorized_top_k, no [2048, 8192] z, for the unknown)
   step:   the concept train step with model.concepts.kernels "xla" and "auto"
           step_speedup = step time (xla) / step time (auto)
 
@@ -80,6 +85,40 @@ def measure_topk(rounds: int = 5) -> dict:
     return out
 
 
+def measure_selection(rounds: int = 5, rank: int = 32, d: int = 512) -> dict:
+    from cbm_lm.model.concept_topk import cap_logits
+    from cbm_lm.model.factorized_topk_cpu import factorized_top_k
+    from cbm_lm.model.topk_cpu import top_k_capped, top_k_ids
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, (rows, n, k) in OP_SHAPES.items():
+        width = d if name == "known" else rank
+        q = jnp.asarray(rng.standard_normal((rows, width)).astype(np.float32))
+        keys = jnp.asarray((rng.standard_normal((n, width)) / np.sqrt(width)).astype(np.float32))
+
+        def unfused(kern):
+            def f(q_, keys_):
+                z = q_ @ keys_.T
+                ids = top_k_ids(cap_logits(z, 15.0, "straight_through"), k, kern)
+                return ids, jnp.take_along_axis(z, ids, axis=-1)
+            return f
+
+        if name == "known":
+            fused = lambda q_, keys_: top_k_capped(q_ @ keys_.T, k, 15.0, "straight_through")  # noqa: E731
+        else:
+            fused = lambda q_, keys_: factorized_top_k(q_, keys_.T, k, 15.0, "straight_through")  # noqa: E731
+        fns = {"xla": jax.jit(unfused("xla")), "separate": jax.jit(unfused("auto")),
+               "fused": jax.jit(fused)}
+        ids_x, _ = fns["xla"](q, keys)
+        ids_f, vals_f = fns["fused"](q, keys)
+        t = _race(fns, (q, keys), rounds)
+        out[name] = {"rows": rows, "n": n, "k": k, **{f"{m}_ms": 1e3 * v for m, v in t.items()},
+                     "fused_over_separate": t["separate"] / t["fused"],
+                     # the fused unknown head sums its rank-32 products in its own order
+                     "ids_equal_fraction": float(np.mean(np.asarray(ids_x) == np.asarray(ids_f)))}
+    return out
+
+
 def measure_step(rounds: int = 5, steps: int = 3) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -134,7 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--skip_step", action="store_true", help="the op only (seconds, not minutes)")
     args = ap.parse_args(argv)
-    res = {"topk": measure_topk(args.rounds), "rows": measure_rows(args.rounds)}
+    res = {"topk": measure_topk(args.rounds), "rows": measure_rows(args.rounds),
+           "select": measure_selection(args.rounds)}
     for name, r in res["topk"].items():
         print(f"top-k {name:<8} top-{r['k']} of {r['n']} x {r['rows']} rows: lax.top_k "
               f"{r['xla_ms']:.1f} ms, kernel {r['kernel_ms']:.1f} ms, speedup {r['op_speedup']:.2f}")
@@ -142,6 +182,10 @@ def main(argv=None) -> int:
         print(f"rows  {name:<8} forward: XLA {r['xla_fwd_ms']:.1f} ms, kernel {r['kernel_fwd_ms']:.1f} ms;"
               f" forward + backward: XLA {r['xla_fwd_bwd_ms']:.1f} ms, kernel "
               f"{r['kernel_fwd_bwd_ms']:.1f} ms, speedup {r['op_speedup']:.2f}")
+    for name, r in res["select"].items():
+        print(f"select {name:<7} top-{r['k']} of {r['n']} x {r['rows']} rows: XLA {r['xla_ms']:.1f}"
+              f" ms, separate kernels {r['separate_ms']:.1f} ms, fused {r['fused_ms']:.1f} ms, "
+              f"speedup {r['fused_over_separate']:.2f} (ids equal {r['ids_equal_fraction']:.4f})")
     if not args.skip_step:
         res["step"] = s = measure_step(args.rounds)
         print(f"concept train step: xla {s['xla_step_seconds']:.3f} s, kernel "

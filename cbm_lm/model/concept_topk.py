@@ -98,6 +98,23 @@ def _mesh_axes(logical: str | None):
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def map_row_shards(fn, q: jax.Array, *tables: jax.Array):
+    """fn(q_s, *tables) on each batch shard q_s of q's rows [N,...] under ``jax.shard_map``,
+    tables replicated; outputs keep the rows' sharding. For row-wise kernels that XLA
+    cannot partition by itself (model/factorized_topk_cpu.py). Outside a mesh, or where
+    N does not divide over the batch shards, it is fn(q, *tables)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = () if mesh.empty else _mesh_axes("batch")
+    n_batch = math.prod(mesh.shape[a] for a in batch) if batch else 1
+    if n_batch == 1 or q.shape[0] % n_batch:
+        return fn(q, *tables)
+    rows = P(batch, *([None] * (q.ndim - 1)))
+    out = jax.eval_shape(fn, q, *tables)
+    out_specs = jax.tree.map(lambda o: P(batch, *([None] * (o.ndim - 1))), out)
+    return jax.shard_map(fn, in_specs=(rows, *(P() for _ in tables)), out_specs=out_specs,
+                         check_vma=False)(q, *tables)
+
+
 def sharded_streaming_topk(q: jax.Array, keys: jax.Array, n_valid: int, k: int,
                            block_size: int, clip: float, clip_mode: str = "hard",
                            concept_axis: str = "known_concepts"):

@@ -17,9 +17,11 @@ Top-k selection runs in blocks of ``block_size`` concepts (a running top-k
 merged block by block), so memory is O(B*T*(k + block)), not O(B*T*C), once C
 exceeds ``dense_threshold``. The selected logits are then recomputed from the
 gathered rows so gradients reach the tables; the selection itself is not
-differentiated. Up to ``dense_threshold`` the selection forms all of z [N,C]
-anyway, so the selected logits are read from it (``picked_logits``) and only
-their gradient gathers rows: the forward (inference) gathers no [N,k,Q] keys.
+differentiated. Up to ``dense_threshold`` the selection scores all of z [N,C]
+anyway, so the selected logits are read off it (``picked_logits``) and only
+their gradient gathers rows: the forward (inference) gathers no [N,k,Q] keys. On
+CPU the ranking runs in compiled kernels that apply the cap themselves and, for a
+factorized head, never write z out (model/topk_cpu.py, model/factorized_topk_cpu.py).
 
 The cap bounds logits to [-c, c] (``clip_mode``, DESIGN.md section 2):
   hard              clip(z, -c, c)                 Steerling's; zero gradient outside
@@ -46,11 +48,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbm_lm.model.concept_topk import cap_logits, sharded_streaming_topk
+from cbm_lm.model.concept_topk import cap_logits, map_row_shards, sharded_streaming_topk
 from cbm_lm.model.layers import normal, param
 from cbm_lm.model.sparse_rows import mix, pick
 from cbm_lm.model.sparse_rows_cpu import gather_mix, gather_pick
-from cbm_lm.model.topk_cpu import top_k_ids
+from cbm_lm.model.factorized_topk_cpu import factorized_top_k
+from cbm_lm.model.topk_cpu import KERNEL_CAP_MODES, top_k_capped, top_k_ids
 
 
 class ConceptActivations(NamedTuple):
@@ -74,22 +77,22 @@ class ConceptActivations(NamedTuple):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
-def picked_logits(q: jax.Array, keys: jax.Array, ids: jax.Array, z: jax.Array,
+def picked_logits(q: jax.Array, keys: jax.Array, ids: jax.Array, z_picked: jax.Array,
                   kernels: str = "auto") -> jax.Array:
-    """z[n, ids[n,s]] where z = q keys^T [N,C] was already formed (the dense selection),
-    with the gradient of q[n] . keys[ids[n,s]] (``gather_pick``); z itself gets none."""
-    return jnp.take_along_axis(z, ids, axis=1)
+    """z_picked = z[n, ids[n,s]] [N,S], already read off the dense selection's z = q keys^T,
+    with the gradient of q[n] . keys[ids[n,s]] (``gather_pick``); z_picked gets none."""
+    return z_picked
 
 
-def _picked_fwd(q, keys, ids, z, kernels):
-    return picked_logits(q, keys, ids, z, kernels), (q, keys, ids, z)
+def _picked_fwd(q, keys, ids, z_picked, kernels):
+    return z_picked, (q, keys, ids)
 
 
 def _picked_bwd(kernels, res, g):
-    q, keys, ids, z = res
+    q, keys, ids = res
     _, vjp = jax.vjp(lambda q_, k_: gather_pick(q_, k_, ids, kernels), q, keys)
     dq, dkeys = vjp(g)
-    return dq, dkeys, None, jnp.zeros_like(z)
+    return dq, dkeys, None, jnp.zeros_like(g)
 
 
 picked_logits.defvjp(_picked_fwd, _picked_bwd)
@@ -174,12 +177,26 @@ class ConceptHead(nnx.Module):
                                       self.clip_mode, concept_axis=self.axis_name)[1]
 
     def dense_select(self, q: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-        """(ids [N,k], capped logits [N,k]) of the top-k from one dense z = q K^T [N,C]
-        (n_concepts <= dense_threshold); the logits carry the gathered-row gradient."""
+        """(ids [N,k], capped logits [N,k]) of the top-k of z = q K^T over all
+        n_concepts <= dense_threshold, ranked on cap(z); the logits carry the
+        gathered-row gradient. The factorized head scores and ranks in one kernel
+        (model/factorized_topk_cpu.py: its z [N,C] is a rank-r product, cheaper to
+        recompute in cache than to write out); the dense head forms z with XLA."""
         keys = self.keys()[: self.n_concepts]
-        z = jax.lax.stop_gradient(q) @ jax.lax.stop_gradient(keys).astype(jnp.float32).T
-        ids = top_k_ids(self.cap(z), k, self.kernels)
-        return ids, self.cap(picked_logits(q, keys, ids, z, self.kernels))
+        q_sg = jax.lax.stop_gradient(q)
+        keys_sg = jax.lax.stop_gradient(keys).astype(jnp.float32)
+        mode = self.clip_mode
+        if mode not in KERNEL_CAP_MODES:   # the soft cap: rank XLA's cap(z)
+            z = q_sg @ keys_sg.T
+            ids = top_k_ids(self.cap(z), k, self.kernels)
+            z_ids = jnp.take_along_axis(z, ids, axis=-1)
+        elif self.rank:
+            ids, z_ids = map_row_shards(
+                lambda q_s, ut: factorized_top_k(q_s, ut, k, self.clip, mode, self.kernels),
+                q_sg, keys_sg.T)
+        else:
+            ids, z_ids = top_k_capped(q_sg @ keys_sg.T, k, self.clip, mode, self.kernels)
+        return ids, self.cap(picked_logits(q, keys, ids, z_ids, self.kernels))
 
     def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:
         """Capped logits of concepts ``ids`` [N,S] for queries q [N,Q] -> [N,S]."""

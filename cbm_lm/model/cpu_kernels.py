@@ -132,7 +132,8 @@ def use_kernel(kernel: str, registered, *arrays, what: str = "kernel") -> bool:
     return kernel == "auto" and all(a.dtype == jnp.float32 for a in arrays) and registered()
 
 
-def cpu_primitive(name: str, abstract_eval, xla_fn, cpu_lowering=None, batcher=None):
+def cpu_primitive(name: str, abstract_eval, xla_fn, cpu_lowering=None, batcher=None,
+                  multiple_results: bool = False):
     """A primitive lowered per platform, so the choice follows the platform XLA compiles
     for (an AOT compile for TPU on this CPU included), not the host:
 
@@ -140,15 +141,20 @@ def cpu_primitive(name: str, abstract_eval, xla_fn, cpu_lowering=None, batcher=N
                  (params only shape the result; the kernel reads sizes from its buffers)
       elsewhere: ``xla_fn(*operands, **params)``, XLA's own ops
       vmap:      ``batcher``, by default ``xla_fn`` vmapped
+
+    ``multiple_results``: abstract_eval and xla_fn return a tuple of arrays.
     """
     p = jax.extend.core.Primitive(name)
+    p.multiple_results = multiple_results
     p.def_impl(partial(dispatch.apply_primitive, p))
     p.def_abstract_eval(abstract_eval)
-    mlir.register_lowering(p, mlir.lower_fun(xla_fn, multiple_results=False))
+    mlir.register_lowering(p, mlir.lower_fun(xla_fn, multiple_results=multiple_results))
     if cpu_lowering is None:
         ffi_rule = jax.ffi.ffi_lowering(name)
         cpu_lowering = lambda ctx, *args, **_: ffi_rule(ctx, *args)   # noqa: E731
     mlir.register_lowering(p, cpu_lowering, platform="cpu")
-    batching.primitive_batchers[p] = batcher or (lambda args, dims, **params: (
-        jax.vmap(partial(xla_fn, **params), in_axes=dims)(*args), 0))
+    out_axes = (lambda out: (out, tuple(0 for _ in out))) if multiple_results else (
+        lambda out: (out, 0))
+    batching.primitive_batchers[p] = batcher or (lambda args, dims, **params: out_axes(
+        jax.vmap(partial(xla_fn, **params), in_axes=dims)(*args)))
     return p

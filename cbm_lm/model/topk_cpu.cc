@@ -10,82 +10,21 @@
 // ties broken by the lower index first. Input x [R, n] f32 (leading dims flattened),
 // output ids [R, k] s32, row r's ids sorted by that order.
 //
-// Per row (n keys, k winners): a lower bound t on the k-th largest key from group maxima
-// (TopKRow), one branch-free pass keeping the keys >= t (about 1.4 k of them on random
-// rows), nth_element to the k best and a sort of those k: O(n + k log k).
+// Per row: topk_row.h (O(n + k log k)).
+//
+// A second target ranks capped logits: CbmTopKCapped(x; clip, mode) -> (ids, x[ids]) ranks
+// cap(x) (topk_row.h's Capped, cap_logits' clamp modes) and returns the raw x at the
+// winners, so the concept heads' selection neither writes cap(z) [N,C] nor gathers from z.
 
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <vector>
 
 #include "cpu_parallel.h"
+#include "topk_row.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-// Float bits -> unsigned key whose order is the IEEE total order above.
-inline uint32_t TotalOrderKey(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// A candidate as one integer whose ascending order is the output order (key descending,
-// then index ascending), so selection and sort compare plain uint64s.
-inline uint64_t Rank(uint32_t key, int64_t index) {
-  return (static_cast<uint64_t>(~key) << 32) | static_cast<uint32_t>(index);
-}
-
-// Scratch reused across the rows one thread ranks.
-struct RowScratch {
-  std::vector<uint32_t> keys;
-  std::vector<uint32_t> group_max;
-  std::vector<uint32_t> order;   // group_max, reordered by nth_element
-  std::vector<uint64_t> buf;
-};
-
-void TopKRow(const float* x, int64_t n, int64_t k, int32_t* out, RowScratch& s) {
-  // Groups of g keys with at least 2k groups: the k-th largest group maximum t is a
-  // lower bound on the k-th largest key (k groups each hold a key >= t), so only keys
-  // >= t can be in the top-k; for random rows that is about 1.4 k of the n.
-  const int64_t g = std::max<int64_t>(1, std::min<int64_t>(64, n / (2 * k)));
-  const int64_t n_groups = (n + g - 1) / g;
-  s.keys.resize(n);
-  s.group_max.resize(n_groups);
-  s.order.resize(n_groups);
-  uint32_t* keys = s.keys.data();
-  for (int64_t q = 0; q < n_groups; ++q) {
-    const int64_t end = std::min(n, (q + 1) * g);
-    uint32_t m = 0;
-    for (int64_t i = q * g; i < end; ++i) {   // vectorizes
-      keys[i] = TotalOrderKey(x[i]);
-      m = std::max(m, keys[i]);
-    }
-    s.group_max[q] = m;
-  }
-  std::copy(s.group_max.begin(), s.group_max.end(), s.order.begin());
-  std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(),
-                   std::greater<uint32_t>());
-  const uint32_t t = s.order[k - 1];
-  std::vector<uint64_t>& buf = s.buf;
-  buf.resize(n);
-  int64_t c = 0;
-  for (int64_t q = 0; q < n_groups; ++q) {
-    if (s.group_max[q] < t) continue;   // nothing in this group can make the top-k
-    const int64_t end = std::min(n, (q + 1) * g);
-    for (int64_t i = q * g; i < end; ++i) {   // branch-free compaction of the keys >= t
-      buf[c] = Rank(keys[i], i);
-      c += keys[i] >= t;
-    }
-  }
-  std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + c);
-  std::sort(buf.begin(), buf.begin() + k);
-  for (int64_t j = 0; j < k; ++j) out[j] = static_cast<int32_t>(buf[j] & 0xffffffffu);
-}
 
 ffi::Error TopKIndicesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::ResultBuffer<ffi::S32> ids) {
@@ -99,8 +38,35 @@ ffi::Error TopKIndicesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   int32_t* out = ids->typed_data();
   cbm_lm::ParallelFor(pool, rows, cbm_lm::RowBlock(pool, rows), [=](int64_t begin, int64_t end) {
-    thread_local RowScratch scratch;   // reused across the rows and calls of one thread
-    for (int64_t r = begin; r < end; ++r) TopKRow(xp + r * n, n, k, out + r * k, scratch);
+    thread_local cbm_lm::RowScratch scratch;   // reused across the rows and calls of one thread
+    for (int64_t r = begin; r < end; ++r) {
+      cbm_lm::TopKRow(xp + r * n, n, k, 0.0f, cbm_lm::kNoCap, out + r * k, scratch);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error TopKCappedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, float clip,
+                          int32_t mode, ffi::ResultBuffer<ffi::S32> ids,
+                          ffi::ResultBuffer<ffi::F32> vals) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("topk_capped: x must have rank >= 1");
+  if (mode < cbm_lm::kNoCap || mode > cbm_lm::kStraightThroughCap)
+    return ffi::Error::InvalidArgument("topk_capped: mode must be 0 (none), 1 (hard) or 2");
+  const int64_t n = dims.back();
+  const int64_t rows = n == 0 ? 0 : x.element_count() / n;
+  const int64_t k = ids->dimensions().back();
+  if (k < 1 || k > n) return ffi::Error::InvalidArgument("topk_capped: need 1 <= k <= n");
+  const float* xp = x.typed_data();
+  int32_t* out = ids->typed_data();
+  float* val = vals->typed_data();
+  cbm_lm::ParallelFor(pool, rows, cbm_lm::RowBlock(pool, rows), [=](int64_t begin, int64_t end) {
+    thread_local cbm_lm::RowScratch scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      cbm_lm::TopKRow(row, n, k, clip, mode, out + r * k, scratch);
+      for (int64_t j = 0; j < k; ++j) val[r * k + j] = row[out[r * k + j]];
+    }
   });
   return ffi::Error::Success();
 }
@@ -112,3 +78,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmTopKIndices, TopKIndicesImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CbmTopKCapped, TopKCappedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("clip")
+                                  .Attr<int32_t>("mode")
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
