@@ -14,7 +14,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from cbm_lm.model import cpu_kernels, factorized_topk_cpu, topk_cpu
 from cbm_lm.model.concept_topk import cap_logits, map_row_shards
@@ -135,7 +135,7 @@ def test_sharded_rows_equal_single_device(which):
         f = jax.jit(lambda a: map_row_shards(
             lambda a_s, b: factorized_top_k(a_s, b, 16, 2.0, "hard"), a, ut))
     want = [np.asarray(w) for w in f(q)]
-    mesh = jax.make_mesh((8,), ("data",))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     sharded = jax.device_put(q, NamedSharding(mesh, P("data", None)))
     with jax.set_mesh(mesh), nn.logical_axis_rules([("batch", "data")]):
         got = f(sharded)
@@ -173,9 +173,31 @@ def test_ranked_axis_sharded_is_gathered_whole():
     """z sharded along the concepts (as a tensor-sharded key table leaves it): each row's
     ranking must still see all n, not a per-shard top-k."""
     z = np.random.default_rng(9).standard_normal((16, 512)).astype(np.float32) * 4
-    mesh = jax.make_mesh((8,), ("tensor",))
+    mesh = jax.make_mesh((8,), ("tensor",), axis_types=(AxisType.Auto,))
     cols = jax.device_put(z, NamedSharding(mesh, P(None, "tensor")))
     _assert_equal(jax.jit(lambda v: top_k_capped(v, 24, 3.0, "hard"))(cols),
                   _reference(z, 24, 3.0, "hard"))
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: topk_cpu.top_k_ids(v, 24))(cols)),
                                   _reference(z, 24, 3.0, None)[0])
+
+
+def test_bad_arguments_are_refused_when_traced():
+    z = jnp.zeros((4, 10))
+    with pytest.raises(ValueError, match="top_k_capped: need 0 <= k <= n, got k=11 for n=10"):
+        top_k_capped(z, 11, 1.0, "hard")
+    with pytest.raises(ValueError, match="factorized_top_k: need 0 <= k <= n"):
+        factorized_top_k(jnp.zeros((4, 3)), jnp.zeros((3, 10)), 11, 1.0, "hard")
+    with pytest.raises(ValueError, match="top-k kernel must be one of"):   # even where XLA ranks
+        top_k_capped(z, 3, 1.0, "soft", kernel="fast")
+
+
+def test_explicit_mesh_axes_fall_back_to_one_call():
+    """shard_map would refuse a q not already sharded over an Explicit axis: map_row_shards
+    then calls fn once, with the same result."""
+    q, ut = _int_inputs(np.random.default_rng(10), 16, 8, 64)
+    want = _reference(np.asarray(jnp.asarray(q) @ jnp.asarray(ut)), 5, 15.0, "hard")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules([("batch", "data")]):
+        got = jax.jit(lambda a: map_row_shards(
+            lambda a_s, b: factorized_top_k(a_s, b, 5, 15.0, "hard"), a, ut))(q)
+    _assert_equal(got, want)

@@ -28,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 CLIP_MODES = ("hard", "straight_through", "soft")
 
@@ -101,17 +101,17 @@ def _mesh_axes(logical: str | None):
 def map_row_shards(fn, q: jax.Array, *tables: jax.Array):
     """fn(q_s, *tables) on each batch shard q_s of q's rows [N,...] under ``jax.shard_map``,
     tables replicated; outputs keep the rows' sharding. For row-wise kernels that XLA
-    cannot partition by itself (model/factorized_topk_cpu.py). Outside a mesh, or where
-    N does not divide over the batch shards, it is fn(q, *tables)."""
+    cannot partition by itself (model/factorized_topk_cpu.py). Outside a mesh, on one
+    batch shard, where N does not divide over the batch shards, or where a batch axis is
+    not Auto (an Explicit axis would need q resharded first), it is fn(q, *tables)."""
     mesh = jax.sharding.get_abstract_mesh()
     batch = () if mesh.empty else _mesh_axes("batch")
     n_batch = math.prod(mesh.shape[a] for a in batch) if batch else 1
-    if n_batch == 1 or q.shape[0] % n_batch:
+    auto = all(mesh.axis_types[mesh.axis_names.index(a)] == AxisType.Auto for a in batch)
+    if n_batch == 1 or q.shape[0] % n_batch or not auto:
         return fn(q, *tables)
-    rows = P(batch, *([None] * (q.ndim - 1)))
-    out = jax.eval_shape(fn, q, *tables)
-    out_specs = jax.tree.map(lambda o: P(batch, *([None] * (o.ndim - 1))), out)
-    return jax.shard_map(fn, in_specs=(rows, *(P() for _ in tables)), out_specs=out_specs,
+    # a spec is a prefix of every output's: rows on the batch shards, the rest whole
+    return jax.shard_map(fn, in_specs=(P(batch), *(P() for _ in tables)), out_specs=P(batch),
                          check_vma=False)(q, *tables)
 
 

@@ -20,8 +20,11 @@ gathered rows so gradients reach the tables; the selection itself is not
 differentiated. Up to ``dense_threshold`` the selection scores all of z [N,C]
 anyway, so the selected logits are read off it (``picked_logits``) and only
 their gradient gathers rows: the forward (inference) gathers no [N,k,Q] keys. On
-CPU the ranking runs in compiled kernels that apply the cap themselves and, for a
-factorized head, never write z out (model/topk_cpu.py, model/factorized_topk_cpu.py).
+CPU the ranking runs in compiled kernels that apply the hard or straight-through cap
+themselves (the soft cap stays XLA's) and, for a factorized head, never write z out
+(model/topk_cpu.py, model/factorized_topk_cpu.py). That kernel sums a factorized
+head's z in its own order, so its ids can differ from the blockwise scoring's or
+``kernels="xla"``'s, which rank XLA's product, where two logits tie within rounding.
 
 The cap bounds logits to [-c, c] (``clip_mode``, DESIGN.md section 2):
   hard              clip(z, -c, c)                 Steerling's; zero gradient outside

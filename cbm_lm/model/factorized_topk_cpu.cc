@@ -8,9 +8,9 @@
 // rank-32 product at about a fifth of the matmul peak, then reads it back to cap and to
 // rank it; this kernel scores a block of rows into a buffer that stays in cache and ranks
 // it there. z[row, c] sums q[row, j] ut[j, c] over j in order (one fused multiply-add per
-// j), on every platform and sharding the same, so a row's ids never depend on how the
-// rows were split; they can differ from XLA's own product (another summation order) only
-// where two logits tie to within rounding.
+// j), the same on every CPU and for any split of the rows over threads or devices, so a
+// row's ids never depend on the split; they can differ from XLA's own product (another
+// summation order, as on other platforms) only where two logits tie to within rounding.
 
 #include <algorithm>
 #include <cstdint>
@@ -25,7 +25,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRows = 8;    // rows scored together: each ut load feeds kRows FMAs
-constexpr int64_t kCols = 32;   // columns per register tile (kRows x kCols accumulators)
+constexpr int64_t kCols = 32;   // columns per tile: kRows x kCols accumulators (registers
+                                // under AVX-512, partly spilled to L1 under AVX2)
 
 // z[i, c] for rows [0, m) of q (m <= kRows) into z (m x n, row-major).
 void ScoreRows(const float* q, int64_t m, int64_t r, const float* ut, int64_t n, float* z) {
@@ -60,7 +61,8 @@ ffi::Error FactorizedTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (mode < cbm_lm::kNoCap || mode > cbm_lm::kStraightThroughCap)
     return ffi::Error::InvalidArgument("factorized_topk: mode must be 0 (none), 1 (hard) or 2");
   const int64_t r = ut_dims[0], n = ut_dims[1];
-  const int64_t rows = r == 0 ? 0 : q.element_count() / r;
+  if (r < 1) return ffi::Error::InvalidArgument("factorized_topk: need rank r >= 1");
+  const int64_t rows = q.element_count() / r;
   const int64_t k = ids->dimensions().back();
   if (k < 1 || k > n) return ffi::Error::InvalidArgument("factorized_topk: need 1 <= k <= n");
   const float* qp = q.typed_data();

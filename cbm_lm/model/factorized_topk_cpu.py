@@ -32,7 +32,7 @@ from jax._src.core import ShapedArray
 import numpy as np
 
 from cbm_lm.model.cpu_kernels import cpu_primitive, register, use_kernel
-from cbm_lm.model.topk_cpu import KERNEL_CAP_MODES, top_k_capped
+from cbm_lm.model.topk_cpu import KERNEL_CAP_MODES, check_k, top_k_capped
 
 _TARGET = "cbm_lm_factorized_topk"
 SOURCE = Path(__file__).with_name("factorized_topk_cpu.cc")
@@ -71,11 +71,12 @@ def factorized_top_k(q: jax.Array, ut: jax.Array, k: int, clip: float, mode: str
     """(ids [...,k] int32, z[..., ids] [...,k]) for z = q ut (module docstring). No
     gradient flows: the head recomputes the winners' logits for theirs."""
     q, ut = jax.lax.stop_gradient(q), jax.lax.stop_gradient(ut)
-    if q.shape[-1] != ut.shape[0] or ut.ndim != 2:
+    if ut.ndim != 2 or q.ndim < 1 or q.shape[-1] != ut.shape[0]:
         raise ValueError(f"factorized_top_k: q [..., r] and ut [r, n] do not match: "
                          f"{q.shape} and {ut.shape}")
-    if (mode not in KERNEL_CAP_MODES or k == 0 or q.size == 0
-            or not use_kernel(kernel, available, q, ut, what="top-k kernel")):
+    check_k(k, ut.shape[1], "factorized_top_k")
+    if (not use_kernel(kernel, available, q, ut, what="top-k kernel")
+            or mode not in KERNEL_CAP_MODES or k == 0 or q.size == 0):
         return top_k_capped(q @ ut, k, clip, mode, kernel)
     ids, vals = factorized_topk_p.bind(q, ut, k=k, clip=float(clip), mode=mode)
     return ids, vals

@@ -48,14 +48,14 @@ def available() -> bool:
                     batch_partitionable=[_TARGET, _CAPPED])
 
 
-def _batch_rule_attrs(ctx, rule: str, **factors) -> dict:
+def _batch_rule_attrs(ctx, rule: str, need_replication: tuple[str, ...] = ()) -> dict:
     """MLIR attrs that keep a batch-partitionable row kernel's leading (token) dims
     sharded: ``num_batch_dims`` for XLA's partitioner of such calls, and for Shardy the
-    rule, with every other factor replicated (``factors``: need_replication lists)."""
+    rule, with the factors in ``need_replication`` (the ranked axis) gathered whole."""
     n_batch = len(ctx.avals_in[0].shape) - 1
     attrs = {"mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": str(n_batch)})}
     if jax.config.jax_use_shardy_partitioner:
-        sdy = str_to_sdy_sharding_rule(rule, **factors)
+        sdy = str_to_sdy_sharding_rule(rule, need_replication_factors=need_replication)
         attrs["sdy.sharding_rule"] = sdy_sharding_rule_to_mlir(
             sdy, [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_in],
             [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out])
@@ -76,7 +76,7 @@ def _cpu_lowering(ctx, x, *, k):
     """The FFI call with batch-partitioning annotations, so sharded leading dims stay
     sharded; without them the partitioner all-gathers x."""
     rule = "... n -> ... k" if len(ctx.avals_in[0].shape) > 1 else "n -> k"
-    attrs = _batch_rule_attrs(ctx, rule, need_replication_factors=("n",))
+    attrs = _batch_rule_attrs(ctx, rule, need_replication=("n",))
     return jax.ffi.ffi_lowering(_TARGET, extra_attributes=attrs)(ctx, x)
 
 
@@ -98,7 +98,7 @@ def _capped_batch(args, dims, **params):
 
 def _capped_lowering(ctx, z, *, k, clip, mode):
     rule = "... n -> ... k, ... k" if len(ctx.avals_in[0].shape) > 1 else "n -> k, k"
-    attrs = _batch_rule_attrs(ctx, rule, need_replication_factors=("n",))
+    attrs = _batch_rule_attrs(ctx, rule, need_replication=("n",))
     return jax.ffi.ffi_lowering(_CAPPED, extra_attributes=attrs)(
         ctx, z, clip=np.float32(clip), mode=np.int32(KERNEL_CAP_MODES[mode]))
 
@@ -116,11 +116,18 @@ def top_k_capped(z: jax.Array, k: int, clip: float, mode: str | None,
     mode), k): ranked on the capped logits, valued raw. ``mode`` None ranks z itself. No
     gradient flows (the concept heads recompute the winners' logits for theirs)."""
     z = jax.lax.stop_gradient(z)
-    if (mode not in KERNEL_CAP_MODES or k == 0 or z.size == 0
-            or not use_kernel(kernel, available, z, what="top-k kernel")):
+    check_k(k, z.shape[-1] if z.ndim else 0, "top_k_capped")
+    if (not use_kernel(kernel, available, z, what="top-k kernel")
+            or mode not in KERNEL_CAP_MODES or k == 0 or z.size == 0):
         return _xla_capped(z, k=k, clip=clip, mode=mode)
     ids, vals = topk_capped_p.bind(z, k=k, clip=float(clip), mode=mode)
     return ids, vals
+
+
+def check_k(k: int, n: int, what: str) -> None:
+    """Refuses k outside [0, n] when traced (the kernels would refuse it only when run)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"{what}: need 0 <= k <= n, got k={k} for n={n}")
 
 
 def top_k_ids(x: jax.Array, k: int, kernel: str = "auto") -> jax.Array:
