@@ -58,7 +58,7 @@ def _energy(graphdef, params, states):
     for s in states:
         rw = nnx.merge(graphdef, params).rewrite(s["hidden"])
         total += float(residual_energy(s["hidden"], rw.known.features, rw.unknown_features,
-                                       s["valid"]))
+                                       s["scored"]))
     return total / len(states)
 
 
@@ -85,6 +85,26 @@ def test_only_the_keys_and_the_unknown_head_move(refit):
         else:
             np.testing.assert_array_equal(a, b, err_msg=f"{names} changed")
     assert moved and all(moved)
+
+
+def test_the_residual_is_scored_where_the_lm_reads_it():
+    """The unknown head refits the residual at the positions that predict a next token of
+    their own document (as the training's residual energy counts them): not a document's
+    last position, not padding."""
+    cfg = tiny_config()
+    graphdef, state = nnx.split(make_model(cfg), nnx.Param)
+    batch = dict(_batches(cfg, 1)[0])
+    seg = np.ones((B, T), np.int32)
+    seg[0, 10:] = 2                      # two documents: positions 9 and 31 end them
+    seg[1, 20:] = 0                      # padding after position 19
+    batch["segment_ids"] = jnp.asarray(seg)
+    scored = np.asarray(collect_states(graphdef, state.to_pure_dict(), [batch],
+                                       "autoregressive")[0]["scored"])
+    want = np.ones((B, T), bool)
+    want[:, -1] = False
+    want[0, 9] = False
+    want[1, 19:] = False
+    np.testing.assert_array_equal(scored, want)
 
 
 def test_concept_term_falls_and_the_unknown_head_takes_the_residual(refit):

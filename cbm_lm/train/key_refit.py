@@ -16,7 +16,9 @@ With ``train.key_refit_steps`` = S > 0, after the last step and before its check
                             negatives);
        the unknown head U:  L_e(U)   = ||h - k - u||^2 / ||h||^2 (objectives.residual_energy)
                             with the keys held (stop_gradient): the residual the new keys'
-                            features leave, which the old U was not trained on.
+                            features leave, which the old U was not trained on, summed
+                            where the training's residual energy sums it (positions that
+                            predict a next token of their own document).
      h is fixed, so no term reaches the backbone.
   3. The fitted K and U replace theirs in the params; every other parameter is unchanged.
 
@@ -46,7 +48,7 @@ from flax import nnx
 
 from cbm_lm import objectives as obj
 from cbm_lm.train.device_batch import global_batch
-from cbm_lm.train.losses import concept_term_options
+from cbm_lm.train.losses import concept_term_options, predicted_positions
 from cbm_lm.train.optimizer import known_head_keys
 
 
@@ -74,8 +76,10 @@ def _leaf(params, path):
 
 
 def collect_states(graphdef, params, batches, objective: str) -> list[dict]:
-    """Per batch {hidden [B,T,D], concept_ids [B,T,K], chunk_segment_ids [B,T]}: the eval
-    forward's backbone output and the labels of the positions that predict each token."""
+    """Per batch {hidden [B,T,D], concept_ids [B,T,K], chunk_segment_ids [B,T], scored
+    [B,T]}: the eval forward's backbone output, the labels of the positions that predict
+    each token, and the positions whose residual the LM reads (those that predict a
+    next token of their own document, as the training's residual energy counts them)."""
     @jax.jit
     def states(params, batch):
         model = nnx.merge(graphdef, params)
@@ -83,8 +87,10 @@ def collect_states(graphdef, params, batches, objective: str) -> list[dict]:
                          segment_ids=batch["segment_ids"])
         ids, chunks = obj.align_labels_to_predictions(
             batch["concept_ids"], batch["chunk_segment_ids"], batch["segment_ids"], objective)
+        # autoregressive only (config_validation refuses a diffusion refit): no mask
+        _, scored = predicted_positions(batch["tokens"], batch["segment_ids"], None, False)
         return {"hidden": jax.lax.stop_gradient(h).astype(jnp.float32), "concept_ids": ids,
-                "chunk_segment_ids": chunks, "valid": batch["segment_ids"] > 0}
+                "chunk_segment_ids": chunks, "scored": scored}
     return [states(params, b) for b in batches]
 
 
@@ -122,7 +128,7 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
         # the unknown head re-fits the residual the new keys' features leave (keys held)
         rw = nnx.merge(graphdef, place(fit, True, params)).rewrite(s["hidden"])
         energy = obj.residual_energy(s["hidden"], rw.known.features, rw.unknown_features,
-                                     s["valid"])
+                                     s["scored"])
         return concept + energy, (concept, energy)
 
     @jax.jit

@@ -119,7 +119,7 @@ def local_windows(seg, pos, window: int, frac, until: float):
     return jnp.where(jnp.asarray(frac) < until, local, seg).astype(seg.dtype)
 
 
-def _predicted_positions(tokens, seg, masked, diffusion):
+def predicted_positions(tokens, seg, masked, diffusion):
     """(targets [B,T], where [B,T] bool): the token each scored position predicts."""
     if diffusion:
         return tokens, masked & (seg > 0)
@@ -349,7 +349,7 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
              "concept_loss": (loss_cfg.concept_weight, concept_loss),
              "reconstruction_loss": (loss_cfg.reconstruction_weight, rec),
              "independence_loss": (loss_cfg.independence_weight, ind)}
-    targets, where = _predicted_positions(tokens, seg, masked, diffusion)
+    targets, where = predicted_positions(tokens, seg, masked, diffusion)
     eps_w = loss_cfg.get("epsilon_weight", 0.0)
     # At weight 0 only eval computes it: in the 8B train step the unused term changed XLA's
     # buffer assignment (v5e:16x16 9.8 -> 11.8 GiB per chip).
