@@ -56,7 +56,7 @@ from cbm_lm.model.layers import normal, param
 from cbm_lm.model.sparse_rows import mix, pick
 from cbm_lm.model.sparse_rows_cpu import gather_mix, gather_pick
 from cbm_lm.model.factorized_topk_cpu import factorized_top_k
-from cbm_lm.model.topk_cpu import KERNEL_CAP_MODES, top_k_capped, top_k_ids
+from cbm_lm.model.topk_cpu import top_k_capped, top_k_ids
 
 
 class ConceptActivations(NamedTuple):
@@ -188,17 +188,14 @@ class ConceptHead(nnx.Module):
         keys = self.keys()[: self.n_concepts]
         q_sg = jax.lax.stop_gradient(q)
         keys_sg = jax.lax.stop_gradient(keys).astype(jnp.float32)
-        mode = self.clip_mode
-        if mode not in KERNEL_CAP_MODES:   # the soft cap: rank XLA's cap(z)
-            z = q_sg @ keys_sg.T
-            ids = top_k_ids(self.cap(z), k, self.kernels)
-            z_ids = jnp.take_along_axis(z, ids, axis=-1)
-        elif self.rank:
+        if self.rank:
             ids, z_ids = map_row_shards(
-                lambda q_s, ut: factorized_top_k(q_s, ut, k, self.clip, mode, self.kernels),
+                lambda q_s, ut: factorized_top_k(q_s, ut, k, self.clip, self.clip_mode,
+                                                 self.kernels),
                 q_sg, keys_sg.T)
         else:
-            ids, z_ids = top_k_capped(q_sg @ keys_sg.T, k, self.clip, mode, self.kernels)
+            ids, z_ids = top_k_capped(q_sg @ keys_sg.T, k, self.clip, self.clip_mode,
+                                      self.kernels)
         return ids, self.cap(picked_logits(q, keys, ids, z_ids, self.kernels))
 
     def logits_for(self, q: jax.Array, ids: jax.Array) -> jax.Array:

@@ -58,7 +58,7 @@ ffi::Error FactorizedTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const auto ut_dims = ut.dimensions();
   if (q_dims.size() < 1 || ut_dims.size() != 2 || q_dims.back() != ut_dims[0])
     return ffi::Error::InvalidArgument("factorized_topk: need q [..., r] and ut [r, n]");
-  if (mode < cbm_lm::kNoCap || mode > cbm_lm::kStraightThroughCap)
+  if (!cbm_lm::IsCapMode(mode))
     return ffi::Error::InvalidArgument("factorized_topk: mode must be 0 (none), 1 (hard) or 2");
   const int64_t r = ut_dims[0], n = ut_dims[1];
   if (r < 1) return ffi::Error::InvalidArgument("factorized_topk: need rank r >= 1");
@@ -80,9 +80,8 @@ ffi::Error FactorizedTopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       ScoreRows(qp + row0 * r, m, r, up, n, z.data());
       for (int64_t i = 0; i < m; ++i) {
         const int64_t row = row0 + i;
-        const float* zr = z.data() + i * n;
-        cbm_lm::TopKRow(zr, n, k, clip, mode, out + row * k, scratch);
-        for (int64_t j = 0; j < k; ++j) val[row * k + j] = zr[out[row * k + j]];
+        cbm_lm::TopKRow(z.data() + i * n, n, k, clip, mode, out + row * k, val + row * k,
+                        scratch);
       }
     }
   });

@@ -17,6 +17,7 @@
 // winners, so the concept heads' selection neither writes cap(z) [N,C] nor gathers from z.
 
 #include <cstdint>
+#include <string>
 
 #include "cpu_parallel.h"
 #include "topk_row.h"
@@ -26,49 +27,41 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error TopKIndicesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::ResultBuffer<ffi::S32> ids) {
+// Both targets: ids [R, k] of each row's k largest cap(x), and where vals is given the raw
+// x at them, after checking the shapes the FFI cannot (``what`` names the target).
+ffi::Error RankRows(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, float clip, int32_t mode,
+                    ffi::ResultBuffer<ffi::S32>& ids, float* vals, const char* what) {
+  auto invalid = [what](const char* why) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": " + why);
+  };
   const auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("topk_indices: x must have rank >= 1");
+  if (dims.size() < 1) return invalid("x must have rank >= 1");
+  if (!cbm_lm::IsCapMode(mode)) return invalid("mode must be 0 (none), 1 (hard) or 2");
   const int64_t n = dims.back();
   const int64_t rows = n == 0 ? 0 : x.element_count() / n;
-  const auto out_dims = ids->dimensions();
-  const int64_t k = out_dims.back();
-  if (k < 1 || k > n) return ffi::Error::InvalidArgument("topk_indices: need 1 <= k <= n");
+  const int64_t k = ids->dimensions().back();
+  if (k < 1 || k > n) return invalid("need 1 <= k <= n");
   const float* xp = x.typed_data();
   int32_t* out = ids->typed_data();
   cbm_lm::ParallelFor(pool, rows, cbm_lm::RowBlock(pool, rows), [=](int64_t begin, int64_t end) {
     thread_local cbm_lm::RowScratch scratch;   // reused across the rows and calls of one thread
     for (int64_t r = begin; r < end; ++r) {
-      cbm_lm::TopKRow(xp + r * n, n, k, 0.0f, cbm_lm::kNoCap, out + r * k, scratch);
+      cbm_lm::TopKRow(xp + r * n, n, k, clip, mode, out + r * k,
+                      vals == nullptr ? nullptr : vals + r * k, scratch);
     }
   });
   return ffi::Error::Success();
 }
 
+ffi::Error TopKIndicesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::ResultBuffer<ffi::S32> ids) {
+  return RankRows(pool, x, 0.0f, cbm_lm::kNoCap, ids, nullptr, "topk_indices");
+}
+
 ffi::Error TopKCappedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, float clip,
                           int32_t mode, ffi::ResultBuffer<ffi::S32> ids,
                           ffi::ResultBuffer<ffi::F32> vals) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("topk_capped: x must have rank >= 1");
-  if (mode < cbm_lm::kNoCap || mode > cbm_lm::kStraightThroughCap)
-    return ffi::Error::InvalidArgument("topk_capped: mode must be 0 (none), 1 (hard) or 2");
-  const int64_t n = dims.back();
-  const int64_t rows = n == 0 ? 0 : x.element_count() / n;
-  const int64_t k = ids->dimensions().back();
-  if (k < 1 || k > n) return ffi::Error::InvalidArgument("topk_capped: need 1 <= k <= n");
-  const float* xp = x.typed_data();
-  int32_t* out = ids->typed_data();
-  float* val = vals->typed_data();
-  cbm_lm::ParallelFor(pool, rows, cbm_lm::RowBlock(pool, rows), [=](int64_t begin, int64_t end) {
-    thread_local cbm_lm::RowScratch scratch;
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * n;
-      cbm_lm::TopKRow(row, n, k, clip, mode, out + r * k, scratch);
-      for (int64_t j = 0; j < k; ++j) val[r * k + j] = row[out[r * k + j]];
-    }
-  });
-  return ffi::Error::Success();
+  return RankRows(pool, x, clip, mode, ids, vals->typed_data(), "topk_capped");
 }
 
 }  // namespace

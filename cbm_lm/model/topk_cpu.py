@@ -113,15 +113,19 @@ topk_capped_p = cpu_primitive(
 def top_k_capped(z: jax.Array, k: int, clip: float, mode: str | None,
                  kernel: str = "auto") -> tuple[jax.Array, jax.Array]:
     """(ids [...,k] int32, z[..., ids] [...,k]) with ids = top_k_ids(cap_logits(z, clip,
-    mode), k): ranked on the capped logits, valued raw. ``mode`` None ranks z itself. No
-    gradient flows (the concept heads recompute the winners' logits for theirs)."""
+    mode), k): ranked on the capped logits, valued raw. ``mode`` None ranks z itself; a
+    cap the kernel does not apply (soft) is formed by XLA. No gradient flows (the concept
+    heads recompute the winners' logits for theirs)."""
     z = jax.lax.stop_gradient(z)
     check_k(k, z.shape[-1] if z.ndim else 0, "top_k_capped")
-    if (not use_kernel(kernel, available, z, what="top-k kernel")
-            or mode not in KERNEL_CAP_MODES or k == 0 or z.size == 0):
-        return _xla_capped(z, k=k, clip=clip, mode=mode)
-    ids, vals = topk_capped_p.bind(z, k=k, clip=float(clip), mode=mode)
-    return ids, vals
+    if (use_kernel(kernel, available, z, what="top-k kernel")
+            and mode in KERNEL_CAP_MODES and k > 0 and z.size > 0):
+        ids, vals = topk_capped_p.bind(z, k=k, clip=float(clip), mode=mode)
+        return ids, vals
+    # the soft cap (or no kernel): XLA forms cap(z), top_k_ids ranks it (its own kernel or
+    # lax.top_k, as ``kernel`` allows)
+    ids = top_k_ids(z if mode is None else cap_logits(z, clip, mode), k, kernel)
+    return ids, jnp.take_along_axis(z, ids, axis=-1)
 
 
 def check_k(k: int, n: int, what: str) -> None:

@@ -26,6 +26,8 @@ namespace cbm_lm {
 // cap_logits' modes that are a clamp (the soft tanh cap is left to XLA).
 enum CapMode : int32_t { kNoCap = 0, kHardCap = 1, kStraightThroughCap = 2 };
 
+inline bool IsCapMode(int32_t mode) { return mode >= kNoCap && mode <= kStraightThroughCap; }
+
 // XLA's clamp(-c, v, c) (NaN stays NaN), then for straight-through v + (clamp - v): the
 // same expression, not its algebraic value, so values past 2c round as XLA rounds them.
 inline float Capped(float v, float c, int32_t mode) {
@@ -55,9 +57,10 @@ struct RowScratch {
   std::vector<uint64_t> buf;
 };
 
-// ids of the k largest cap(x[i]), i < n, in output order.
+// ids of the k largest cap(x[i]), i < n, in output order, and (where vals is given) the
+// raw x at them.
 inline void TopKRow(const float* x, int64_t n, int64_t k, float clip, int32_t mode,
-                    int32_t* out, RowScratch& s) {
+                    int32_t* out, float* vals, RowScratch& s) {
   // Groups of g keys with at least 2k groups: the k-th largest group maximum t is a
   // lower bound on the k-th largest key (k groups each hold a key >= t), so only keys
   // >= t can be in the top-k; for random rows that is about 1.4 k of the n.
@@ -94,6 +97,9 @@ inline void TopKRow(const float* x, int64_t n, int64_t k, float clip, int32_t mo
   std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.begin() + c);
   std::sort(buf.begin(), buf.begin() + k);
   for (int64_t j = 0; j < k; ++j) out[j] = static_cast<int32_t>(buf[j] & 0xffffffffu);
+  if (vals != nullptr) {
+    for (int64_t j = 0; j < k; ++j) vals[j] = x[out[j]];
+  }
 }
 
 }  // namespace cbm_lm
