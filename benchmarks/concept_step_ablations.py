@@ -42,7 +42,8 @@ def _zero(*_, **__):
 # name -> (config override, [(module, attribute, replacement) patched while tracing])
 VARIANTS = {
     "base": (None, []),
-    "no_independence": (None, [(losses.obj, "independence_loss", _zero)]),
+    "no_independence": (None, [(losses.obj, "independence_loss", _zero),
+                                (losses.obj, "independence_loss_factorized", _zero)]),
     "no_reconstruction": (None, [(losses.obj, "reconstruction_loss", _zero)]),
     "no_share_metrics": (None, [(losses, "_logit_shares", lambda *a, **k: {}),
                                 (losses, "_dead_fraction", _zero)]),
