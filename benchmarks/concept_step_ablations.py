@@ -1,6 +1,7 @@
 """Which part of the concept train step costs what: variants of the step, side by side.
 
     python -m benchmarks.concept_step_ablations [--rounds 5] [--variants no_independence ...]
+                                               [--heads_only]
 
 Every variant is the concept-bottleneck train step of benchmarks/concept_overhead.py
 (the benchmark shape, tiny.py's loss) with one thing changed; all of them and the plain
@@ -11,6 +12,13 @@ function while the step is traced: the library has no switch that skips a term's
 compute, since weight 0 still computes it). The variants measured on 2026-12-05
 (docs/performance.md "the selection without its score matrix") moved the step by less
 than one run's noise (about 1%) each.
+
+--heads_only runs both steps with the transformer blocks skipped (h = the token
+embeddings; the blocks' parameters stay, so both optimizers update the same trees), so
+each variant's difference to the plain step is the rewrite layer, its losses and its
+tables' optimizer update alone, on a step of ~0.45 s instead of ~1.9 s: about 5 ms of
+noise instead of about 20, enough to resolve terms of ~1% of the full step
+(docs/performance.md "the independence term in rank space, measured and reverted").
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from benchmarks.configs import steerling_proportions_config
 from benchmarks.plain_backbone import make_plain_step
 from cbm_lm.config import MeshConfig, ModelConfig, logical_rules_from_config
 from cbm_lm.data.synthetic import synthetic_batch
+from cbm_lm.model.backbone import Backbone
 from cbm_lm.parallel.mesh import make_mesh
 from cbm_lm.train import losses
 from cbm_lm.train.optimizer import make_optimizer
@@ -40,10 +49,21 @@ def _zero(*_, **__):
 
 
 # name -> (config override, [(module, attribute, replacement) patched while tracing])
+def _zero_concept_loss(*_, **__):
+    zero = jnp.zeros((), jnp.float32)
+    return zero, {"pos_loss": zero, "neg_loss": zero, "pos_detected": zero, "pooled_loss": zero}
+
+
+def _embedding_only(self, tokens=None, **_):
+    """Backbone.__call__ under --heads_only: h = the token embeddings, no blocks."""
+    return self.embed(tokens)
+
+
 VARIANTS = {
     "base": (None, []),
-    "no_independence": (None, [(losses.obj, "independence_loss", _zero),
-                                (losses.obj, "independence_loss_factorized", _zero)]),
+    "no_unknown_head": (lambda c: setattr(c.model.concepts, "n_unknown", 0), []),
+    "no_concept_loss": (None, [(losses.obj, "chunk_concept_loss", _zero_concept_loss)]),
+    "no_independence": (None, [(losses.obj, "independence_loss", _zero)]),
     "no_reconstruction": (None, [(losses.obj, "reconstruction_loss", _zero)]),
     "no_share_metrics": (None, [(losses, "_logit_shares", lambda *a, **k: {}),
                                 (losses, "_dead_fraction", _zero)]),
@@ -121,11 +141,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--heads_only", action="store_true",
+                    help="skip the transformer blocks in both steps (module docstring)")
     args = ap.parse_args(argv)
     names = ["base"] + [v for v in args.variants if v != "base"]
-    for name, r in measure(names, args.rounds).items():
+    with _patched([(Backbone, "__call__", _embedding_only)] if args.heads_only else []):
+        results = measure(names, args.rounds)
+    plain = results["plain"]
+    for name, r in results.items():
         print(f"{name:<20} min {r['min_s']:.3f} s  median {r['median_s']:.3f} s  over plain: "
-              f"min {r['min_over_plain']:.3f}  median {r['median_over_plain']:.3f}")
+              f"min {r['min_over_plain']:.3f}  median {r['median_over_plain']:.3f}  minus plain: "
+              f"min {1e3 * (r['min_s'] - plain['min_s']):.1f} ms  "
+              f"median {1e3 * (r['median_s'] - plain['median_s']):.1f} ms")
     return 0
 
 
