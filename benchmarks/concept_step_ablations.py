@@ -16,8 +16,8 @@ than one run's noise (about 1%) each.
 --heads_only runs both steps with the transformer blocks skipped (h = the token
 embeddings; the blocks' parameters stay, so both optimizers update the same trees), so
 each variant's difference to the plain step is the rewrite layer, its losses and its
-tables' optimizer update alone, on a step of ~0.45 s instead of ~1.9 s: about 5 ms of
-noise instead of about 20, enough to resolve terms of ~1% of the full step
+tables' optimizer update alone, on a step of ~0.48 s instead of ~1.9 s: about 5-10 ms
+of noise instead of about 20, enough to resolve terms of ~1% of the full step
 (docs/performance.md "the independence term in rank space, measured and reverted").
 """
 
@@ -48,9 +48,8 @@ def _zero(*_, **__):
     return jnp.zeros((), jnp.float32)
 
 
-# name -> (config override, [(module, attribute, replacement) patched while tracing])
 def _zero_concept_loss(*_, **__):
-    zero = jnp.zeros((), jnp.float32)
+    zero = _zero()
     return zero, {"pos_loss": zero, "neg_loss": zero, "pos_detected": zero, "pooled_loss": zero}
 
 
@@ -59,6 +58,7 @@ def _embedding_only(self, tokens=None, **_):
     return self.embed(tokens)
 
 
+# name -> (config override, [(module, attribute, replacement) patched while tracing])
 VARIANTS = {
     "base": (None, []),
     "no_unknown_head": (lambda c: setattr(c.model.concepts, "n_unknown", 0), []),
@@ -109,11 +109,16 @@ def measure(names, rounds: int = 5, steps: int = 2) -> dict:
         step = make_train_step(graphdef, tx, schedule, config, model_cfg, shardings,
                                NamedSharding(mesh, P()))
         built[name] = (step, {"state": state}, batch, patches)
-    plain, params, opt_state = make_plain_step(model_cfg, config.optimizer, 1000)
+    # the plain step from the unmodified config, whichever variant was built last
+    base = steerling_proportions_config()
+    base_model = ModelConfig.from_config(base.model)
+    plain, params, opt_state = make_plain_step(base_model, base.optimizer, 1000)
+    plain_batch = synthetic_batch(base_model, base.data.batch_size, base.data.seq_len,
+                                  base.data.max_chunk_concepts)
     pbox = {"p": params, "o": opt_state}
 
     def run_plain():
-        pbox["p"], pbox["o"], loss = plain(pbox["p"], pbox["o"], batch)
+        pbox["p"], pbox["o"], loss = plain(pbox["p"], pbox["o"], plain_batch)
         return loss
 
     with jax.set_mesh(mesh):
