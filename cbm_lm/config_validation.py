@@ -136,6 +136,9 @@ def validate_config(config: Any) -> None:
                 "model.concepts.epsilon_correction=True (set it to 0)")
     at_least("train", "key_refit_batches", 1)
     above("train", "key_refit_lr", 0)
+    if get("train", "key_refit_balance") is not _MISSING:
+        p.choice(get("train", "key_refit_balance"), "train.key_refit_balance",
+                 ("loss",) + LOSS_CHOICES["concept_balance"])
     if get("train", "nan_policy") is not _MISSING:
         p.choice(get("train", "nan_policy"), "train.nan_policy", NAN_POLICIES)
     at_least("checkpoint", "every_steps", 1)

@@ -103,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
         key_refit_steps=0,      # keys-only AdamW steps; 0 = no refit
         key_refit_batches=250,  # training batches whose states they fit
         key_refit_lr=3e-2,
+        key_refit_balance="loss",  # the refit's positive term: "loss" (loss.concept_balance),
+                                   # "none" or "concept" (each labelled concept weighed equally)
     ))
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1,

@@ -119,8 +119,44 @@ def test_concept_term_falls_and_the_unknown_head_takes_the_residual(refit):
     assert stats["key_refit_last_concept_loss"] < stats["key_refit_first_concept_loss"]
 
 
+def _balanced_loss(graphdef, params, states, balance):
+    """The concept term under ``balance`` over every state, the same negatives for every
+    params (one rng per state)."""
+    head = nnx.merge(graphdef, params).rewrite.known_head
+    return float(np.mean([chunk_concept_loss(
+        head, s["hidden"], s["concept_ids"], s["chunk_segment_ids"], None, jax.random.key(i),
+        n_negatives=64, positives="token", balance=balance, with_auroc=False)[0]
+        for i, s in enumerate(states)]))
+
+
+def test_refit_balance_chooses_the_objective_the_keys_fit():
+    """With one concept labelled on every chunk beside each chunk's own, the plain mean over
+    positive pairs and the per-concept mean are different objectives: the keys refit under
+    each reach a lower value of their own than the keys refit under the other."""
+    cfg = tiny_config()
+    graphdef, state = nnx.split(make_model(cfg), nnx.Param)
+    params = state.to_pure_dict()
+    batches = _batches(cfg, 4)
+    for b in batches:                      # concept 0 on every token, beside the chunk's own
+        ids = np.asarray(b["concept_ids"]).copy()
+        ids[..., 1] = np.where(ids[..., 0] == 0, -1, 0)
+        b["concept_ids"] = jnp.asarray(ids)
+    states = collect_states(graphdef, params, batches, "autoregressive")
+    fits = {b: refit_known_keys(graphdef, params, states, _loss_cfg(), steps=60, lr=3e-2,
+                                seed=0, balance=b)[0] for b in ("none", "concept")}
+    own = {b: _balanced_loss(graphdef, fits[b], states, b) for b in fits}
+    other = {b: _balanced_loss(graphdef, fits["concept" if b == "none" else "none"], states, b)
+             for b in fits}
+    assert own["none"] < other["none"] and own["concept"] < other["concept"], (own, other)
+    # "loss" takes loss.concept_balance: the same fit as naming it
+    same = refit_known_keys(graphdef, params, states, _loss_cfg(), steps=60, lr=3e-2, seed=0,
+                            balance="loss")[0]
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(fits["none"])):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("field,value", [("key_refit_steps", -1), ("key_refit_batches", 0),
-                                         ("key_refit_lr", 0.0)])
+                                         ("key_refit_lr", 0.0), ("key_refit_balance", "chunk")])
 def test_bad_refit_settings_are_refused(field, value):
     c = base_config()
     c.train[field] = value

@@ -95,7 +95,7 @@ def collect_states(graphdef, params, batches, objective: str) -> list[dict]:
 
 
 def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: int, lr: float,
-                     seed: int) -> tuple[dict, dict]:
+                     seed: int, balance: str = "loss") -> tuple[dict, dict]:
     """(params with the refitted keys and unknown head, {first/last concept loss and
     residual energy}) after ``steps`` AdamW steps over batches of ``states`` drawn at
     random (module docstring)."""
@@ -110,6 +110,9 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
     if has_unknown:
         fit["unknown"] = _leaf(params, unknown)
     tx = optax.adamw(optax.cosine_decay_schedule(lr, steps, alpha=0.1), weight_decay=0.0)
+    options = concept_term_options(loss_cfg)
+    if balance != "loss":
+        options["balance"] = balance
 
     def place(fit, hold_keys, params):
         p = _with_keys(params, path, jax.lax.stop_gradient(fit["keys"]) if hold_keys
@@ -122,7 +125,7 @@ def refit_known_keys(graphdef, params, states: list[dict], loss_cfg, *, steps: i
         head = nnx.merge(graphdef, place(fit, False, params)).rewrite.known_head
         concept, _ = obj.chunk_concept_loss(
             head, s["hidden"], s["concept_ids"], s["chunk_segment_ids"], None, rng,
-            **concept_term_options(loss_cfg), with_auroc=False)
+            **options, with_auroc=False)
         if not has_unknown:
             return concept, (concept, jnp.zeros(()))
         # the unknown head re-fits the residual the new keys' features leave (keys held)
@@ -159,5 +162,6 @@ def run_key_refit(state, graphdef, config, data_iter, batch_sharding):
     states = collect_states(graphdef, state.params, batches, config.model.objective)
     params, stats = refit_known_keys(graphdef, state.params, states, config.loss,
                                      steps=int(t.key_refit_steps), lr=float(t.key_refit_lr),
-                                     seed=int(config.seed))
+                                     seed=int(config.seed),
+                                     balance=t.get("key_refit_balance", "loss"))
     return state.replace(params=params), dict(stats, key_refit_seconds=time.time() - start)
