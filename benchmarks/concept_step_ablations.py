@@ -18,7 +18,7 @@ embeddings; the blocks' parameters stay, so both optimizers update the same tree
 each variant's difference to the plain step is the rewrite layer, its losses and its
 tables' optimizer update alone, on a step of ~0.48 s instead of ~1.9 s: about 5-10 ms
 of noise instead of about 20, enough to resolve terms of ~1% of the full step
-(docs/performance.md "the independence term in rank space, measured and reverted").
+(docs/performance.md "the independence term in rank space").
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ VARIANTS = {
     "base": (None, []),
     "no_unknown_head": (lambda c: setattr(c.model.concepts, "n_unknown", 0), []),
     "no_concept_loss": (None, [(losses.obj, "chunk_concept_loss", _zero_concept_loss)]),
-    "no_independence": (None, [(losses.obj, "independence_loss", _zero)]),
+    "no_independence": (None, [(losses.obj, "independence_loss", _zero),
+                                (losses.obj, "independence_loss_factorized", _zero)]),
     "no_reconstruction": (None, [(losses.obj, "reconstruction_loss", _zero)]),
     "no_share_metrics": (None, [(losses, "_logit_shares", lambda *a, **k: {}),
                                 (losses, "_dead_fraction", _zero)]),

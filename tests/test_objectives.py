@@ -11,7 +11,7 @@ from flax import nnx
 from cbm_lm.model.concepts import ConceptHead
 from cbm_lm.objectives import (
     chunk_concept_loss, corrupt, diffusion_loss, epsilon_dropout_prob,
-    independence_loss, next_token_loss, pooled_label_features, positive_bce,
+    independence_loss, independence_loss_factorized, next_token_loss, pooled_label_features, positive_bce,
     reconstruction_loss, sample_epsilon_dropout, sample_negative_ids, soft_or_probability,
     teacher_forcing_alpha)
 from cbm_lm.objectives import concept_auroc as _concept_auroc
@@ -335,6 +335,40 @@ def test_reconstruction_and_independence_hand_computed():
     assert float(jnp.abs(g_rec[0]).sum()) > 0 and float(jnp.abs(g_ind[0]).sum()) > 0
     assert all(float(jnp.abs(g).sum()) == 0.0 for g in (g_rec[1], g_rec[2], g_ind[1]))
     assert float(jnp.abs(g_rec[0][0, 2]).sum()) == 0.0       # invalid token
+
+
+@pytest.mark.parametrize("normalization", ["population", "report"])
+def test_independence_factorized_equals_full_form(normalization):
+    """u = m B: the rank-space form against a float64 numpy covariance of u itself, and
+    its gradients (m and B; none to the known features) against the full form's."""
+    r = np.random.default_rng(5)
+    m = r.normal(size=(2, 7, 3)).astype(np.float32)          # rank 3
+    basis = r.normal(size=(3, 5)).astype(np.float32)          # D 5
+    kn = r.normal(size=(2, 7, 5)).astype(np.float32)
+    valid = r.random((2, 7)) < 0.7
+    sel = valid.reshape(-1)
+    uu = (m.reshape(-1, 3).astype(np.float64) @ basis)[sel]
+    kk = kn.reshape(-1, 5)[sel].astype(np.float64)
+    cross = (uu - uu.mean(0)).T @ (kk - kk.mean(0))
+    n = len(uu)
+    ref = np.sum(cross ** 2) / 25 / (n * n if normalization == "population" else n - 1)
+    got = jax.jit(independence_loss_factorized, static_argnums=4)(m, basis, kn, valid,
+                                                                 normalization)
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+
+    def full(m_, b_, k_):
+        return independence_loss(jnp.asarray(m_) @ b_, k_, valid, normalization)
+
+    def factored(m_, b_, k_):
+        return independence_loss_factorized(m_, b_, k_, valid, normalization)
+
+    g_full = jax.jit(jax.grad(full, argnums=(0, 1, 2)))(m, basis, kn)
+    g_fact = jax.jit(jax.grad(factored, argnums=(0, 1, 2)))(m, basis, kn)
+    for a, b in zip(g_full[:2], g_fact[:2]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(g_fact[0]).sum()) > 0 and float(jnp.abs(g_fact[2]).sum()) == 0.0
+    with pytest.raises(ValueError, match="normalization"):
+        independence_loss_factorized(m, basis, kn, valid, "batch")
 
 
 # ---------------------------------------------------------------- schedules -------------

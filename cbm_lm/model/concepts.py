@@ -67,12 +67,16 @@ class ConceptActivations(NamedTuple):
     weights:      [B,T,S]  the weights actually used (sigmoid, override value, or 0).
     topk_indices: [B,T,k'] the predicted top-k' concept ids (before interventions), best first.
     topk_logits:  [B,T,k'] their clipped logits.
+    mixed:        [B,T,r]  a factorized head's rank-space mix sum(weights * coef[indices]),
+                           so features = mixed @ basis; None for a dense head (its mix is
+                           ``features``). Lets a loss of the features work in rank space.
     """
     features: jax.Array
     indices: jax.Array
     weights: jax.Array
     topk_indices: jax.Array
     topk_logits: jax.Array
+    mixed: jax.Array | None = None
 
     @property
     def topk_weights(self) -> jax.Array:
@@ -267,4 +271,5 @@ class ConceptHead(nnx.Module):
             return x.reshape(b, t, *x.shape[1:])
 
         return ConceptActivations(shape(features), shape(ids), shape(weights),
-                                  shape(top_ids), shape(top_logits))
+                                  shape(top_ids), shape(top_logits),
+                                  shape(mixed) if self.rank else None)

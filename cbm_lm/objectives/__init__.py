@@ -11,8 +11,8 @@ from cbm_lm.objectives.diffusion import (
 from cbm_lm.objectives.key_contrastive import (KeyView, key_contrastive_loss,
                                                token_dropout_views)
 from cbm_lm.objectives.label_alignment import align_labels_to_predictions
-from cbm_lm.objectives.regularizers import (independence_loss, reconstruction_loss,
-                                           residual_energy)
+from cbm_lm.objectives.regularizers import (independence_loss, independence_loss_factorized,
+                                           reconstruction_loss, residual_energy)
 from cbm_lm.objectives.schedules import (
     ar_warmup_steps, epsilon_dropout_prob, hold_decay, in_ar_phase, linear_schedule,
     mask_lookahead, sample_epsilon_dropout, teacher_forcing_alpha, training_fraction)
@@ -22,7 +22,7 @@ __all__ = [
     "token_dropout_views", "ar_warmup_steps", "in_ar_phase",
     "mask_lookahead", "chunk_concept_loss", "chunk_sums",
     "ce_and_hit", "chunked_token_ce", "concept_auroc", "corrupt", "diffusion_loss", "diffusion_loss_from_ce",
-    "epsilon_dropout_prob", "hold_decay", "independence_loss", "linear_schedule",
+    "epsilon_dropout_prob", "hold_decay", "independence_loss", "independence_loss_factorized", "linear_schedule",
     "next_token_loss", "next_token_loss_from_ce", "next_token_pairs", "noise_rate",
     "pooled_label_features", "positive_bce", "reconstruction_loss", "residual_energy",
     "sample_epsilon_dropout",

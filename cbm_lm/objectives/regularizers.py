@@ -15,6 +15,15 @@ Independence (keeps the unknown features from re-encoding the known ones):
   L_ind = ||u~^T k~||_F^2 / (D^2 (n_valid - 1))   (normalization="report": the technical
                                                  report's form, n^2/(n-1) times the above)
 
+For a factorized unknown head, u = m B (m [N,r] its rank-space mix, B [r,D] its basis),
+so u~^T k~ = B^T (m~^T k~) and the same value needs no [N,D]^T [N,D] product:
+
+  X = m~^T k~ [r,D],   u~^T k~ = B^T X [D,D]      (``independence_loss_factorized``)
+
+2 N r D + 2 r D^2 FLOPs instead of 2 N D^2 per pass (the benchmark shape, N 2048, D 512,
+r 32: 0.08 against 1.07 GFLOP), and under data parallelism the batch contraction
+all-reduces X [r,D] instead of the [D,D] covariance.
+
 Residual energy (pulls the backbone's state into the concepts' span, so epsilon stays small):
 
   r_i = h_i - k_i - u_i                                          (epsilon before any dropout)
@@ -61,21 +70,48 @@ def residual_energy(hidden: jax.Array, known_features: jax.Array,
     return jnp.sum(w * jnp.sum(jnp.square(r), axis=-1)) / jnp.maximum(energy, 1e-12)
 
 
+def _centred(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
+    """x [N,F] minus its mean over the valid rows (w [N,1] in {0,1}), invalid rows zeroed."""
+    return (x - jnp.sum(w * x, axis=0) / n) * w
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in ("population", "report"):
+        raise ValueError(f"independence normalization must be 'population' or 'report', "
+                         f"got {normalization!r}")
+
+
+def _normalized(cross: jax.Array, n: jax.Array, normalization: str) -> jax.Array:
+    """cross = u~^T k~ [D,D] -> L_ind (module docstring), for either normalization."""
+    d2 = cross.shape[0] * cross.shape[1]
+    if normalization == "report":
+        return jnp.sum(jnp.square(cross)) / (d2 * jnp.maximum(n - 1.0, 1.0))
+    return jnp.sum(jnp.square(cross / n)) / d2
+
+
 def independence_loss(unknown_features: jax.Array, known_features: jax.Array,
                       valid: jax.Array, normalization: str = "population") -> jax.Array:
     """||Cov(unknown, stop_grad(known))||_F^2 / D^2 over valid tokens -> scalar
     (or the report's normalization, see the module docstring)."""
-    if normalization not in ("population", "report"):
-        raise ValueError(f"independence normalization must be 'population' or 'report', "
-                         f"got {normalization!r}")
+    _check_normalization(normalization)
     u = _flat(unknown_features)
     k = jax.lax.stop_gradient(_flat(known_features))
     w = valid.reshape(-1).astype(jnp.float32)[:, None]
     n = jnp.maximum(jnp.sum(w), 1.0)
-    uc = (u - jnp.sum(w * u, axis=0) / n) * w
-    kc = (k - jnp.sum(w * k, axis=0) / n) * w
-    d2 = u.shape[-1] * k.shape[-1]
-    if normalization == "report":
-        return jnp.sum(jnp.square(uc.T @ kc)) / (d2 * jnp.maximum(n - 1.0, 1.0))
-    cov = uc.T @ kc / n                                                            # [D,D]
-    return jnp.sum(jnp.square(cov)) / d2
+    return _normalized(_centred(u, w, n).T @ _centred(k, w, n), n, normalization)
+
+
+def independence_loss_factorized(mixed: jax.Array, basis: jax.Array,
+                                 known_features: jax.Array, valid: jax.Array,
+                                 normalization: str = "population") -> jax.Array:
+    """``independence_loss(mixed @ basis, known_features, valid)`` computed in rank space:
+    mixed [B,T,r] (ConceptActivations.mixed), basis [r,D]; u~^T k~ = B^T (m~^T k~)
+    (module docstring). Centring commutes with the right product by B, so the value and
+    both gradients are the full form's up to rounding."""
+    _check_normalization(normalization)
+    m = _flat(mixed)
+    k = jax.lax.stop_gradient(_flat(known_features))
+    w = valid.reshape(-1).astype(jnp.float32)[:, None]
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    x = _centred(m, w, n).T @ _centred(k, w, n)                                     # [r,D]
+    return _normalized(basis.astype(jnp.float32).T @ x, n, normalization)

@@ -340,8 +340,13 @@ def _losses(model, batch, rng, step, *, loss_cfg, model_cfg, train, objective, l
         unknown_c = concept_part(rw.unknown_features)
         rec_known = k_gt if loss_cfg.reconstruction_target == "labels" else known_c.features
         rec = obj.reconstruction_loss(unknown_c, hidden_c, rec_known, valid)
-        ind = obj.independence_loss(unknown_c, known_c.features, valid,
-                                    normalization=loss_cfg.independence_normalization)
+        norm = loss_cfg.independence_normalization
+        if rw.unknown.mixed is not None:   # factorized: in rank space, no [D,D] product
+            ind = obj.independence_loss_factorized(
+                concept_part(rw.unknown.mixed), model.rewrite.unknown_head.embedding_basis[...],
+                known_c.features, valid, normalization=norm)
+        else:
+            ind = obj.independence_loss(unknown_c, known_c.features, valid, normalization=norm)
     else:
         rec = ind = jnp.zeros((), f32)
 
