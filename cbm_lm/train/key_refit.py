@@ -12,8 +12,10 @@ With ``train.key_refit_steps`` = S > 0, after the last step and before its check
      one batch of H drawn at random, on two disjoint parameter sets:
        the known keys K:    L_c(K)   = objectives.chunk_concept_loss(head, H_b, labels_b), the
                             training's own concept term (the loss config's positives,
-                            negatives, weights and balance; no pooled term, no top-k
-                            negatives);
+                            negatives and weights; its balance unless
+                            ``train.key_refit_balance`` names one: "concept" weighs each
+                            labelled concept of the batch equally, the macro mean the
+                            eval's AUROC takes; no pooled term, no top-k negatives);
        the unknown head U:  L_e(U)   = ||h - k - u||^2 / ||h||^2 (objectives.residual_energy)
                             with the keys held (stop_gradient): the residual the new keys'
                             features leave, which the old U was not trained on, summed
