@@ -133,21 +133,23 @@ def get_config():
     # batches: 0.948; the keys alone (unknown head not refit): AUROC 0.948 but epsilon 0.173;
     # rate 0.1: 0.948, epsilon 0.191. A 10x / 3x rate for the keys during training instead
     # (optimizer.known_keys_lr_scale): LM 0.2 / 0.14 nats worse, perplexity 1.19 x at 3x.
-    # make demo with it (11m45s on 2 cores: training 8m42s, the refit 63 s of it):
+    # make demo with it (before key_refit_balance, with the independence term's covariance
+    # form; 11m45s on 2 cores: training 8m42s, the refit 63 s of it):
     # AUROC 0.953 (mean-pooled 0.951), epsilon 0.111, dead 2 of 112, perplexity 180.7
     # (1.047 x the backbone), steering 0/6, decomposition error 6.9e-06.
     c.train.key_refit_steps = 3600
     c.train.key_refit_batches = 500
     # The refit's positive term weighs each labelled concept of the batch equally
     # (train.key_refit_balance: the eval's AUROC is a macro mean over concepts; through
-    # training, loss.concept_balance=concept gained nothing, above). Measured 2026-12-05 on two 1800-step trajectories of this recipe (the
-    # independence term's covariance and rank-space forms, which round differently), each
-    # resumed from step 1500 and refit both ways: held-out chunk AUROC 0.9532 -> 0.9577 and
-    # 0.9492 -> 0.9513, epsilon share 0.111 -> 0.131 and 0.102 -> 0.124, dead real concepts
-    # 2 -> 4 and 0 -> 2 of 112, perplexity unchanged (the refit does not touch h). At rate 0.1
-    # as well: 0.9571 / 0.9480, epsilon 0.166 / 0.178 (not taken). make demo on this config
-    # (the rank-space independence term; 11m46s on 2 cores): AUROC 0.951 (mean-pooled 0.941),
-    # epsilon 0.124, dead 2 of 112, perplexity 179.0 (1.037 x the backbone), steering 1/6,
+    # training, loss.concept_balance=concept gained nothing, above). Measured 2026-12-05 on
+    # two 1800-step trajectories of this recipe (the independence term's covariance and
+    # rank-space forms, which round differently), each resumed from step 1500 and refit
+    # both ways: held-out chunk AUROC 0.9532 -> 0.9577 and 0.9492 -> 0.9513, epsilon share
+    # 0.111 -> 0.131 and 0.102 -> 0.124, dead real concepts 2 -> 4 and 0 -> 2 of 112,
+    # perplexity unchanged (the refit does not touch h). At rate 0.1 as well: 0.9571 /
+    # 0.9480, epsilon 0.166 / 0.178 (not taken). make demo on this config (the rank-space
+    # independence term; 11m46s on 2 cores): AUROC 0.951 (mean-pooled 0.941), epsilon
+    # 0.124, dead 2 of 112, perplexity 179.0 (1.037 x the backbone), steering 1/6,
     # decomposition error 6.5e-06.
     c.train.key_refit_balance = "concept"
     c.train.log_every = 50

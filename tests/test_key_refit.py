@@ -14,6 +14,7 @@ from cbm_lm.config_validation import ConfigError, validate_config
 from cbm_lm.default_config import base_config
 from cbm_lm.objectives import chunk_concept_loss, residual_energy
 from cbm_lm.train.checkpoint import load_model
+from cbm_lm.train import key_refit
 from cbm_lm.train.key_refit import collect_states, known_key_path, refit_known_keys
 from model_fixtures import make_model, tiny_config
 from train_fixtures import run, tiny_corpus, train_args
@@ -149,10 +150,39 @@ def test_refit_balance_chooses_the_objective_the_keys_fit():
              for b in fits}
     assert own["none"] < other["none"] and own["concept"] < other["concept"], (own, other)
     # "loss" takes loss.concept_balance: the same fit as naming it
-    same = refit_known_keys(graphdef, params, states, _loss_cfg(), steps=60, lr=3e-2, seed=0,
+    loss_cfg = _loss_cfg()
+    loss_cfg.concept_balance = "concept"
+    same = refit_known_keys(graphdef, params, states, loss_cfg, steps=60, lr=3e-2, seed=0,
                             balance="loss")[0]
-    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(fits["none"])):
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(fits["concept"])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_run_key_refit_passes_the_train_fields(monkeypatch):
+    """The trainer's refit stage hands train.key_refit_* to the fit (steps, rate, balance)
+    and collects states of key_refit_batches batches."""
+    seen = {}
+
+    def fake_refit(graphdef, params, states, loss_cfg, **kw):
+        seen.update(kw, n_states=len(states))
+        return params, {}
+
+    monkeypatch.setattr(key_refit, "global_batch", lambda batch, sharding: batch)
+    monkeypatch.setattr(key_refit, "collect_states", lambda g, p, batches, o: list(batches))
+    monkeypatch.setattr(key_refit, "refit_known_keys", fake_refit)
+    c = base_config()
+    c.train.key_refit_steps, c.train.key_refit_batches = 7, 3
+    c.train.key_refit_lr, c.train.key_refit_balance = 0.05, "concept"
+
+    class State:
+        params = {}
+
+        def replace(self, params):
+            return self
+
+    key_refit.run_key_refit(State(), None, c, iter(range(10)), None)
+    assert seen == {"steps": 7, "lr": 0.05, "seed": int(c.seed), "balance": "concept",
+                    "n_states": 3}
 
 
 @pytest.mark.parametrize("field,value", [("key_refit_steps", -1), ("key_refit_batches", 0),
