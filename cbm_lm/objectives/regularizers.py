@@ -70,19 +70,24 @@ def residual_energy(hidden: jax.Array, known_features: jax.Array,
     return jnp.sum(w * jnp.sum(jnp.square(r), axis=-1)) / jnp.maximum(energy, 1e-12)
 
 
-def _centred(x: jax.Array, w: jax.Array, n: jax.Array) -> jax.Array:
-    """x [N,F] minus its mean over the valid rows (w [N,1] in {0,1}), invalid rows zeroed."""
-    return (x - jnp.sum(w * x, axis=0) / n) * w
+def _centred_cross(x: jax.Array, known_features: jax.Array, valid: jax.Array):
+    """(x~^T k~ [F,D], n): x [...,F] and stop_grad(known) [...,D] each minus its mean over
+    the n valid tokens, invalid tokens zeroed; the independence term's cross moment."""
+    w = valid.reshape(-1).astype(jnp.float32)[:, None]
+    n = jnp.maximum(jnp.sum(w), 1.0)
 
+    def centred(v):
+        return (v - jnp.sum(w * v, axis=0) / n) * w
 
-def _check_normalization(normalization: str) -> None:
-    if normalization not in ("population", "report"):
-        raise ValueError(f"independence normalization must be 'population' or 'report', "
-                         f"got {normalization!r}")
+    k = jax.lax.stop_gradient(_flat(known_features))
+    return centred(_flat(x)).T @ centred(k), n
 
 
 def _normalized(cross: jax.Array, n: jax.Array, normalization: str) -> jax.Array:
     """cross = u~^T k~ [D,D] -> L_ind (module docstring), for either normalization."""
+    if normalization not in ("population", "report"):
+        raise ValueError(f"independence normalization must be 'population' or 'report', "
+                         f"got {normalization!r}")
     d2 = cross.shape[0] * cross.shape[1]
     if normalization == "report":
         return jnp.sum(jnp.square(cross)) / (d2 * jnp.maximum(n - 1.0, 1.0))
@@ -93,12 +98,8 @@ def independence_loss(unknown_features: jax.Array, known_features: jax.Array,
                       valid: jax.Array, normalization: str = "population") -> jax.Array:
     """||Cov(unknown, stop_grad(known))||_F^2 / D^2 over valid tokens -> scalar
     (or the report's normalization, see the module docstring)."""
-    _check_normalization(normalization)
-    u = _flat(unknown_features)
-    k = jax.lax.stop_gradient(_flat(known_features))
-    w = valid.reshape(-1).astype(jnp.float32)[:, None]
-    n = jnp.maximum(jnp.sum(w), 1.0)
-    return _normalized(_centred(u, w, n).T @ _centred(k, w, n), n, normalization)
+    cross, n = _centred_cross(unknown_features, known_features, valid)              # [D,D]
+    return _normalized(cross, n, normalization)
 
 
 def independence_loss_factorized(mixed: jax.Array, basis: jax.Array,
@@ -108,10 +109,5 @@ def independence_loss_factorized(mixed: jax.Array, basis: jax.Array,
     mixed [B,T,r] (ConceptActivations.mixed), basis [r,D]; u~^T k~ = B^T (m~^T k~)
     (module docstring). Centring commutes with the right product by B, so the value and
     both gradients are the full form's up to rounding."""
-    _check_normalization(normalization)
-    m = _flat(mixed)
-    k = jax.lax.stop_gradient(_flat(known_features))
-    w = valid.reshape(-1).astype(jnp.float32)[:, None]
-    n = jnp.maximum(jnp.sum(w), 1.0)
-    x = _centred(m, w, n).T @ _centred(k, w, n)                                     # [r,D]
+    x, n = _centred_cross(mixed, known_features, valid)                              # [r,D]
     return _normalized(basis.astype(jnp.float32).T @ x, n, normalization)
