@@ -46,11 +46,14 @@ def _loss_cfg():
     return c
 
 
-def _concept_loss(graphdef, params, states, loss_cfg):
+def _concept_loss(graphdef, params, states, loss_cfg, balance="none"):
+    """The concept term under ``balance`` over every state, the same negatives for every
+    params (one rng per state)."""
     head = nnx.merge(graphdef, params).rewrite.known_head
     return float(np.mean([chunk_concept_loss(
         head, s["hidden"], s["concept_ids"], s["chunk_segment_ids"], None, jax.random.key(i),
-        n_negatives=loss_cfg.concept_negatives, positives="token", with_auroc=False)[0]
+        n_negatives=loss_cfg.concept_negatives, positives="token", balance=balance,
+        with_auroc=False)[0]
         for i, s in enumerate(states)]))
 
 
@@ -120,16 +123,6 @@ def test_concept_term_falls_and_the_unknown_head_takes_the_residual(refit):
     assert stats["key_refit_last_concept_loss"] < stats["key_refit_first_concept_loss"]
 
 
-def _balanced_loss(graphdef, params, states, balance):
-    """The concept term under ``balance`` over every state, the same negatives for every
-    params (one rng per state)."""
-    head = nnx.merge(graphdef, params).rewrite.known_head
-    return float(np.mean([chunk_concept_loss(
-        head, s["hidden"], s["concept_ids"], s["chunk_segment_ids"], None, jax.random.key(i),
-        n_negatives=64, positives="token", balance=balance, with_auroc=False)[0]
-        for i, s in enumerate(states)]))
-
-
 def test_refit_balance_chooses_the_objective_the_keys_fit():
     """With one concept labelled on every chunk beside each chunk's own, the plain mean over
     positive pairs and the per-concept mean are different objectives: the keys refit under
@@ -145,9 +138,9 @@ def test_refit_balance_chooses_the_objective_the_keys_fit():
     states = collect_states(graphdef, params, batches, "autoregressive")
     fits = {b: refit_known_keys(graphdef, params, states, _loss_cfg(), steps=60, lr=3e-2,
                                 seed=0, balance=b)[0] for b in ("none", "concept")}
-    own = {b: _balanced_loss(graphdef, fits[b], states, b) for b in fits}
-    other = {b: _balanced_loss(graphdef, fits["concept" if b == "none" else "none"], states, b)
-             for b in fits}
+    own = {b: _concept_loss(graphdef, fits[b], states, _loss_cfg(), b) for b in fits}
+    other = {b: _concept_loss(graphdef, fits["concept" if b == "none" else "none"], states,
+                              _loss_cfg(), b) for b in fits}
     assert own["none"] < other["none"] and own["concept"] < other["concept"], (own, other)
     # "loss" takes loss.concept_balance: the same fit as naming it
     loss_cfg = _loss_cfg()
